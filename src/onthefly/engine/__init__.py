@@ -1,0 +1,25 @@
+"""The training engine: the loop, control points and command queue, run state, checkpoints,
+sample tracking. Knows nothing of HTTP: it publishes events and takes commands."""
+
+from __future__ import annotations
+
+from .callbacks import Callback
+from .control import COMMANDS, Command, CommandQueue, RunStatus
+from .events import Event, EventBus
+from .run import Run, start_run
+from .trainer import FitSummary, Trainer, quickstart
+
+__all__ = [
+    "COMMANDS",
+    "Callback",
+    "Command",
+    "CommandQueue",
+    "Event",
+    "EventBus",
+    "FitSummary",
+    "Run",
+    "RunStatus",
+    "Trainer",
+    "quickstart",
+    "start_run",
+]

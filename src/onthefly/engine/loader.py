@@ -1,0 +1,162 @@
+"""Sample identity from the sampler side.
+
+The user's DataLoader is kept: we take a shallow copy and put a recording wrapper around its
+batch sampler. The DataLoader pulls index lists from the sampler in the main process (with or
+without workers) and yields batches in the same order, so a FIFO of index lists pairs every
+batch with the dataset indices it was drawn with. No Dataset changes, no collate changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..errors import DataError
+
+__all__ = ["TrackedLoader"]
+
+
+class _RecordingIterator:
+    def __init__(self, inner: Iterable[Any], pending: deque[np.ndarray], skip: int, batched: bool) -> None:
+        self._inner = iter(inner)
+        self._pending = pending
+        self._skip = skip
+        self._batched = batched
+        self._primed: Any = None
+        self._started = False
+        self._exhausted = False
+
+    def prime(self) -> None:
+        """Pull the first index list now (the sampler draws its seed at that moment)."""
+        if not self._started:
+            try:
+                self._primed = self._pull()
+            except StopIteration:
+                self._exhausted = True
+
+    def _pull(self) -> Any:
+        self._started = True
+        while self._skip:
+            next(self._inner)  # indices of batches already trained on before a resume
+            self._skip -= 1
+        return next(self._inner)
+
+    def __iter__(self) -> _RecordingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._exhausted:
+            raise StopIteration
+        if self._primed is not None:
+            item, self._primed = self._primed, None  # handed over once, then pulled as usual
+        else:
+            item = self._pull()
+        self._pending.append(np.asarray(item if self._batched else [item], dtype=np.int64))
+        return item
+
+
+class _RecordingSampler:
+    """Wraps a batch sampler (or, without auto-batching, a sampler) and records what it yields."""
+
+    def __init__(self, inner: Any, batched: bool) -> None:
+        self.inner = inner
+        self.batched = batched
+        self.pending: deque[np.ndarray] = deque()
+        self.skip_next = 0
+        self.current: _RecordingIterator | None = None
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> _RecordingIterator:
+        self.pending.clear()
+        self.current = _RecordingIterator(self.inner, self.pending, self.skip_next, self.batched)
+        self.skip_next = 0
+        return self.current
+
+
+class TrackedLoader:
+    """A user's DataLoader with the dataset indices of every batch recorded."""
+
+    def __init__(self, loader: DataLoader, *, name: str = "train_loader") -> None:
+        if not isinstance(loader, DataLoader):
+            raise DataError(
+                f"{name} must be a torch.utils.data.DataLoader, got {type(loader).__name__}. "
+                "Wrap your dataset: DataLoader(dataset, batch_size=..., shuffle=...)."
+            )
+        self.original = loader
+        self.name = name
+        self.iterable = isinstance(loader.dataset, IterableDataset)
+        self._recorder: _RecordingSampler | None = None
+        if self.iterable:
+            # No sampler to read indices from: samples are numbered by position in the epoch.
+            self.loader = loader
+        else:
+            tracked = copy.copy(loader)
+            batched = loader.batch_sampler is not None
+            self._recorder = _RecordingSampler(loader.batch_sampler if batched else loader.sampler, batched)
+            # DataLoader forbids setting these after __init__; the copy is ours, the user's is untouched.
+            object.__setattr__(tracked, "batch_sampler" if batched else "sampler", self._recorder)
+            self.loader = tracked
+        try:
+            self.length: int | None = len(loader)
+        except TypeError:
+            self.length = None
+        if self.length == 0:
+            raise DataError(
+                f"{name} is empty: it yields no batches (dataset of {_dataset_size(loader)} samples, "
+                f"batch_size={loader.batch_size}, drop_last={loader.drop_last}). Give it data, or "
+                "lower batch_size / set drop_last=False."
+            )
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError(f"{self.name} has no length")
+        return self.length
+
+    def generators(self) -> list[torch.Generator]:
+        """Random generators the loader's sampling reads from, besides torch's global one."""
+        found: list[torch.Generator] = []
+        candidates = [self.original.generator, getattr(self.original, "sampler", None),
+                      getattr(self.original, "batch_sampler", None)]
+        batch_sampler = self.original.batch_sampler
+        if batch_sampler is not None:
+            candidates.append(getattr(batch_sampler, "sampler", None))
+        for obj in candidates:
+            gen = obj if isinstance(obj, torch.Generator) else getattr(obj, "generator", None)
+            if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+                found.append(gen)
+        return found
+
+    def begin(self, skip: int = 0) -> Iterator[tuple[Any, np.ndarray | None]]:
+        """Start one epoch; iterate the result for (batch, dataset indices).
+
+        The DataLoader iterator is created and the sampler's first indices drawn right here, so
+        every random number the epoch's ordering needs is taken now, in the same order as a plain
+        ``for batch in loader`` takes them (the engine restores the training RNG right after this
+        when resuming). ``skip`` batches are drawn from the sampler but never loaded.
+        """
+        if self._recorder is None:
+            iterator = iter(self.loader)
+            for _ in range(skip):
+                next(iterator)
+            return ((batch, None) for batch in iterator)
+        self._recorder.skip_next = skip
+        iterator = iter(self.loader)
+        if self._recorder.current is not None:
+            self._recorder.current.prime()
+        pending = self._recorder.pending
+        return ((batch, pending.popleft()) for batch in iterator)
+
+
+def _dataset_size(loader: DataLoader) -> str:
+    try:
+        return str(len(loader.dataset))  # type: ignore[arg-type]
+    except TypeError:
+        return "unknown"

@@ -1,0 +1,571 @@
+"""A tracked run: the control points, per-sample recording, checkpoints and metrics.
+
+This is the API for users who keep their own training loop, and the core that
+:class:`~onthefly.engine.trainer.Trainer` (and so ``quickstart``) is built on::
+
+    with onthefly.start_run(project="demo", run_name="custom", model=model, optimizer=opt) as run:
+        for epoch in run.epochs(3):
+            for x, y in run.batches(train_loader):
+                logits = model(x)
+                losses = F.cross_entropy(logits, y, reduction="none")
+                opt.zero_grad()
+                losses.mean().backward()
+                opt.step()
+                run.step(losses, logits=logits, targets=y)
+
+Commands (pause, stop, set_lr, ...) queued from any thread are applied inside ``run.step`` at the
+step boundary, and recorded with the step at which they took effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError, LossError, StateError
+from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
+from ..signals.recorder import HostPacket, SampleRecorder
+from ..store.checkpoints import read_checkpoint
+from ..store.samples import SampleChunk
+from ..store.session import SessionStore
+from .batch import BatchSpec
+from .callbacks import HOOKS, Callback, overrides
+from .control import Command, CommandQueue, RunStatus
+from .evaluate import evaluate
+from .events import Event, EventBus
+from .loader import TrackedLoader
+from .state import capture_rng, generator_states, restore_generators, restore_rng, to_cpu
+
+__all__ = ["Run", "start_run"]
+
+# Per-sample values reach the host at least this often (seconds) while training, for live views.
+FLUSH_SECONDS = 0.25
+
+Evaluator = Callable[[str], "dict[str, float] | None"]
+
+
+class Run:
+    def __init__(
+        self,
+        *,
+        project: str,
+        run_name: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        device: torch.device | None = None,
+        keep_alive: bool = False,
+        wait_for_run: bool = False,
+        resume_from: str | Path | None = None,
+        session: SessionStore | None = None,
+        config: Mapping[str, Any] | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        _check_names(project, run_name)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. "
+                "Create it from the model: torch.optim.Adam(model.parameters(), lr=1e-3)."
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.device = device or _model_device(model)
+        self.keep_alive = keep_alive
+        self.project = project
+        self.name = run_name
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise ConfigError(f"callbacks must be onthefly.Callback instances, got {type(cb).__name__}")
+        self.callbacks = list(callbacks)
+        self._hooks = {hook: [cb for cb in self.callbacks if overrides(cb, hook)] for hook in HOOKS}
+
+        checkpoint = None
+        if resume_from is not None:
+            checkpoint = read_checkpoint(Path(resume_from))  # before the session clean-up runs
+        self._owns_session = session is None
+        self.session = session or SessionStore(
+            project, keep=[Path(resume_from)] if resume_from is not None else []
+        )
+        self.bus = EventBus()
+        self.bus.subscribe(self._persist)
+        self.commands = CommandQueue()
+        self.run_id = self.session.new_run(run_name, config=dict(config or {}))
+        self.recorder = SampleRecorder(self.device, self._on_packet)
+
+        self.status = RunStatus.CREATED
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.target_epochs = 0
+        self.latest: dict[str, float] = {}
+        self.last_eval: dict[str, dict[str, float]] = {}
+        self.evaluator: Evaluator | None = None
+        self._wait_for_run = wait_for_run
+        self._stop = False
+        self._indices: np.ndarray | None = None
+        self._first_step = True
+        self._classification: bool | None = None
+        self._last_flush = time.perf_counter()
+        self._epoch_rng: dict[str, Any] | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._nonfinite: tuple[int, int] | None = None
+        self._epoch_loss: dict[int, list[float]] = {}
+        self._trackers: dict[int, TrackedLoader] = {}
+        self._closed = False
+        self._started = time.time()
+        if checkpoint is not None:
+            self._restore(*checkpoint, source=Path(resume_from))  # type: ignore[arg-type]
+        self.bus.publish("run_created", {"name": run_name, "project": project,
+                                         "session": str(self.session.dir)}, **self._where())
+
+    # ---- the loop ----------------------------------------------------------------------
+    def epochs(self, max_epochs: int, *, on_plan_end: Callable[[], None] | None = None) -> Iterator[int]:
+        """Yield epoch numbers until ``max_epochs`` have been trained (counting from the start,
+        resumed epochs included), a ``stop`` command arrives, or - with ``keep_alive`` - forever
+        while ``train_more`` commands extend the plan."""
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 0:
+            raise ConfigError(f"max_epochs must be a whole number >= 0, got {max_epochs!r}")
+        self.target_epochs = max_epochs
+        if self._wait_for_run and not self._await_run():
+            return
+        self._set_status(RunStatus.RUNNING)
+        while True:
+            while self.epoch < self.target_epochs and not self._stop:
+                yield self.epoch
+                if self._stop:
+                    break
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._control()
+            if self._stop:
+                return
+            if on_plan_end is not None:
+                on_plan_end()
+            if not self.keep_alive or not self._idle():
+                return
+
+    def batches(self, loader: DataLoader | TrackedLoader) -> Iterator[Any]:
+        """Iterate one epoch of ``loader``, recording the dataset indices of every batch."""
+        if isinstance(loader, TrackedLoader):
+            tracked = loader
+        else:
+            tracked = self._trackers.get(id(loader)) or TrackedLoader(loader)
+            self._trackers[id(loader)] = tracked
+        generators = tracked.generators()
+        if self._resume_rng is not None and self._epoch_rng is not None:
+            # Resuming inside an epoch: draw the epoch's order again from its starting RNG,
+            # skip what was trained, then put back the RNG as it was at the checkpoint.
+            torch.set_rng_state(self._epoch_rng["torch"])
+            restore_generators(generators, self._epoch_rng["generators"])
+            iterator = tracked.begin(skip=self.batch_in_epoch)
+            restore_rng(self._resume_rng)
+            restore_generators(generators, self._resume_rng["generators"])
+        else:
+            if self._resume_rng is not None:  # resuming at an epoch boundary
+                restore_rng(self._resume_rng)
+                restore_generators(generators, self._resume_rng["generators"])
+            self.batch_in_epoch = 0
+            self._epoch_rng = {"torch": torch.get_rng_state(), "generators": generator_states(generators)}
+            iterator = tracked.begin()
+        self._resume_rng = None
+        self._generators = generators
+        self.recorder.begin_epoch(self.run_id, "train", self.epoch)
+        self.bus.publish("epoch_started", {"batches": tracked.length}, **self._where())
+        self.fire("on_epoch_start")
+        for batch, indices in iterator:
+            self._indices = indices
+            self.batch_in_epoch += 1
+            yield batch
+            if self._stop:
+                self.recorder.flush()
+                return
+        self.recorder.end_epoch()
+
+    def step(
+        self, per_sample_loss: torch.Tensor, *, loss: torch.Tensor | None = None, logits: Any = None,
+        targets: Any = None, boundary: bool = True,
+    ) -> None:
+        """Record one batch's per-sample losses, then (at an optimizer-step ``boundary``) apply
+        pending commands. ``logits``/``targets`` add margin, prediction and correctness for
+        classification. Call it after ``optimizer.step()``."""
+        indices = self._indices
+        self._indices = None
+        if self._first_step:
+            self._check_first_step(per_sample_loss, indices, logits, targets)
+        elif indices is not None and indices.shape[0] != per_sample_loss.shape[0]:
+            raise LossError(
+                f"step() got {per_sample_loss.shape[0]} per-sample losses for a batch of "
+                f"{indices.shape[0]} samples; pass one loss per sample (reduction='none')."
+            )
+        per = per_sample_loss.detach()
+        if self._classification:
+            margin, pred = classification_signals(logits, targets)
+            self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
+                                 self.optimizer.param_groups[0]["lr"], margin, pred, targets)
+        else:
+            self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
+                                 self.optimizer.param_groups[0]["lr"])
+        if not boundary:
+            return
+        self.global_step += 1
+        now = time.perf_counter()
+        if now - self._last_flush > FLUSH_SECONDS:  # a clock read, no device sync
+            self._last_flush = now
+            self.recorder.flush()
+            self._check_health()
+        if self.commands.pending:
+            self._control()
+        for callback in self._hooks["on_step_end"]:
+            callback.on_step_end(self)
+
+    def fire(self, hook: str) -> None:
+        """Call ``hook`` on every callback that overrides it."""
+        for callback in self._hooks[hook]:
+            getattr(callback, hook)(self)
+
+    # ---- evaluation and metrics ----------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float] | None:
+        """Evaluate with the registered evaluator ("val", "test"); logs metrics and an event."""
+        if self.evaluator is None:
+            return None
+        result = self.evaluator(split)
+        if result is None:
+            return None
+        self.last_eval[split] = result
+        now = time.time()
+        self.session.metrics([
+            (self.run_id, f"{split}_{name}", self.global_step, self.epoch, now, value)
+            for name, value in result.items() if name != "samples"
+        ])
+        self.bus.publish("eval", {"split": split, **result}, **self._where())
+        return result
+
+    def log_metric(self, name: str, value: float, *, step: int | None = None) -> None:
+        """Log a scalar of your own (host value) at ``step`` (default: the current step)."""
+        self.session.metrics([(self.run_id, name, self.global_step if step is None else step,
+                               self.epoch, time.time(), float(value))])
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path | None = None, *, reason: str = "manual") -> Path:
+        """Save everything needed to continue exactly from here. Call at a step boundary."""
+        model_tensors = {k: v.detach().to("cpu", copy=True).contiguous()
+                         for k, v in self.model.state_dict().items()}
+        generators = getattr(self, "_generators", [])
+        state = {
+            "format": 1,
+            "run": {"project": self.project, "name": self.name},
+            "optimizer": to_cpu(self.optimizer.state_dict()),
+            "scheduler": to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else None,
+            "rng": {**capture_rng(), "generators": generator_states(generators)},
+            "epoch_rng": self._epoch_rng,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "progress": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                         "global_step": self.global_step, "target_epochs": self.target_epochs},
+        }
+        _, folder = self.session.checkpoint(
+            self.run_id, step=self.global_step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+            model_tensors=model_tensors, state=state, reason=reason,
+            folder=Path(path) if path is not None else None,
+        )
+        self.bus.publish("checkpoint", {"path": str(folder), "reason": reason}, **self._where())
+        return folder
+
+    def _restore(self, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
+        try:
+            self.model.load_state_dict(model_tensors)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise StateError(
+                f"the checkpoint {source} does not fit this model/optimizer: {exc}"
+            ) from exc
+        if state["scheduler"] is not None:
+            if self.scheduler is None:
+                raise StateError(f"the checkpoint {source} has scheduler state but no scheduler was given")
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        saved_callbacks = state.get("callbacks", [])
+        if len(saved_callbacks) != len(self.callbacks):
+            raise StateError(
+                f"the checkpoint {source} saved {len(saved_callbacks)} callback state(s) but "
+                f"{len(self.callbacks)} callback(s) were given; pass the same callbacks to resume"
+            )
+        for callback, cb_state in zip(self.callbacks, saved_callbacks, strict=True):
+            callback.load_state_dict(cb_state)
+        progress = state["progress"]
+        self.epoch = progress["epoch"]
+        self.batch_in_epoch = progress["batch_in_epoch"]
+        self.global_step = progress["global_step"]
+        self._resume_rng = state["rng"]
+        self._epoch_rng = state["epoch_rng"] if self.batch_in_epoch else None
+        self.bus.publish("resumed_from_checkpoint", {"path": str(source), **progress}, **self._where())
+
+    # ---- control ---------------------------------------------------------------------------
+    def _control(self) -> None:
+        """Apply queued commands; while paused, wait here for more."""
+        for command in self.commands.drain():
+            self._apply(command)
+        while self.status == RunStatus.PAUSED and not self._stop:
+            for command in self.commands.wait():
+                self._apply(command)
+
+    def _apply(self, command: Command) -> None:
+        kind, args = command.kind, command.args
+        status = self.status
+        rejected: str | None = None
+        if kind == "pause":
+            if status == RunStatus.RUNNING:
+                self.recorder.flush()
+                self._set_status(RunStatus.PAUSED)
+            else:
+                rejected = f"cannot pause while {status}"
+        elif kind in ("resume", "run"):
+            if status in (RunStatus.PAUSED, RunStatus.CREATED):
+                self._set_status(RunStatus.RUNNING)
+            else:
+                rejected = f"cannot {kind} while {status}"
+        elif kind == "stop":
+            self._stop = True
+        elif kind == "test":
+            if self.evaluator is None:
+                rejected = "no test_loader was given"
+            else:
+                self.evaluate("test")
+        elif kind == "train_more":
+            self.target_epochs = max(self.target_epochs, self.epoch) + args["epochs"]
+        elif kind == "set_lr":
+            rejected = self._set_group_value("lr", args["lr"], args["group"])
+        elif kind == "set_weight_decay":
+            rejected = self._set_group_value("weight_decay", args["weight_decay"], args["group"])
+        elif kind == "checkpoint":
+            self.save_checkpoint(args["path"], reason="command")
+        payload = {"id": command.id, "command": kind, "args": args}
+        if rejected is not None:
+            self.bus.publish("command_rejected", {**payload, "reason": rejected}, **self._where())
+        else:
+            self.bus.publish("command_applied", payload, **self._where())
+
+    def _set_group_value(self, key: str, value: float, group: int | None) -> str | None:
+        groups = self.optimizer.param_groups
+        if group is not None and group >= len(groups):
+            return f"the optimizer has {len(groups)} parameter group(s); there is no group {group}"
+        if key not in groups[0]:
+            return f"this optimizer ({type(self.optimizer).__name__}) has no {key!r} setting"
+        for g in [groups[group]] if group is not None else groups:
+            g[key] = value
+        return None
+
+    def _await_run(self) -> bool:
+        """Wait in CREATED until a 'run' command (or 'stop')."""
+        self.bus.publish("waiting", {"for": "run"}, **self._where())
+        while not self._stop and self.status == RunStatus.CREATED:
+            for command in self.commands.wait():
+                self._apply(command)
+        return not self._stop
+
+    def _idle(self) -> bool:
+        """Planned training is done: wait for commands. True when more epochs were asked for."""
+        self.recorder.flush()
+        self._set_status(RunStatus.IDLE)
+        while not self._stop:
+            for command in self.commands.wait():
+                if command.kind in ("pause", "resume", "run"):
+                    self.bus.publish("command_rejected", {
+                        "id": command.id, "command": command.kind, "args": command.args,
+                        "reason": "training has finished; use train_more to train further"},
+                        **self._where())
+                    continue
+                self._apply(command)
+            if self.epoch < self.target_epochs and not self._stop:
+                self._set_status(RunStatus.RUNNING)
+                return True
+        return False
+
+    def request(self, kind: str, **args: Any) -> Command:
+        """Queue a command (thread-safe); it takes effect at the next step boundary."""
+        return self.commands.put(kind, **args)
+
+    # ---- signals arriving on the host (transfer thread) -------------------------------------
+    def _on_packet(self, packet: HostPacket) -> None:
+        if len(packet.indices):
+            rows = packet.rows
+            no_class = not packet.classification
+            minus_one = np.full(len(packet.indices), -1, dtype=np.int64)
+            self.session.samples(SampleChunk(
+                run_id=packet.run_id, split=packet.split, epoch=packet.epoch, step=packet.row_steps,
+                index=packet.indices, loss=rows[:, 0],
+                margin=np.full(len(rows), np.nan, dtype=np.float32) if no_class else rows[:, 1],
+                pred=minus_one if no_class else rows[:, 2].astype(np.int64),
+                label=minus_one if no_class else rows[:, 3].astype(np.int64),
+            ))
+            bad = ~np.isfinite(rows[:, 0])
+            if bad.any() and self._nonfinite is None:
+                self._nonfinite = (int(packet.row_steps[bad][0]), int(bad.sum()))
+            sums = self._epoch_loss.setdefault(packet.epoch, [0.0, 0])
+            sums[0] += float(rows[:, 0].astype(np.float64).sum())
+            sums[1] += len(rows)
+        if len(packet.steps):
+            steps, first = np.unique(packet.steps, return_index=True)
+            sums_per_step = np.bincount(np.searchsorted(steps, packet.steps), weights=packet.step_losses)
+            counts = np.bincount(np.searchsorted(steps, packet.steps))
+            now = packet.flushed_at
+            loss_rows = [(packet.run_id, "train_loss", int(s), packet.epoch, now, float(v))
+                         for s, v in zip(steps, sums_per_step / counts, strict=True)]
+            lr_rows = [(packet.run_id, "lr", int(s), packet.epoch, now, float(packet.lrs[i]))
+                       for s, i in zip(steps, first, strict=True)]
+            last_step = int(steps[-1])
+            self.session.metrics([*loss_rows, *lr_rows, (packet.run_id, "throughput", last_step,
+                                                         packet.epoch, now, packet.samples_per_second)])
+            self.latest = {"step": last_step, "loss": loss_rows[-1][-1], "lr": float(packet.lrs[-1]),
+                           "samples_per_second": packet.samples_per_second}
+            self.bus.publish("progress", {**self.latest, "batch_in_epoch": self.batch_in_epoch},
+                             run_id=packet.run_id, step=last_step, epoch=packet.epoch, persist=False)
+        if packet.closes_epoch:
+            self.session.close_epoch(packet.run_id, packet.split, packet.epoch)
+            total, count = self._epoch_loss.pop(packet.epoch, [0.0, 0])
+            if count:
+                mean = total / count
+                self.session.metrics([(packet.run_id, "train_loss_epoch", int(self.latest.get("step", 0)),
+                                       packet.epoch, packet.flushed_at, mean)])
+                self.bus.publish("epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
+                                 run_id=packet.run_id, epoch=packet.epoch)
+
+    def _check_health(self) -> None:
+        if self._nonfinite is not None:
+            step, count = self._nonfinite
+            raise LossError(
+                f"the loss became non-finite (NaN or inf) for {count} sample(s) at step {step}. "
+                "Lower the learning rate, clip gradients (grad_clip=1.0), or check the data for "
+                "NaN/inf values; the session keeps everything up to this point."
+            )
+        if self.recorder.error is not None:
+            raise RuntimeError(f"per-sample transfer failed: {self.recorder.error}") from self.recorder.error
+
+    def _check_first_step(self, per: torch.Tensor, indices: np.ndarray | None, logits: Any, targets: Any) -> None:
+        self._first_step = False
+        if not isinstance(per, torch.Tensor) or per.ndim != 1:
+            shape = tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
+            raise LossError(
+                f"step() needs one loss per sample (a 1-D tensor), got {shape}. Compute the loss with "
+                "reduction='none', e.g. F.cross_entropy(logits, y, reduction='none')."
+            )
+        if indices is not None and indices.shape[0] != per.shape[0]:
+            raise LossError(
+                f"step() got {per.shape[0]} per-sample losses for a batch of {indices.shape[0]} samples; "
+                "pass one loss per sample (reduction='none')."
+            )
+        self._classification = logits is not None and is_classification(logits, targets)
+        # One deliberate host sync, on the first step only: fail now, not an hour later.
+        if not bool(torch.isfinite(per).all()):
+            raise LossError(
+                "the loss is not finite (NaN or inf) at the very first step. Check the data for "
+                "NaN/inf values and the model's initialisation, and lower the learning rate."
+            )
+
+    # ---- status, events, life cycle ------------------------------------------------------
+    def _where(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "step": self.global_step, "epoch": self.epoch}
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            self.session.set_run_status(self.run_id, status)
+            self.bus.publish("status", {"status": status}, **self._where())
+
+    def _persist(self, event: Event) -> None:
+        if event.persist:
+            self.session.event(event.seq, event.run_id, event.step, event.epoch, event.kind,
+                               event.payload, event.time)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Flush everything and mark the run finished (or failed). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.recorder.close()
+        if error is not None:
+            status = RunStatus.FAILED
+            self.bus.publish("error", {"type": type(error).__name__, "message": str(error)}, **self._where())
+        else:
+            status = RunStatus.STOPPED if self._stop else RunStatus.FINISHED
+        self._set_status(status)
+        self.bus.publish("run_finished", {"status": status, "seconds": time.time() - self._started,
+                                          "steps": self.global_step}, **self._where())
+        if self._owns_session:
+            self.session.close(status, None if error is None else f"{type(error).__name__}: {error}")
+        else:
+            self.session.flush()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(exc)
+
+
+def start_run(
+    *,
+    project: str,
+    run_name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    val_loader: DataLoader | None = None,
+    test_loader: DataLoader | None = None,
+    inputs: Any = None,
+    targets: Any = None,
+    forward_fn: Any = None,
+    **options: Any,
+) -> Run:
+    """Start a tracked run for a training loop you write yourself (see the module docstring).
+
+    With ``loss_fn`` and a ``val_loader``/``test_loader``, ``run.evaluate("val")`` and the
+    "test" command work as in ``quickstart``. Other ``options`` are :class:`Run`'s.
+    """
+    run = Run(project=project, run_name=run_name, model=model, optimizer=optimizer, **options)
+    if loss_fn is not None:
+        per_sample = PerSampleLoss(loss_fn)
+        spec = BatchSpec(inputs, targets, forward_fn)
+        loaders = {"val": val_loader, "test": test_loader}
+
+        def evaluator(split: str) -> dict[str, float] | None:
+            loader = loaders.get(split)
+            if loader is None:
+                return None
+            return evaluate(model, loader, per_sample, spec, run.device, contextlib.nullcontext)
+
+        run.evaluator = evaluator
+    return run
+
+
+def _check_names(project: Any, run_name: Any) -> None:
+    for label, value in (("project", project), ("run_name", run_name)):
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{label} must be a non-empty string, got {value!r}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,287 @@
+"""The loop On The Fly runs for you: ``Trainer.fit`` and ``quickstart``.
+
+One training step, top to bottom: move the batch (non-blocking when the loader pins memory),
+forward under optional autocast, the user's loss for backward plus per-sample values without
+gradients, backward (scaled under fp16), and at an accumulation boundary: unscale, clip, step,
+zero the gradients, step a per-step scheduler. Then ``run.step`` records the per-sample values on
+the device and applies queued commands. Nothing in the step reads a device value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError, DataError, LossError, OnTheFlyError
+from ..signals.per_sample import LossFn, PerSampleLoss
+from .batch import BatchSpec, Field, Fields, ForwardFn, batch_size_of, describe, to_device
+from .callbacks import Callback
+from .device import autocast_dtype, pick_device
+from .evaluate import evaluate
+from .loader import TrackedLoader
+from .progress import ProgressDisplay
+from .run import Run
+
+__all__ = ["FitSummary", "Trainer", "quickstart"]
+
+
+@dataclass
+class FitSummary:
+    status: str
+    session_dir: Path
+    run_id: int
+    epochs: int
+    steps: int
+    seconds: float
+    train_loss: float | None
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        def fmt(result: dict[str, float]) -> str:
+            return "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "samples")
+
+        lines = [
+            f"On The Fly: run {self.run_id} {self.status} after {self.epochs} epoch(s), "
+            f"{self.steps} step(s), {self.seconds:.1f} s",
+        ]
+        if self.train_loss is not None:
+            lines.append(f"  train  loss {self.train_loss:.4f}")
+        if self.val:
+            lines.append(f"  val    {fmt(self.val)}")
+        if self.test:
+            lines.append(f"  test   {fmt(self.test)}")
+        lines.append(f"  session {self.session_dir}")
+        return "\n".join(lines)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None = None,
+        test_loader: DataLoader | None = None,
+        project: str = "onthefly",
+        run_name: str = "run",
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        grad_clip: float | None = None,
+        accumulate_grad_batches: int = 1,
+        inputs: Fields | None = None,
+        targets: Field | None = None,
+        forward_fn: ForwardFn | None = None,
+        callbacks: Sequence[Callback] = (),
+        keep_alive: bool = False,
+        wait_for_run: bool = False,
+        resume_from: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
+                or accumulate_grad_batches < 1:
+            raise ConfigError(f"accumulate_grad_batches must be a whole number >= 1, got {accumulate_grad_batches!r}")
+        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                      or not grad_clip > 0):
+            raise ConfigError(f"grad_clip must be a number > 0 (the max gradient norm) or None, got {grad_clip!r}")
+        self.loss = PerSampleLoss(loss_fn)
+        self.spec = BatchSpec(inputs, targets, forward_fn)
+        # Fail at registration: every loader is checked now, not at the end of the first epoch.
+        self.train_loader = TrackedLoader(train_loader, name="train_loader")
+        for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
+            if loader is not None:
+                TrackedLoader(loader, name=name)
+        self.val_loader = val_loader
+        self.test_loader = test_loader
+        self.device = pick_device(device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.accumulate = accumulate_grad_batches
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler("cuda") if amp and self.device.type == "cuda" else None
+        self.non_blocking = train_loader.pin_memory and self.device.type == "cuda"
+        self.show_progress = progress
+        self.run = Run(
+            project=project, run_name=run_name, model=self.model, optimizer=optimizer,
+            scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
+            wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks,
+            config={"device": str(self.device), "amp": amp, "grad_clip": grad_clip,
+                    "accumulate_grad_batches": accumulate_grad_batches,
+                    "optimizer": type(optimizer).__name__, "model": type(model).__name__,
+                    "per_sample_loss": self.loss.method},
+        )
+        self.run.evaluator = self._evaluate
+        self._checked_first_step = False
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=autocast_dtype(self.device))
+
+    def _forward_and_loss(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+        outputs, targets = self.spec.forward(self.model, batch)
+        loss, per_sample = self.loss(outputs, targets, batch_size_of(outputs, targets))
+        return outputs, targets, loss, per_sample
+
+    def _first_forward(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+        """The first step, with errors turned into messages that name the shapes involved."""
+        try:
+            outputs, targets = self.spec.forward(self.model, batch)
+        except OnTheFlyError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"the model failed on the first batch ({describe(batch)}): {type(exc).__name__}: {exc}. "
+                "Check that the model's input size matches the data, or pass inputs=/targets=/forward_fn= "
+                "to say how a batch feeds the model."
+            ) from exc
+        try:
+            loss, per_sample = self.loss(outputs, targets, batch_size_of(outputs, targets))
+        except OnTheFlyError:
+            raise
+        except Exception as exc:
+            raise LossError(
+                f"loss_fn(outputs, targets) failed on the first batch: outputs are {describe(outputs)}, "
+                f"targets are {describe(targets)}: {type(exc).__name__}: {exc}. Check that the model's "
+                "output matches what the loss expects (e.g. CrossEntropyLoss wants [batch, classes] "
+                "logits and [batch] class indices)."
+            ) from exc
+        self._checked_first_step = True
+        return outputs, targets, loss, per_sample
+
+    def _train_step(self, batch: Any, boundary: bool) -> None:
+        batch = to_device(batch, self.device, self.non_blocking)
+        with self._autocast():
+            if self._checked_first_step:
+                outputs, targets, loss, per_sample = self._forward_and_loss(batch)
+            else:
+                outputs, targets, loss, per_sample = self._first_forward(batch)
+        scaled = loss / self.accumulate if self.accumulate > 1 else loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        if boundary:
+            if self.grad_clip is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                # Returns the norm as a device tensor; we do not read it (that would sync).
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scheduler is not None and self.scheduler_interval == "step":
+                self.scheduler.step()
+        self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, max_epochs: int, *, do_test_after: bool = False) -> FitSummary:
+        run = self.run
+        display = ProgressDisplay(max_epochs) if self.show_progress else None
+        unsubscribe = run.bus.subscribe(display) if display is not None else None
+        error: BaseException | None = None
+        n_batches = len(self.train_loader) if self.train_loader.length is not None else None
+        try:
+            run.fire("on_fit_start")
+            on_plan_end = (lambda: run.evaluate("test")) if do_test_after and self.test_loader else None
+            for _epoch in run.epochs(max_epochs, on_plan_end=on_plan_end):
+                self.model.train()
+                for batch in run.batches(self.train_loader):
+                    at_end = n_batches is not None and run.batch_in_epoch == n_batches
+                    self._train_step(batch, boundary=at_end or run.batch_in_epoch % self.accumulate == 0)
+                if run.stopping:
+                    break
+                val = run.evaluate("val") if self.val_loader is not None else None
+                if self.scheduler is not None and self.scheduler_interval == "epoch":
+                    self._step_epoch_scheduler(val)
+                run.fire("on_epoch_end")
+        except KeyboardInterrupt:
+            run._stop = True  # Ctrl-C: a clean stop, the session keeps everything so far
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                run.fire("on_fit_end")
+            run.close(error)
+            if unsubscribe is not None:
+                unsubscribe()
+            if display is not None:
+                display.close()
+        return self.summary()
+
+    def _step_epoch_scheduler(self, val: dict[str, float] | None) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            metric = val["loss"] if val else self.run.latest.get("loss")
+            if metric is not None:
+                self.scheduler.step(metric)
+        else:
+            self.scheduler.step()
+
+    def _evaluate(self, split: str) -> dict[str, float] | None:
+        loader = {"val": self.val_loader, "test": self.test_loader}.get(split)
+        if loader is None:
+            return None
+        return evaluate(self.model, loader, self.loss, self.spec, self.device, self._autocast)
+
+    def summary(self) -> FitSummary:
+        run = self.run
+        return FitSummary(
+            status=run.status, session_dir=run.session.dir, run_id=run.run_id, epochs=run.epoch,
+            steps=run.global_step, seconds=time.time() - run._started,
+            train_loss=run.latest.get("loss"), val=run.last_eval.get("val", {}),
+            test=run.last_eval.get("test", {}),
+        )
+
+
+def quickstart(
+    *,
+    project: str,
+    run_name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None = None,
+    test_loader: DataLoader | None = None,
+    max_epochs: int = 1,
+    do_test_after: bool = False,
+    **options: Any,
+) -> FitSummary:
+    """Train ``model`` with On The Fly watching: per-sample loss every epoch, validation every
+    epoch, a test at the end with ``do_test_after=True``, a progress bar and a short summary.
+
+    ``options`` are :class:`Trainer`'s (device, amp, grad_clip, accumulate_grad_batches,
+    scheduler, inputs/targets/forward_fn, callbacks, keep_alive, resume_from, progress).
+    """
+    trainer = Trainer(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
+        val_loader=val_loader, test_loader=test_loader, project=project, run_name=run_name, **options,
+    )
+    summary = trainer.fit(max_epochs, do_test_after=do_test_after)
+    if options.get("progress", True):
+        print(summary, flush=True)
+    return summary

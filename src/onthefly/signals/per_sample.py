@@ -1,0 +1,107 @@
+"""Per-sample loss and classification signals, computed on the device without host syncs.
+
+The loss the optimizer sees is exactly the user's: for a loss with a ``reduction`` attribute we
+call it unchanged for the backward pass and compute per-sample values separately, without
+gradients, from a copy set to ``reduction="none"``. Observing never changes the experiment.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import LossError
+
+__all__ = ["PerSampleLoss", "classification_signals", "is_classification"]
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def _per_row(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Reduce element-wise losses of shape (B, ...) to one value per sample."""
+    if values.ndim == 0:
+        raise LossError(
+            "the loss function returned a single number for the whole batch, so On The Fly cannot "
+            "see each sample's loss. Return one value per sample instead: use a loss module with a "
+            "`reduction` attribute (e.g. nn.CrossEntropyLoss()), or write "
+            "`lambda out, y: F.cross_entropy(out, y, reduction='none')`."
+        )
+    if values.shape[0] != batch:
+        raise LossError(
+            f"the loss function returned {values.shape[0]} values for a batch of {batch} samples; "
+            "expected one value per sample (shape [batch] or [batch, ...])."
+        )
+    return values if values.ndim == 1 else values.reshape(batch, -1).mean(dim=1)
+
+
+class PerSampleLoss:
+    """Wraps the user's loss: returns (loss for backward, per-sample values, detached)."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        if not callable(loss_fn):
+            raise LossError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.reduction: str | None = getattr(loss_fn, "reduction", None)
+        self._unreduced: LossFn | None = None
+        if self.reduction in ("mean", "sum"):
+            unreduced = copy.copy(loss_fn)
+            unreduced.reduction = "none"  # type: ignore[attr-defined]
+            self._unreduced = unreduced
+        elif self.reduction == "none":
+            self._unreduced = loss_fn
+
+    @property
+    def method(self) -> str:
+        return "reduction-none copy" if self.reduction in ("mean", "sum") else "per-sample callable"
+
+    def per_sample(self, outputs: Any, targets: Any, batch: int) -> torch.Tensor:
+        """Per-sample values only, no graph (evaluation)."""
+        if self._unreduced is not None:
+            return _per_row(self._unreduced(_detach(outputs), targets), batch)
+        return _per_row(self.loss_fn(_detach(outputs), targets), batch)
+
+    def __call__(self, outputs: Any, targets: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reduction in ("mean", "sum"):
+            loss = self.loss_fn(outputs, targets)
+            with torch.no_grad():
+                per = _per_row(self._unreduced(_detach(outputs), targets), batch)  # type: ignore[misc]
+            return loss, per
+        values = _per_row(self.loss_fn(outputs, targets), batch)
+        return values.mean(), values.detach()
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def is_classification(outputs: Any, targets: Any) -> bool:
+    return (
+        isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
+        and outputs.ndim == 2 and outputs.shape[1] >= 2 and targets.ndim == 1
+        and outputs.shape[0] == targets.shape[0]
+        and outputs.is_floating_point() and not targets.is_floating_point()
+        and not targets.is_complex() and targets.dtype != torch.bool
+    )
+
+
+@torch.no_grad()
+def classification_signals(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit margin (true-class logit minus the largest other) and the predicted class.
+
+    Stays on the device; five small kernels, no host sync.
+    """
+    logits = logits.detach().float()
+    top2_values, top2_classes = logits.topk(2, dim=1)
+    pred = top2_classes[:, 0]
+    true_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    best_other = torch.where(pred == targets, top2_values[:, 1], top2_values[:, 0])
+    return true_logit - best_other, pred

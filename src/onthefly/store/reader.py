@@ -1,0 +1,92 @@
+"""Read-only access to a session folder, live or ended: runs, events, metrics, checkpoints,
+per-sample tables. Safe to use while the session's own process is writing (WAL)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import StoreError
+from .db import connect
+from .samples import read_samples
+from .session import DB_FILE, sessions_root
+
+__all__ = ["SessionReader", "open_session"]
+
+
+class SessionReader:
+    def __init__(self, folder: Path) -> None:
+        self.dir = Path(folder)
+        db = self.dir / DB_FILE
+        if not db.is_file():
+            raise StoreError(
+                f"{self.dir} is not an On The Fly session folder (no {DB_FILE}). "
+                "`onthefly sessions` lists the sessions on this machine."
+            )
+        self._db = db
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        conn = connect(self._db, readonly=True)
+        try:
+            return [dict(row) for row in conn.execute(sql, args).fetchall()]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self._db}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def info(self) -> dict[str, Any]:
+        rows = self._query("SELECT * FROM session")
+        return rows[0] if rows else {}
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM runs ORDER BY id")
+        for row in rows:
+            row["config"] = json.loads(row["config"])
+        return rows
+
+    def events(self, run_id: int | None = None, *, after_seq: int = 0,
+               kind: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM events WHERE seq > ?", [after_seq]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            args.append(run_id)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        rows = self._query(sql + " ORDER BY seq", tuple(args))
+        for row in rows:
+            row["payload"] = json.loads(row["payload"])
+        return rows
+
+    def metric_names(self, run_id: int) -> list[str]:
+        return [r["name"] for r in self._query(
+            "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", (run_id,))]
+
+    def metrics(self, run_id: int, name: str) -> list[dict[str, Any]]:
+        return self._query(
+            "SELECT step, epoch, time, value FROM metrics WHERE run_id = ? AND name = ? ORDER BY step, time",
+            (run_id, name),
+        )
+
+    def checkpoints(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            return self._query("SELECT * FROM checkpoints ORDER BY id")
+        return self._query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def samples(self, run_id: int | None = None, *, epoch: int | None = None,
+                split: str = "train") -> pa.Table:
+        return read_samples(self.dir, run_id, epoch=epoch, split=split)
+
+
+def open_session(session: str | Path) -> SessionReader:
+    """Open a session by folder path or by id (as `onthefly sessions` prints it)."""
+    path = Path(session)
+    if not path.is_dir():
+        path = sessions_root() / str(session)
+    if not path.is_dir():
+        raise StoreError(f"no session {session!r}: not a folder, and not an id under {sessions_root()}")
+    return SessionReader(path)

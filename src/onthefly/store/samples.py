@@ -1,0 +1,159 @@
+"""Per-sample tables: one Parquet file per (run, split, epoch) part, written in large row groups.
+
+A chunk is a batch of rows handed over by the engine's recorder; the sink buffers chunks per
+(run, split, epoch) and writes a part when enough rows have gathered or the epoch is closed.
+Files are written under a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "read_samples"]
+
+# Rows per Parquet file: large enough for efficient scans, small enough to bound memory.
+ROWS_PER_PART = 65_536
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.int32()),
+        ("split", pa.string()),
+        ("epoch", pa.int32()),
+        ("step", pa.int64()),
+        ("index", pa.int64()),
+        ("loss", pa.float32()),
+        ("margin", pa.float32()),
+        ("pred", pa.int64()),
+        ("label", pa.int64()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+
+@dataclass
+class SampleChunk:
+    """Rows for one (run, split, epoch); numpy columns of equal length.
+
+    ``pred`` and ``label`` are -1 and ``margin`` NaN when the task is not classification.
+    """
+
+    run_id: int
+    split: str
+    epoch: int
+    step: np.ndarray
+    index: np.ndarray
+    loss: np.ndarray
+    margin: np.ndarray
+    pred: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def to_arrow(self) -> pa.Table:
+        n = len(self)
+        has_class = self.pred >= 0
+        mask = ~has_class
+        return pa.table(
+            {
+                "run_id": pa.array(np.full(n, self.run_id, dtype=np.int32)),
+                "split": pa.array([self.split] * n, type=pa.string()),
+                "epoch": pa.array(np.full(n, self.epoch, dtype=np.int32)),
+                "step": pa.array(self.step.astype(np.int64, copy=False)),
+                "index": pa.array(self.index.astype(np.int64, copy=False)),
+                "loss": pa.array(self.loss.astype(np.float32, copy=False)),
+                "margin": pa.array(self.margin.astype(np.float32, copy=False)),
+                "pred": pa.array(self.pred.astype(np.int64, copy=False), mask=mask),
+                "label": pa.array(self.label.astype(np.int64, copy=False), mask=mask),
+                "correct": pa.array(self.pred == self.label, mask=mask),
+            },
+            schema=SAMPLE_SCHEMA,
+        )
+
+
+@dataclass
+class WrittenPart:
+    run_id: int
+    split: str
+    epoch: int
+    path: str  # relative to the session folder
+    rows: int
+    first_step: int
+    last_step: int
+
+
+class SampleSink:
+    """Buffers chunks per (run, split, epoch) and writes Parquet parts. Writer thread only."""
+
+    def __init__(self, session_dir: Path) -> None:
+        self._dir = session_dir
+        self._pending: dict[tuple[int, str, int], list[SampleChunk]] = {}
+        self._parts: dict[tuple[int, str, int], int] = {}
+
+    def add(self, chunk: SampleChunk) -> list[WrittenPart]:
+        key = (chunk.run_id, chunk.split, chunk.epoch)
+        chunks = self._pending.setdefault(key, [])
+        chunks.append(chunk)
+        if sum(len(c) for c in chunks) >= ROWS_PER_PART:
+            return [self._write(key)]
+        return []
+
+    def close_epoch(self, run_id: int, split: str, epoch: int) -> list[WrittenPart]:
+        key = (run_id, split, epoch)
+        return [self._write(key)] if self._pending.get(key) else []
+
+    def close_all(self) -> list[WrittenPart]:
+        return [self._write(key) for key in list(self._pending) if self._pending[key]]
+
+    def _write(self, key: tuple[int, str, int]) -> WrittenPart:
+        chunks = self._pending.pop(key)
+        run_id, split, epoch = key
+        part = self._parts.get(key, 0)
+        self._parts[key] = part + 1
+        table = pa.concat_tables([c.to_arrow() for c in chunks])
+        rel = Path("samples") / f"run-{run_id}" / split / f"epoch-{epoch:05d}-part-{part:05d}.parquet"
+        path = self._dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd")
+        os.replace(tmp, path)
+        steps = table.column("step")
+        return WrittenPart(
+            run_id=run_id,
+            split=split,
+            epoch=epoch,
+            path=rel.as_posix(),
+            rows=len(table),
+            first_step=int(pc.min(steps).as_py()),
+            last_step=int(pc.max(steps).as_py()),
+        )
+
+
+def _part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Path]:
+    runs = [session_dir / "samples" / f"run-{run_id}"] if run_id is not None else sorted(
+        (session_dir / "samples").glob("run-*")
+    )
+    for run_dir in runs:
+        yield from sorted((run_dir / split).glob("epoch-*.parquet"))
+
+
+def read_samples(
+    session_dir: Path, run_id: int | None = None, *, epoch: int | None = None, split: str = "train"
+) -> pa.Table:
+    """All per-sample rows of a run (optionally one epoch), as one Arrow table."""
+    tables = []
+    for path in _part_files(session_dir, run_id, split):
+        if epoch is not None and not path.name.startswith(f"epoch-{epoch:05d}-"):
+            continue
+        tables.append(pq.read_table(path))
+    if not tables:
+        return SAMPLE_SCHEMA.empty_table()
+    return pa.concat_tables(tables)

@@ -1,0 +1,196 @@
+"""The store's writer thread: the only place that writes the session's database and tables.
+
+The training thread hands records over through a bounded queue and never waits for the disk.
+The writer drains whatever has gathered, writes it in one SQLite transaction, and repeats. If
+the queue is full the record is dropped and counted, and the drop is reported as an event as
+soon as there is room again: a slow disk never stalls training, and never stays silent.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .db import connect
+from .samples import SampleChunk, SampleSink, WrittenPart
+
+__all__ = ["StoreWriter"]
+
+QUEUE_SIZE = 4096
+# Records drained into one transaction at most; bounds the time a reader waits on a commit.
+BATCH_RECORDS = 512
+
+
+@dataclass
+class _Sql:
+    sql: str
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass
+class _Task:
+    """File work (a checkpoint) done on the writer thread; ``fn`` returns SQL to record it."""
+
+    fn: Callable[[], list[_Sql]]
+    done: threading.Event
+    error: BaseException | None = None
+
+
+@dataclass
+class _CloseEpoch:
+    run_id: int
+    split: str
+    epoch: int
+
+
+@dataclass
+class _Barrier:
+    done: threading.Event
+
+
+_STOP = object()
+
+
+class StoreWriter:
+    def __init__(self, session_dir: Path, db_path: Path) -> None:
+        self._dir = session_dir
+        self._db_path = db_path
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
+        self._sink = SampleSink(session_dir)
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="onthefly-store", daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread -------------------------------------------------------
+    def sql(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._offer(_Sql(sql, rows))
+
+    def samples(self, chunk: SampleChunk) -> None:
+        self._offer(chunk)
+
+    def close_epoch(self, run_id: int, split: str, epoch: int) -> None:
+        self._offer(_CloseEpoch(run_id, split, epoch))
+
+    def task(self, fn: Callable[[], list[_Sql]], *, wait: bool = True, timeout: float = 600) -> None:
+        """Run file work on the writer thread. Blocks on a full queue: a requested checkpoint is
+        never dropped."""
+        item = _Task(fn, threading.Event())
+        self._queue.put(item)
+        if not wait:
+            return
+        if not item.done.wait(timeout):
+            raise TimeoutError(f"the store writer did not finish a task within {timeout} s")
+        if item.error is not None:
+            raise item.error
+
+    def flush(self, timeout: float = 60) -> bool:
+        """Wait until everything handed over so far is written. Returns False on timeout."""
+        if self._closed or not self._thread.is_alive():
+            return True
+        barrier = _Barrier(threading.Event())
+        self._queue.put(barrier)
+        return barrier.done.wait(timeout)
+
+    def close(self, timeout: float = 60) -> None:
+        """Write what is pending and stop the thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def _offer(self, item: Any) -> None:
+        if self._closed:
+            return
+        try:
+            if self._dropped:
+                self._report_drops()
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._dropped += 1
+
+    def _report_drops(self) -> None:
+        count, self._dropped = self._dropped, 0
+        payload = f'{{"dropped_records": {count}, "reason": "store queue full (disk too slow)"}}'
+        self._queue.put_nowait(
+            _Sql(
+                "INSERT INTO events (run_id, time, step, epoch, kind, payload) VALUES (?,?,?,?,?,?)",
+                [(None, time.time(), None, None, "store_overflow", payload)],
+            )
+        )
+
+    # ---- writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        conn = connect(self._db_path)
+        try:
+            stop = False
+            while not stop:
+                items = [self._queue.get()]
+                while len(items) < BATCH_RECORDS:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(item is _STOP for item in items)
+                self._write(conn, [i for i in items if i is not _STOP])
+            self._write_parts(conn, self._sink.close_all())
+            conn.commit()
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, items: list[Any]) -> None:
+        barriers: list[_Barrier] = []
+        for item in items:
+            try:
+                if isinstance(item, _Sql):
+                    conn.executemany(item.sql, item.rows)
+                elif isinstance(item, SampleChunk):
+                    self._write_parts(conn, self._sink.add(item))
+                elif isinstance(item, _CloseEpoch):
+                    self._write_parts(conn, self._sink.close_epoch(item.run_id, item.split, item.epoch))
+                elif isinstance(item, _Task):
+                    try:
+                        for statement in item.fn():
+                            conn.executemany(statement.sql, statement.rows)
+                    except Exception as exc:  # handed back to the waiting caller
+                        item.error = exc
+                    finally:
+                        item.done.set()
+                elif isinstance(item, _Barrier):
+                    barriers.append(item)
+            except (OSError, sqlite3.Error) as exc:
+                # A full disk or a broken file: keep what is already committed, say what happened,
+                # and go on with the next records (they may fit once space is freed).
+                self.error = exc
+                print(f"onthefly: could not write to the session store: {exc}", file=sys.stderr)
+        try:
+            conn.commit()
+        except sqlite3.Error as exc:
+            self.error = exc
+            print(f"onthefly: could not commit to the session store: {exc}", file=sys.stderr)
+        for barrier in barriers:
+            barrier.done.set()
+
+    def _write_parts(self, conn: sqlite3.Connection, parts: list[WrittenPart]) -> None:
+        if parts:
+            conn.executemany(
+                "INSERT INTO sample_files (run_id, epoch, split, path, rows, first_step, last_step)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(p.run_id, p.epoch, p.split, p.path, p.rows, p.first_step, p.last_step) for p in parts],
+            )
