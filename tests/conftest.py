@@ -1,0 +1,53 @@
+"""Shared fixtures: every test gets its own ONTHEFLY_HOME, and tiny deterministic data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def onthefly_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path / "otf-home"
+    monkeypatch.setenv("ONTHEFLY_HOME", str(home))
+    yield home
+
+
+@pytest.fixture
+def subprocess_env(onthefly_home: Path) -> dict[str, str]:
+    """Environment for child Python processes: same interpreter, same ONTHEFLY_HOME."""
+    env = dict(os.environ)
+    env["ONTHEFLY_HOME"] = str(onthefly_home)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def toy_data(n: int = 256, features: int = 20, classes: int = 3, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen)
+    y = (x[:, :classes].argmax(dim=1)).long()
+    return TensorDataset(x, y)
+
+
+def toy_model(features: int = 20, classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))
+
+
+@pytest.fixture
+def toy() -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, DataLoader(toy_data(), batch_size=32, shuffle=True)
+
+
+PYTHON = sys.executable
