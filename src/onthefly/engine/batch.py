@@ -20,7 +20,7 @@ __all__ = ["BatchSpec", "ForwardFn", "batch_size_of", "describe", "to_device"]
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 Field = str | int
-Fields = Field | Sequence[Field]
+Fields = Field | tuple[Field, ...] | list[Field]
 
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features", "input_ids", "data")
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")

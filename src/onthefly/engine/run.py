@@ -132,7 +132,7 @@ class Run:
                                          "session": str(self.session.dir)}, **self._where())
 
     # ---- the loop ----------------------------------------------------------------------
-    def epochs(self, max_epochs: int, *, on_plan_end: Callable[[], None] | None = None) -> Iterator[int]:
+    def epochs(self, max_epochs: int, *, on_plan_end: Callable[[], object] | None = None) -> Iterator[int]:
         """Yield epoch numbers until ``max_epochs`` have been trained (counting from the start,
         resumed epochs included), a ``stop`` command arrives, or - with ``keep_alive`` - forever
         while ``train_more`` commands extend the plan."""
@@ -205,10 +205,12 @@ class Run:
         self._indices = None
         if self._first_step:
             self._check_first_step(per_sample_loss, indices, logits, targets)
-        elif indices is not None and indices.shape[0] != per_sample_loss.shape[0]:
+        elif per_sample_loss.ndim != 1 or (indices is not None and indices.shape[0] != per_sample_loss.shape[0]):
+            # Shapes are host metadata: this check costs no sync.
             raise LossError(
-                f"step() got {per_sample_loss.shape[0]} per-sample losses for a batch of "
-                f"{indices.shape[0]} samples; pass one loss per sample (reduction='none')."
+                f"step() got per-sample losses of shape {tuple(per_sample_loss.shape)} for a batch of "
+                f"{'?' if indices is None else indices.shape[0]} samples; pass one loss per sample "
+                "(a 1-D tensor, reduction='none')."
             )
         per = per_sample_loss.detach()
         if self._classification:
@@ -341,10 +343,8 @@ class Run:
         elif kind == "stop":
             self._stop = True
         elif kind == "test":
-            if self.evaluator is None:
+            if self.evaluate("test") is None:  # no evaluator, or one without a test loader
                 rejected = "no test_loader was given"
-            else:
-                self.evaluate("test")
         elif kind == "train_more":
             self.target_epochs = max(self.target_epochs, self.epoch) + args["epochs"]
         elif kind == "set_lr":
@@ -564,8 +564,8 @@ def _check_names(project: Any, run_name: Any) -> None:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")

@@ -36,7 +36,7 @@ def to_cpu(value: Any) -> Any:
 
 
 def capture_rng() -> dict[str, Any]:
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()  # type: ignore[misc]
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "python": [version, list(py_state), py_gauss],

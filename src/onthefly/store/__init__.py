@@ -6,7 +6,14 @@ from __future__ import annotations
 from .checkpoints import read_checkpoint, write_checkpoint
 from .reader import SessionReader, open_session
 from .samples import SampleChunk, read_samples
-from .session import SessionInfo, SessionStore, clean_sessions, is_alive, list_sessions, onthefly_home
+from .session import (
+    SessionInfo,
+    SessionStore,
+    clean_sessions,
+    is_alive,
+    list_sessions,
+    onthefly_home,
+)
 
 __all__ = [
     "SampleChunk",

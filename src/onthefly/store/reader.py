@@ -50,7 +50,8 @@ class SessionReader:
 
     def events(self, run_id: int | None = None, *, after_seq: int = 0,
                kind: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM events WHERE seq > ?", [after_seq]
+        sql = "SELECT * FROM events WHERE seq > ?"
+        args: list[Any] = [after_seq]
         if run_id is not None:
             sql += " AND run_id = ?"
             args.append(run_id)

@@ -60,7 +60,7 @@ def sessions_root(home: Path | None = None) -> Path:
 
 def _try_lock(path: Path) -> IO[str] | None:
     """Take the session's exclusive lock; None if another process holds it."""
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the session's life
+    handle = open(path, "a+")
     if fcntl is None:  # pragma: no cover - Windows: fall back to the PID written in the file
         return handle
     try:

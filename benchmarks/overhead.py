@@ -1,0 +1,86 @@
+"""Training-time overhead of On The Fly against a plain PyTorch loop.
+
+An MLP on 60k synthetic samples, trained for a few epochs as a plain hand-written loop and
+through On The Fly (per-sample loss, margin, prediction recorded for every sample; store writer
+running), alternated several times in one process. Prints the median ratio On The Fly / plain
+as the last line: ``ratio: X.XXX``.
+
+    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_data(samples: int) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 784, generator=gen)
+    y = (x[:, :10] * torch.arange(1, 11)).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def plain(data: TensorDataset, epochs: int, batch: int) -> float:
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = DataLoader(data, batch_size=batch, shuffle=True)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - start
+
+
+def onthefly(data: TensorDataset, epochs: int, batch: int) -> float:
+    from onthefly import Trainer
+
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(data, batch_size=batch, shuffle=True)
+    trainer = Trainer(model=model, optimizer=opt, loss_fn=nn.CrossEntropyLoss(), train_loader=loader,
+                      project="bench", run_name="overhead", progress=False, device="cpu")
+    start = time.perf_counter()
+    trainer.fit(epochs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=60_000)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    os.environ.setdefault("ONTHEFLY_HOME", tempfile.mkdtemp(prefix="otf-bench-"))
+    data = make_data(args.samples)
+    plain(data, 1, args.batch)  # warm-up: allocator, kernels, imports
+    onthefly(data, 1, args.batch)
+    ratios = []
+    for i in range(args.repeats):
+        base = plain(data, args.epochs, args.batch)
+        ours = onthefly(data, args.epochs, args.batch)
+        ratios.append(ours / base)
+        print(f"repeat {i + 1}: plain {base:.3f} s  onthefly {ours:.3f} s  ratio {ours / base:.3f}", flush=True)
+    print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, torch threads: {torch.get_num_threads()}")
+    print(f"ratio: {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
