@@ -84,7 +84,8 @@ class EpochBatches(Sampler[list[int]]):
 
     def _batches(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(100 + epoch)).tolist()
-        sizes, batches, start = [5, 11, 3], [], 0
+        sizes, start = [5, 11, 3], 0
+        batches: list[list[int]] = []
         while start < self.n:
             size = sizes[len(batches) % len(sizes)]
             batches.append(order[start : start + size])
@@ -104,7 +105,7 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-LOADERS: dict[str, Callable[[Dataset], DataLoader]] = {
+LOADERS: dict[str, Callable[[Any], DataLoader]] = {
     "shuffle": lambda ds: DataLoader(ds, batch_size=8, shuffle=True, generator=seeded(1)),
     "shuffle-workers": lambda ds: DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
                                              generator=seeded(2)),

@@ -152,6 +152,10 @@ class Run:
                 self._control()
             if self._stop:
                 return
+            # Planned training is done: wait for the last per-sample values (once, not per step)
+            # so a non-finite loss in a run shorter than a flush interval still fails it.
+            self.recorder.wait_idle()
+            self._check_health()
             if on_plan_end is not None:
                 on_plan_end()
             if not self.keep_alive or not self._idle():
@@ -196,11 +200,12 @@ class Run:
 
     def step(
         self, per_sample_loss: torch.Tensor, *, loss: torch.Tensor | None = None, logits: Any = None,
-        targets: Any = None, boundary: bool = True,
+        targets: Any = None, boundary: bool = True, lr: float | None = None,
     ) -> None:
         """Record one batch's per-sample losses, then (at an optimizer-step ``boundary``) apply
         pending commands. ``logits``/``targets`` add margin, prediction and correctness for
-        classification. Call it after ``optimizer.step()``."""
+        classification. Call it after ``optimizer.step()``; ``lr`` is the learning rate the step
+        used (default: the optimizer's current one, which a per-step scheduler has already moved)."""
         indices = self._indices
         self._indices = None
         if self._first_step:
@@ -213,13 +218,14 @@ class Run:
                 "(a 1-D tensor, reduction='none')."
             )
         per = per_sample_loss.detach()
+        if lr is None:
+            lr = self.optimizer.param_groups[0]["lr"]
         if self._classification:
             margin, pred = classification_signals(logits, targets)
             self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
-                                 self.optimizer.param_groups[0]["lr"], margin, pred, targets)
+                                 lr, margin, pred, targets)
         else:
-            self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
-                                 self.optimizer.param_groups[0]["lr"])
+            self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss, lr)
         if not boundary:
             return
         self.global_step += 1

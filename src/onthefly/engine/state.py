@@ -63,6 +63,8 @@ def generator_states(generators: list[torch.Generator]) -> list[torch.Tensor]:
 
 
 def restore_generators(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    if not states:  # saved before the loader was first iterated: nothing drawn from them yet
+        return
     if len(generators) != len(states):
         raise ValueError(
             f"the checkpoint saved {len(states)} sampler generator(s) but the loader has {len(generators)}"

@@ -170,6 +170,7 @@ class Trainer:
         return outputs, targets, loss, per_sample
 
     def _train_step(self, batch: Any, boundary: bool) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before any scheduler step
         batch = to_device(batch, self.device, self.non_blocking)
         with self._autocast():
             if self._checked_first_step:
@@ -195,7 +196,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
-        self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary)
+        self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_epochs: int, *, do_test_after: bool = False) -> FitSummary:

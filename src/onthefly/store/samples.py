@@ -65,7 +65,7 @@ class SampleChunk:
         return pa.table(
             {
                 "run_id": pa.array(np.full(n, self.run_id, dtype=np.int32)),
-                "split": pa.array([self.split] * n, type=pa.string()),
+                "split": pa.repeat(self.split, n),
                 "epoch": pa.array(np.full(n, self.epoch, dtype=np.int32)),
                 "step": pa.array(self.step.astype(np.int64, copy=False)),
                 "index": pa.array(self.index.astype(np.int64, copy=False)),
