@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import toy_data, toy_model
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 import onthefly
+from conftest import toy_data, toy_model
 from onthefly import Callback, FitSummary, Run, Trainer
 from onthefly.engine.events import Event
 from onthefly.errors import ConfigError
@@ -218,7 +218,8 @@ def test_stop_ends_training_at_the_step_it_takes_effect() -> None:
     assert summary.steps == 5
     assert trainer.run.global_step == 5
     (stop,) = command_events(summary, "stop")
-    assert (stop["kind"], stop["step"]) == ("command_applied", 5)
+    assert set(stop) == {"seq", "run_id", "time", "step", "epoch", "kind", "payload"}
+    assert (stop["kind"], stop["step"], stop["epoch"], stop["run_id"]) == ("command_applied", 5, 0, 1)
     assert statuses(summary) == ["running", "stopped"]
     reader = onthefly.open_session(summary.session_dir)
     assert reader.info()["status"] == "stopped"
@@ -379,7 +380,7 @@ def test_checkpoint_command_with_a_path(tmp_path: Path) -> None:
         ("train_more", {"epochs": 0}, "epochs must be a whole number >= 1, got 0"),
         ("train_more", {"epochs": 1.5}, "epochs must be a whole number >= 1, got 1.5"),
         ("train_more", {}, "epochs must be a whole number >= 1, got None"),
-        ("pause", {"now": True}, "takes no arguments, got ['now']"),
+        ("pause", {"now": True}, "unexpected argument(s) ['now']"),
         ("checkpoint", {"path": 3}, "path must be a string, got 3"),
     ],
 )

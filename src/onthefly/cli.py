@@ -61,7 +61,9 @@ def _sessions(console: Console) -> int:
         return 0
     table = Table(title=f"sessions under {onthefly_home() / 'sessions'}")
     for column in ("id", "project", "status", "process", "size", "created"):
-        table.add_column(column, no_wrap=True)
+        # The id is what `open_session` takes: never cut it; narrow terminals fold project/created.
+        folds = column in ("project", "created")
+        table.add_column(column, no_wrap=not folds, overflow="fold" if folds else "ellipsis")
     for s in sessions:
         table.add_row(s.id, s.project, s.status, "alive" if s.alive else "gone", _size(s.size_bytes),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)))

@@ -30,8 +30,9 @@ class RunStatus:
 
 
 def _no_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Called with what is left once a command's own arguments are taken out."""
     if args:
-        raise ConfigError(f"this command takes no arguments, got {sorted(args)}")
+        raise ConfigError(f"unexpected argument(s) {sorted(args)} for this command")
     return {}
 
 

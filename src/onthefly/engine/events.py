@@ -29,12 +29,15 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Synchronous fan-out. Subscribers must return quickly (hand work to their own thread)."""
+    """Synchronous fan-out. Subscribers must return quickly (hand work to their own thread).
 
-    def __init__(self) -> None:
+    ``seq_source`` numbers the events (the session's counter, shared by all its runs)."""
+
+    def __init__(self, seq_source: Callable[[], int] | None = None) -> None:
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
         self._seq = 0
+        self._seq_source = seq_source
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         with self._lock:
@@ -51,8 +54,12 @@ class EventBus:
         step: int | None = None, epoch: int | None = None, persist: bool = True,
     ) -> Event:
         with self._lock:
-            self._seq += 1
-            event = Event(self._seq, kind, run_id, step, epoch, time.time(), dict(payload or {}), persist)
+            if self._seq_source is not None:
+                seq = self._seq_source()
+            else:
+                self._seq += 1
+                seq = self._seq
+            event = Event(seq, kind, run_id, step, epoch, time.time(), dict(payload or {}), persist)
             subscribers = self._subscribers
         for subscriber in subscribers:
             subscriber(event)

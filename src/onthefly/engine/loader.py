@@ -76,8 +76,9 @@ class _RecordingSampler:
 
     def __iter__(self) -> _RecordingIterator:
         self.pending.clear()
+        # skip_next is cleared by TrackedLoader.begin, not here: a multi-worker DataLoader
+        # iterator calls iter() on its sampler twice while it is created and pulls from the second.
         self.current = _RecordingIterator(self.inner, self.pending, self.skip_next, self.batched)
-        self.skip_next = 0
         return self.current
 
 
@@ -148,7 +149,10 @@ class TrackedLoader:
                 next(iterator)
             return ((batch, None) for batch in iterator)
         self._recorder.skip_next = skip
-        iterator = iter(self.loader)
+        try:
+            iterator = iter(self.loader)
+        finally:
+            self._recorder.skip_next = 0
         if self._recorder.current is not None:
             self._recorder.current.prime()
         pending = self._recorder.pending

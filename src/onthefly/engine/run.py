@@ -99,8 +99,11 @@ class Run:
         self.session = session or SessionStore(
             project, keep=[Path(resume_from)] if resume_from is not None else []
         )
-        self.bus = EventBus()
+        self.bus = EventBus(seq_source=self.session.next_seq)
         self.bus.subscribe(self._persist)
+        self.session.overflow_listener = lambda dropped: self.bus.publish(
+            "store_overflow", {"dropped_records": dropped, "reason": "store queue full (disk too slow)"},
+            **self._where())
         self.commands = CommandQueue()
         self.run_id = self.session.new_run(run_name, config=dict(config or {}))
         self.recorder = SampleRecorder(self.device, self._on_packet)
@@ -448,7 +451,8 @@ class Run:
                 self.session.metrics([(packet.run_id, "train_loss_epoch", int(self.latest.get("step", 0)),
                                        packet.epoch, packet.flushed_at, mean)])
                 self.bus.publish("epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
-                                 run_id=packet.run_id, epoch=packet.epoch)
+                                 run_id=packet.run_id, step=int(self.latest.get("step", 0)),
+                                 epoch=packet.epoch)
 
     def _check_health(self) -> None:
         if self._nonfinite is not None:

@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -183,7 +183,11 @@ class SessionStore:
             ) from exc
         self.project = project
         self._writer = StoreWriter(self.dir, self.db_path)
+        self._writer.on_overflow = self._report_overflow
+        # Who hears of dropped records; the engine points it at its event bus. Default: a row.
+        self.overflow_listener: Callable[[int], object] | None = None
         self._ids_lock = threading.Lock()
+        self._seq = 0
         self._next_run = 1
         self._next_checkpoint = 1
         self._closed = False
@@ -208,6 +212,19 @@ class SessionStore:
         self._writer.sql("UPDATE runs SET status = ?, ended = ? WHERE id = ?", [(status, ended, run_id)])
 
     # ---- records (never block the caller) -----------------------------------------------
+    def next_seq(self) -> int:
+        """The session-wide event sequence number: every event of every run gets the next one."""
+        with self._ids_lock:
+            self._seq += 1
+            return self._seq
+
+    def _report_overflow(self, dropped: int) -> None:
+        payload = {"dropped_records": dropped, "reason": "store queue full (disk too slow)"}
+        if self.overflow_listener is not None:
+            self.overflow_listener(dropped)
+        else:
+            self.event(self.next_seq(), None, None, None, "store_overflow", payload, time.time())
+
     def event(self, seq: int, run_id: int | None, step: int | None, epoch: int | None, kind: str,
               payload: Mapping[str, Any], when: float) -> None:
         self._writer.sql(

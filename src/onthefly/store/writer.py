@@ -2,7 +2,7 @@
 
 The training thread hands records over through a bounded queue and never waits for the disk.
 The writer drains whatever has gathered, writes it in one SQLite transaction, and repeats. If
-the queue is full the record is dropped and counted, and the drop is reported as an event as
+the queue is full the record is dropped and counted, and the count goes to ``on_overflow`` as
 soon as there is room again: a slow disk never stalls training, and never stays silent.
 """
 
@@ -12,7 +12,6 @@ import queue
 import sqlite3
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,9 @@ class StoreWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
         self._sink = SampleSink(session_dir)
         self._dropped = 0
+        self._reporting = False
+        # Called (on the thread that found room again) with the number of records dropped.
+        self.on_overflow: Callable[[int], None] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self.error: BaseException | None = None
@@ -119,21 +121,19 @@ class StoreWriter:
         if self._closed:
             return
         try:
-            if self._dropped:
-                self._report_drops()
             self._queue.put_nowait(item)
         except queue.Full:
-            self._dropped += 1
-
-    def _report_drops(self) -> None:
-        count, self._dropped = self._dropped, 0
-        payload = f'{{"dropped_records": {count}, "reason": "store queue full (disk too slow)"}}'
-        self._queue.put_nowait(
-            _Sql(
-                "INSERT INTO events (run_id, time, step, epoch, kind, payload) VALUES (?,?,?,?,?,?)",
-                [(None, time.time(), None, None, "store_overflow", payload)],
-            )
-        )
+            with self._lock:  # records come from the training and the transfer thread
+                self._dropped += 1
+            return
+        if self._dropped and self.on_overflow is not None and not self._reporting:
+            with self._lock:
+                count, self._dropped = self._dropped, 0
+            self._reporting = True  # the report is itself a record: do not recurse
+            try:
+                self.on_overflow(count)
+            finally:
+                self._reporting = False
 
     # ---- writer thread ----------------------------------------------------------------
     def _run(self) -> None:
