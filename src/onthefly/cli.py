@@ -35,9 +35,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULT_EPOCHS
+DEMO_EPOCHS = 30  # about a minute on a laptop CPU
 
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onthefly",
         description="On The Fly: a local-first control room for PyTorch training.",
@@ -45,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onthefly {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser("demo", help="train the quickstart's model on its toy data (about a minute)")
-    demo.add_argument("--epochs", type=_positive, default=DEFAULT_EPOCHS,
-                      help=f"epochs to train (default {DEFAULT_EPOCHS})")
+    demo.add_argument("--epochs", type=_positive, default=DEMO_EPOCHS,
+                      help=f"epochs to train (default {DEMO_EPOCHS})")
     demo.add_argument("--samples", type=_positive, default=60_000, help="training samples (default 60000)")
     commands.add_parser("sessions", help="list the sessions on this machine, with status and size")
     return parser

@@ -10,9 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .engine.trainer import FitSummary, quickstart
 
-__all__ = ["DEFAULT_EPOCHS", "demo_data", "run_demo"]
-
-DEFAULT_EPOCHS = 30  # about a minute on a laptop CPU
+__all__ = ["demo_data", "run_demo"]
 
 
 def demo_data(samples: int = 60_000, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -31,7 +29,7 @@ def demo_data(samples: int = 60_000, seed: int = 0) -> tuple[DataLoader, DataLoa
     )
 
 
-def run_demo(epochs: int = DEFAULT_EPOCHS, *, samples: int = 60_000, seed: int = 0, **options: Any) -> FitSummary:
+def run_demo(epochs: int, *, samples: int = 60_000, seed: int = 0, **options: Any) -> FitSummary:
     torch.manual_seed(seed)
     train, val, test = demo_data(samples, seed)
     model = nn.Sequential(nn.Linear(28 * 28, 64), nn.ReLU(), nn.Linear(64, 2))
