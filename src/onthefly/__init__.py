@@ -14,7 +14,8 @@ from ._version import __version__
 from .errors import OnTheFlyError
 
 if TYPE_CHECKING:
-    from .engine import Callback, FitSummary, Run, RunStatus, Trainer, quickstart, start_run
+    from .engine import Callback, FitSummary, Run, RunStatus, Trainer
+    from .launch import quickstart, start_run
     from .store import open_session
 
 __all__ = [
@@ -36,8 +37,8 @@ _LAZY = {
     "Run": ".engine",
     "RunStatus": ".engine",
     "Trainer": ".engine",
-    "quickstart": ".engine",
-    "start_run": ".engine",
+    "quickstart": ".launch",
+    "start_run": ".launch",
     "open_session": ".store",
 }
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .engine.trainer import FitSummary, quickstart
+from .engine.trainer import FitSummary
+from .launch import quickstart
 
 __all__ = ["demo_data", "run_demo"]
 

@@ -7,7 +7,7 @@ from .callbacks import Callback
 from .control import COMMANDS, Command, CommandQueue, RunStatus
 from .events import Event, EventBus
 from .run import Run, start_run
-from .trainer import FitSummary, Trainer, quickstart
+from .trainer import FitSummary, Trainer
 
 __all__ = [
     "COMMANDS",
@@ -20,6 +20,5 @@ __all__ = [
     "Run",
     "RunStatus",
     "Trainer",
-    "quickstart",
     "start_run",
 ]

@@ -35,7 +35,8 @@ class EventBus:
 
     def __init__(self, seq_source: Callable[[], int] | None = None) -> None:
         self._subscribers: list[Subscriber] = []
-        self._lock = threading.Lock()
+        # Re-entrant: a subscriber may publish (the store reporting an overflow).
+        self._lock = threading.RLock()
         self._seq = 0
         self._seq_source = seq_source
 
@@ -60,7 +61,7 @@ class EventBus:
                 self._seq += 1
                 seq = self._seq
             event = Event(seq, kind, run_id, step, epoch, time.time(), dict(payload or {}), persist)
-            subscribers = self._subscribers
-        for subscriber in subscribers:
-            subscriber(event)
+            # Delivered under the lock, so every subscriber sees events in sequence order.
+            for subscriber in self._subscribers:
+                subscriber(event)
         return event

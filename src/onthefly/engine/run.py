@@ -63,7 +63,7 @@ class Run:
         scheduler: Any = None,
         scaler: torch.amp.GradScaler | None = None,
         device: torch.device | None = None,
-        keep_alive: bool = False,
+        keep_alive: bool | Callable[[], bool] = False,
         wait_for_run: bool = False,
         resume_from: str | Path | None = None,
         session: SessionStore | None = None,
@@ -116,6 +116,9 @@ class Run:
         self.latest: dict[str, float] = {}
         self.last_eval: dict[str, dict[str, float]] = {}
         self.evaluator: Evaluator | None = None
+        self.on_close: list[Callable[[], None]] = []  # called once the run is closed
+        self.eval_splits: set[str] = set()  # splits the evaluator can run ("val", "test")
+        self.batches_per_epoch: int | None = None
         self._wait_for_run = wait_for_run
         self._stop = False
         self._indices: np.ndarray | None = None
@@ -161,7 +164,8 @@ class Run:
             self._check_health()
             if on_plan_end is not None:
                 on_plan_end()
-            if not self.keep_alive or not self._idle():
+            keep_alive = self.keep_alive() if callable(self.keep_alive) else self.keep_alive
+            if not keep_alive or not self._idle():
                 return
 
     def batches(self, loader: DataLoader | TrackedLoader) -> Iterator[Any]:
@@ -189,6 +193,7 @@ class Run:
             iterator = tracked.begin()
         self._resume_rng = None
         self._generators = generators
+        self.batches_per_epoch = tracked.length
         self.recorder.begin_epoch(self.run_id, "train", self.epoch)
         self.bus.publish("epoch_started", {"batches": tracked.length}, **self._where())
         self.fire("on_epoch_start")
@@ -404,6 +409,26 @@ class Run:
                 return True
         return False
 
+    def possible_commands(self) -> list[str]:
+        """The commands that make sense in the current state (what a dashboard enables)."""
+        if self._closed or self._stop:
+            return []
+        settings = ["set_lr", "set_weight_decay", "checkpoint"]
+        test = ["test"] if "test" in self.eval_splits else []
+        by_status = {
+            RunStatus.CREATED: ["run", "stop"],
+            RunStatus.RUNNING: ["pause", "stop", "train_more"],
+            RunStatus.PAUSED: ["resume", "stop", "train_more"],
+            RunStatus.IDLE: ["train_more", "stop"],
+        }
+        if self.status not in by_status:
+            return []
+        return by_status[self.status] + test + settings
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def request(self, kind: str, **args: Any) -> Command:
         """Queue a command (thread-safe); it takes effect at the next step boundary."""
         return self.commands.put(kind, **args)
@@ -524,6 +549,8 @@ class Run:
             self.session.close(status, None if error is None else f"{type(error).__name__}: {error}")
         else:
             self.session.flush()
+        for callback in self.on_close:
+            callback()
 
     def __enter__(self) -> Run:
         return self
@@ -564,6 +591,7 @@ def start_run(
             return evaluate(model, loader, per_sample, spec, run.device, contextlib.nullcontext)
 
         run.evaluator = evaluator
+        run.eval_splits = {split for split, loader in loaders.items() if loader is not None}
     return run
 
 

@@ -1,4 +1,4 @@
-"""The loop On The Fly runs for you: ``Trainer.fit`` and ``quickstart``.
+"""The loop On The Fly runs for you: ``Trainer.fit`` (``onthefly.quickstart`` builds on it).
 
 One training step, top to bottom: move the batch (non-blocking when the loader pins memory),
 forward under optional autocast, the user's loss for backward plus per-sample values without
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from .loader import TrackedLoader
 from .progress import ProgressDisplay
 from .run import Run
 
-__all__ = ["FitSummary", "Trainer", "quickstart"]
+__all__ = ["FitSummary", "Trainer"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Trainer:
         targets: Field | None = None,
         forward_fn: ForwardFn | None = None,
         callbacks: Sequence[Callback] = (),
-        keep_alive: bool = False,
+        keep_alive: bool | Callable[[], bool] = False,
         wait_for_run: bool = False,
         resume_from: str | Path | None = None,
         progress: bool = True,
@@ -130,6 +130,7 @@ class Trainer:
                     "per_sample_loss": self.loss.method},
         )
         self.run.evaluator = self._evaluate
+        self.run.eval_splits = {s for s, ld in (("val", val_loader), ("test", test_loader)) if ld is not None}
         self._checked_first_step = False
 
     # ---- the step ----------------------------------------------------------------------------
@@ -256,33 +257,3 @@ class Trainer:
             train_loss=run.latest.get("loss"), val=run.last_eval.get("val", {}),
             test=run.last_eval.get("test", {}),
         )
-
-
-def quickstart(
-    *,
-    project: str,
-    run_name: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    train_loader: DataLoader,
-    val_loader: DataLoader | None = None,
-    test_loader: DataLoader | None = None,
-    max_epochs: int = 1,
-    do_test_after: bool = False,
-    **options: Any,
-) -> FitSummary:
-    """Train ``model`` with On The Fly watching: per-sample loss every epoch, validation every
-    epoch, a test at the end with ``do_test_after=True``, a progress bar and a short summary.
-
-    ``options`` are :class:`Trainer`'s (device, amp, grad_clip, accumulate_grad_batches,
-    scheduler, inputs/targets/forward_fn, callbacks, keep_alive, resume_from, progress).
-    """
-    trainer = Trainer(
-        model=model, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
-        val_loader=val_loader, test_loader=test_loader, project=project, run_name=run_name, **options,
-    )
-    summary = trainer.fit(max_epochs, do_test_after=do_test_after)
-    if options.get("progress", True):
-        print(summary, flush=True)
-    return summary

@@ -29,6 +29,10 @@ class SessionReader:
             )
         self._db = db
 
+    @property
+    def db_path(self) -> Path:
+        return self._db
+
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         conn = connect(self._db, readonly=True)
         try:

@@ -1,0 +1,242 @@
+"""The HTTP/WebSocket API and the dashboard page.
+
+The server knows nothing of training: it reads the session's store, relays the event bus, and
+puts validated commands in a run's queue. It never touches a running model's tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from .._version import __version__
+from ..engine.run import Run
+from ..errors import OnTheFlyError
+from ..store.queries import hardest_samples, loss_distribution, metric_series
+from ..store.reader import SessionReader
+from .auth import COOKIE
+from .models import (
+    CommandAccepted,
+    CommandBody,
+    Distribution,
+    EventPage,
+    HardSamples,
+    MetricsOut,
+    RunInfo,
+    SessionOut,
+)
+from .stream import EventLog
+
+__all__ = ["DASHBOARD_DIR", "Backend", "create_app"]
+
+DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
+STREAM_INTERVAL = 0.1  # seconds between WebSocket messages: at most 10 updates per second
+STREAM_BATCH = 2000  # events per message at most
+
+
+def jsonable(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+class Backend:
+    """What the server serves: one session's store, its live runs, and its event feed."""
+
+    def __init__(self, session_dir: Path, *, project: str, session_id: str) -> None:
+        self.reader = SessionReader(session_dir)
+        self.session_dir = session_dir
+        self.project = project
+        self.session_id = session_id
+        self.runs: dict[int, Run] = {}
+        self.events = EventLog()
+        self.clients = 0
+
+    def add_run(self, run: Run) -> None:
+        self.runs[run.run_id] = run
+        run.bus.subscribe(self.events)
+
+    def run_info(self, run_id: int) -> RunInfo:
+        run = self.runs.get(run_id)
+        if run is not None:
+            latest = run.latest
+            return RunInfo(
+                id=run.run_id, name=run.name, status=run.status, live=not run.closed,
+                step=run.global_step, epoch=run.epoch, target_epochs=run.target_epochs,
+                batches_per_epoch=run.batches_per_epoch,
+                samples_per_second=jsonable(latest.get("samples_per_second")),
+                loss=jsonable(latest.get("loss")), lr=jsonable(latest.get("lr")),
+                commands=run.possible_commands(),
+            )
+        for row in self.reader.runs():
+            if row["id"] == run_id:
+                return RunInfo(id=run_id, name=row["name"], status=row["status"], live=False, step=0,
+                               epoch=0, target_epochs=0, batches_per_epoch=None, samples_per_second=None,
+                               loss=None, lr=None, commands=[])
+        raise HTTPException(404, f"no run {run_id} in this session")
+
+    def events_after(self, seq: int, limit: int) -> list[dict[str, Any]]:
+        events, oldest = self.events.after(seq, limit)
+        if oldest is None or oldest > seq + 1:
+            # The in-memory feed no longer reaches back that far: older events come from the store.
+            stored = [e for e in self.reader.events(after_seq=seq)
+                      if oldest is None or e["seq"] < oldest][:limit]
+            events = (stored + events)[:limit]
+        return [jsonable(e) for e in events]
+
+
+def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[str]]) -> Any:
+    app = FastAPI(
+        title="On The Fly",
+        version=__version__,
+        description="Control and observe a PyTorch training session. Every request needs the "
+        "session token (Authorization: Bearer, or ?token=).",
+    )
+
+    @app.exception_handler(OnTheFlyError)
+    async def _user_error(request: Request, exc: OnTheFlyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable(_clean_errors(exc.errors()))}, status_code=422)
+
+    # ---- the page -------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index(token: str | None = None) -> Any:
+        page = DASHBOARD_DIR / "index.html"
+        if not page.is_file():
+            return HTMLResponse(
+                "<h1>On The Fly</h1><p>The dashboard is not built. Run <code>bash scripts/setup.sh</code> "
+                "(it builds <code>dashboard/</code> with npm).</p>", status_code=503)
+        response = FileResponse(page, headers={"Cache-Control": "no-store"})
+        # The page's own assets then load without the token in their URLs.
+        response.set_cookie(COOKIE, backend_token, httponly=True, samesite="strict")
+        return response
+
+    backend_token = token
+    app.mount("/assets", StaticFiles(directory=DASHBOARD_DIR / "assets", check_dir=False), name="assets")
+
+    # ---- session and runs -------------------------------------------------------------------
+    @app.get("/api/session", response_model=SessionOut, summary="The session and its runs")
+    async def session() -> SessionOut:
+        info = backend.reader.info()
+        run_ids = sorted({r["id"] for r in backend.reader.runs()} | set(backend.runs))
+        return SessionOut(id=backend.session_id, project=backend.project, dir=str(backend.session_dir),
+                          pid=int(info.get("pid") or 0), version=__version__,
+                          runs=[backend.run_info(i) for i in run_ids])
+
+    @app.get("/api/runs/{run_id}", response_model=RunInfo, summary="One run's live state")
+    async def run_info(run_id: int) -> RunInfo:
+        return backend.run_info(run_id)
+
+    @app.get("/api/runs/{run_id}/metrics", response_model=MetricsOut,
+             summary="Metric series, downsampled on the server")
+    async def metrics(
+        run_id: int,
+        names: Annotated[str, Query(max_length=1000, pattern=r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$",
+                                    description="comma-separated metric names")] = "train_loss",
+        start_step: Annotated[int | None, Query(ge=0)] = None,
+        end_step: Annotated[int | None, Query(ge=0)] = None,
+        points: Annotated[int, Query(ge=2, le=20_000)] = 2000,
+    ) -> MetricsOut:
+        backend.run_info(run_id)  # 404 for an unknown run
+        series = {name: metric_series(backend.reader.db_path, run_id, name, start_step=start_step,
+                                      end_step=end_step, points=points)
+                  for name in dict.fromkeys(names.split(","))}
+        return MetricsOut.model_validate({"series": series})
+
+    @app.get("/api/events", response_model=EventPage, summary="The event log after a sequence number")
+    async def events(after_seq: Annotated[int, Query(ge=0)] = 0,
+                     limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> EventPage:
+        page = backend.events_after(after_seq, limit)
+        last = page[-1]["seq"] if page else max(after_seq, 0)
+        return EventPage.model_validate({"events": page, "last_seq": last})
+
+    @app.post("/api/runs/{run_id}/commands", response_model=CommandAccepted, status_code=202,
+              summary="Queue a command; it takes effect at the next step boundary",
+              responses={404: {"description": "no such run"},
+                         409: {"description": "the run cannot do that now"}})
+    async def command(run_id: int, body: CommandBody) -> CommandAccepted:
+        run = backend.runs.get(run_id)
+        if run is None:
+            backend.run_info(run_id)  # 404 if unknown
+            raise HTTPException(409, f"run {run_id} is not live in this process: it takes no commands")
+        args = body.model_dump(exclude={"kind"})
+        possible = run.possible_commands()
+        if body.kind not in possible:
+            raise HTTPException(409, f"cannot {body.kind} while the run is {run.status}; "
+                                     f"possible now: {', '.join(possible) or 'nothing'}")
+        queued = run.request(body.kind, **args)
+        return CommandAccepted(id=queued.id, kind=queued.kind, args=queued.args)
+
+    @app.get("/api/runs/{run_id}/distribution", response_model=Distribution,
+             summary="Per-sample loss histogram and p50/p90/p99 for an epoch")
+    async def distribution(run_id: int, epoch: Annotated[int | None, Query(ge=0)] = None,
+                           bins: Annotated[int, Query(ge=1, le=1000)] = 50) -> Distribution:
+        backend.run_info(run_id)
+        result = await asyncio.to_thread(loss_distribution, backend.session_dir, run_id, epoch, bins=bins)
+        return Distribution.model_validate(result)
+
+    @app.get("/api/runs/{run_id}/hard-samples", response_model=HardSamples,
+             summary="The k samples with the highest loss in an epoch")
+    async def hard_samples(run_id: int, epoch: Annotated[int | None, Query(ge=0)] = None,
+                           k: Annotated[int, Query(ge=1, le=1000)] = 20) -> HardSamples:
+        backend.run_info(run_id)
+        result = await asyncio.to_thread(hardest_samples, backend.session_dir, run_id, epoch, k=k)
+        return HardSamples.model_validate(result)
+
+    # ---- live stream ------------------------------------------------------------------------
+    @app.websocket("/api/stream")
+    async def stream(websocket: WebSocket, after_seq: int = 0) -> None:
+        await websocket.accept()
+        backend.clients += 1
+        last = max(after_seq, 0)
+        closed = asyncio.Event()
+
+        async def watch_close() -> None:
+            try:
+                while True:
+                    await websocket.receive_text()  # clients send nothing we need; detect closing
+            except (WebSocketDisconnect, RuntimeError):
+                closed.set()
+
+        watcher = asyncio.create_task(watch_close())
+        try:
+            while not closed.is_set():
+                batch = backend.events_after(last, STREAM_BATCH)
+                if batch:
+                    await websocket.send_json({"events": batch})
+                    last = batch[-1]["seq"]
+                    if len(batch) == STREAM_BATCH:
+                        continue  # catching up: send the next batch at once
+                try:
+                    await asyncio.wait_for(closed.wait(), STREAM_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            backend.clients -= 1
+            watcher.cancel()
+
+    return app
+
+
+def _clean_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors without the raw input echo (which may not be JSON-serialisable)."""
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in errors]

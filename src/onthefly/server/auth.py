@@ -1,0 +1,114 @@
+"""Who may talk to the server: a loopback Host, the session's token, and for WebSockets the
+dashboard's own Origin.
+
+A pure ASGI middleware, so it guards every route the same way (pages, API, OpenAPI document,
+WebSocket). The token is accepted as ``Authorization: Bearer``, as ``?token=``, or as the cookie
+the page sets for itself (so the page's own assets load without the token in their URLs).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["COOKIE", "AuthMiddleware", "is_loopback_host", "new_token"]
+
+COOKIE = "onthefly_token"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
+
+
+def _hostname(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """A Host header naming this machine's loopback (any port): guards against DNS rebinding."""
+    return bool(host) and _hostname(host or "") in LOOPBACK_NAMES
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _presented_tokens(scope: Scope, headers: dict[str, str]) -> list[str]:
+    tokens = []
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        tokens.append(auth[7:].strip())
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    tokens.extend(query.get("token", []))
+    if "cookie" in headers:
+        cookie: SimpleCookie = SimpleCookie()
+        try:
+            cookie.load(headers["cookie"])
+        except Exception:  # a malformed Cookie header is just not a token
+            cookie = SimpleCookie()
+        if COOKIE in cookie:
+            tokens.append(cookie[COOKIE].value)
+    return tokens
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, token: str, allowed_origins: Callable[[], set[str]]) -> None:
+        self.app = app
+        self.token = token
+        self.allowed_origins = allowed_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        if not is_loopback_host(headers.get("host")):
+            await self._refuse(scope, receive, send, 403, "the Host header must name a loopback address "
+                               "(localhost, 127.0.0.1 or [::1]); open the URL the server printed")
+            return
+        if not any(hmac.compare_digest(t.encode(), self.token.encode())
+                   for t in _presented_tokens(scope, headers)):
+            await self._refuse(scope, receive, send, 401, "missing or wrong token: open the URL the "
+                               "server printed, or send 'Authorization: Bearer <token>'")
+            return
+        if scope["type"] == "websocket":
+            origin = headers.get("origin")
+            # Browsers always send Origin on a WebSocket; it must be the dashboard's own page.
+            # Tools without a browser (tests, the VS Code extension host) send none.
+            if origin is not None and origin.rstrip("/") not in self.allowed_origins():
+                await self._refuse(scope, receive, send, 403, f"WebSocket Origin {origin!r} is not this dashboard")
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+        if scope["type"] == "websocket":
+            await receive()  # the websocket.connect message
+            # Refusing the handshake (HTTP 403 from the server); the client sees the connection fail.
+            await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
+            return
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"

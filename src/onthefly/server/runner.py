@@ -1,0 +1,119 @@
+"""Runs the server in a background thread of the training process, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from ..engine.run import Run
+from ..errors import ConfigError
+from .app import Backend, create_app
+from .auth import AuthMiddleware, new_token
+
+__all__ = ["DashboardServer"]
+
+STARTUP_TIMEOUT = 30.0
+
+
+def _port_from_env() -> int:
+    text = os.environ.get("ONTHEFLY_PORT", "0")
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"ONTHEFLY_PORT must be a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"ONTHEFLY_PORT must be between 0 and 65535, got {port}")
+    return port
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self._ready.set()
+
+
+class DashboardServer:
+    """The dashboard and API for one session. ``start()`` returns once it accepts connections."""
+
+    def __init__(self, session_dir: Path, *, project: str, session_id: str, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.token = new_token()
+        self.backend = Backend(session_dir, project=project, session_id=session_id)
+        self.host = host
+        self._requested_port = _port_from_env() if port is None else port
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_run(cls, run: Run, *, port: int | None = None) -> DashboardServer:
+        server = cls(run.session.dir, project=run.project, session_id=run.session.id, port=port)
+        server.backend.add_run(run)
+        return server
+
+    def allowed_origins(self) -> set[str]:
+        return {f"http://{name}:{self.port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/?token={self.token}"
+
+    @property
+    def attached(self) -> bool:
+        """True while a dashboard (a WebSocket client) is connected."""
+        return self.backend.clients > 0
+
+    def start(self, *, announce: bool = True) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self._requested_port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self._requested_port}: {exc}. Choose another port "
+                "(ONTHEFLY_PORT) or leave it unset for a free one."
+            ) from exc
+        self.port = sock.getsockname()[1]
+        app: Any = create_app(self.backend, self.token, self.allowed_origins)
+        config = uvicorn.Config(AuthMiddleware(app, self.token, self.allowed_origins), log_level="warning",
+                                lifespan="off", ws_ping_interval=20, ws_ping_timeout=20)
+        ready = threading.Event()
+        self._server = server = _Server(config, ready)
+
+        def run() -> None:
+            server.run(sockets=[sock])
+            ready.set()  # startup failed: do not leave start() waiting
+
+        self._thread = threading.Thread(target=run, name="onthefly-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(STARTUP_TIMEOUT) or not server.started:
+            raise RuntimeError("the dashboard server did not start; see the messages above")
+        if announce:
+            self.announce()
+        return self.url
+
+    def announce(self) -> None:
+        print(f"On The Fly dashboard: {self.url}", file=sys.stderr, flush=True)
+        if os.environ.get("ONTHEFLY_HANDSHAKE") == "json":
+            line = json.dumps({"onthefly": {"url": self.url, "token": self.token, "pid": os.getpid()}})
+            print(line, flush=True)
+
+    def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
