@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def onthefly_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home = tmp_path / "otf-home"
     monkeypatch.setenv("ONTHEFLY_HOME", str(home))
+    # quickstart starts the dashboard server by default; tests that want it ask for it.
+    monkeypatch.setenv("ONTHEFLY_DASHBOARD", "0")
     yield home
 
 

@@ -27,7 +27,7 @@ DEADLINE = 120.0
 
 COMMANDS = {
     "version": [str(ONTHEFLY), "--version"],
-    "demo": [str(ONTHEFLY), "demo", "--epochs", "1", "--samples", "2000"],
+    "demo": [str(ONTHEFLY), "demo", "--epochs", "1", "--samples", "2000", "--no-browser", "--exit-after"],
     "quickstart": [sys.executable, str(REPO / "examples" / "quickstart.py")],
 }
 

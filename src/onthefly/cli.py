@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive, default=DEMO_EPOCHS,
                       help=f"epochs to train (default {DEMO_EPOCHS})")
     demo.add_argument("--samples", type=_positive, default=60_000, help="training samples (default 60000)")
+    demo.add_argument("--no-browser", action="store_true", help="only print the dashboard URL")
+    demo.add_argument("--port", type=int, default=None, help="dashboard port (default: ONTHEFLY_PORT or a free one)")
+    demo.add_argument("--exit-after", action="store_true",
+                      help="exit when training ends instead of waiting for commands")
+    run = commands.add_parser("run", help="run your training script with the dashboard attached (stays up "
+                              "after training until stopped)")
+    run.add_argument("script", help="the Python script to run (it calls onthefly.quickstart or start_run)")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    run.add_argument("--no-browser", action="store_true", help="only print the dashboard URL")
     commands.add_parser("sessions", help="list the sessions on this machine, with status and size")
     return parser
 
@@ -72,6 +81,29 @@ def _sessions(console: Console) -> int:
     return 0
 
 
+def _run_script(script: str, script_args: list[str], *, open_browser: bool) -> int:
+    import os
+    import runpy
+    from pathlib import Path
+
+    path = Path(script)
+    if not path.is_file():
+        Console(stderr=True).print(f"[bold red]error:[/] no script {script!r}")
+        return 2
+    # The script's quickstart/start_run read these: dashboard on, stay up after training.
+    os.environ["ONTHEFLY_DASHBOARD"] = "1"
+    os.environ["ONTHEFLY_KEEP_ALIVE"] = "1"
+    if open_browser:
+        os.environ["ONTHEFLY_OPEN_BROWSER"] = "1"
+    sys.argv = [str(path), *script_args]
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -80,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            summary = run_demo(args.epochs, samples=args.samples)
-            return 0 if summary.status == "finished" else 1
+            summary = run_demo(args.epochs, samples=args.samples, dashboard=True, port=args.port,
+                               open_browser=not args.no_browser, keep_alive=not args.exit_after)
+            return 0 if summary.status in ("finished", "stopped") else 1
+        if args.command == "run":
+            return _run_script(args.script, args.args, open_browser=not args.no_browser)
         if args.command == "sessions":
             return _sessions(console)
         parser.print_help()

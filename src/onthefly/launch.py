@@ -94,6 +94,7 @@ def quickstart(
     )
     server = None
     if _dashboard_wanted(dashboard) and _is_rank_zero():
+        open_browser = open_browser or _env_flag("ONTHEFLY_OPEN_BROWSER")
         server = attach_dashboard(trainer.run, port=port, open_browser=open_browser)
     trainer.run.keep_alive = _keep_alive(keep_alive, server)
     try:
@@ -113,7 +114,7 @@ def start_run(*, project: str, run_name: str, model: nn.Module, optimizer: torch
     the dashboard like ``quickstart``. The dashboard stops when the run is closed."""
     run = _start_engine_run(project=project, run_name=run_name, model=model, optimizer=optimizer, **options)
     if _dashboard_wanted(dashboard) and _is_rank_zero():
-        server = attach_dashboard(run, port=port)
+        server = attach_dashboard(run, port=port, open_browser=_env_flag("ONTHEFLY_OPEN_BROWSER"))
         run.keep_alive = _keep_alive(keep_alive, server)
         run.on_close.append(server.stop)
     elif keep_alive is not None:
