@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything On The Fly needs into .venv (idempotent; fast when already done).
+# Installs everything On The Fly needs (idempotent; fast when already done):
+# a virtual environment in .venv, the Python packages, and the dashboard built from dashboard/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -10,3 +11,5 @@ fi
 # The CPU build of torch first and pinned: an unpinned torch can pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# The dashboard: TypeScript built with Vite into src/onthefly/dashboard (not committed).
+(cd dashboard && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
