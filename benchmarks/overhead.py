@@ -5,7 +5,10 @@ through On The Fly (per-sample loss, margin, prediction recorded for every sampl
 running), alternated several times in one process. Prints the median ratio On The Fly / plain
 as the last line: ``ratio: X.XXX``.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 2]
+    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 2] [--dashboard]
+
+``--dashboard`` attaches the dashboard server and a WebSocket client that streams every update
+while On The Fly trains.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -48,17 +52,40 @@ def plain(data: TensorDataset, epochs: int, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def onthefly(data: TensorDataset, epochs: int, batch: int) -> float:
+def _stream(url: str, stop: threading.Event) -> None:
+    from websockets.sync.client import connect
+
+    ws_url = url.replace("http://", "ws://").replace("/?token=", "/api/stream?token=")
+    with connect(ws_url) as socket:
+        while not stop.is_set():
+            try:
+                socket.recv(timeout=0.5)
+            except TimeoutError:
+                continue
+
+
+def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = False) -> float:
     from onthefly import Trainer
+    from onthefly.launch import attach_dashboard
 
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(data, batch_size=batch, shuffle=True)
     trainer = Trainer(model=model, optimizer=opt, loss_fn=nn.CrossEntropyLoss(), train_loader=loader,
                       project="bench", run_name="overhead", progress=False, device="cpu")
+    server, stop, client = None, threading.Event(), None
+    if dashboard:
+        server = attach_dashboard(trainer.run)
+        client = threading.Thread(target=_stream, args=(server.url, stop), daemon=True)
+        client.start()
     start = time.perf_counter()
     trainer.fit(epochs)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if server is not None and client is not None:
+        stop.set()
+        client.join(10)
+        server.stop()
+    return elapsed
 
 
 def main() -> None:
@@ -67,6 +94,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dashboard", action="store_true", help="with a dashboard client streaming")
     args = parser.parse_args()
     os.environ.setdefault("ONTHEFLY_HOME", tempfile.mkdtemp(prefix="otf-bench-"))
     data = make_data(args.samples)
@@ -75,7 +103,7 @@ def main() -> None:
     ratios = []
     for i in range(args.repeats):
         base = plain(data, args.epochs, args.batch)
-        ours = onthefly(data, args.epochs, args.batch)
+        ours = onthefly(data, args.epochs, args.batch, args.dashboard)
         ratios.append(ours / base)
         print(f"repeat {i + 1}: plain {base:.3f} s  onthefly {ours:.3f} s  ratio {ours / base:.3f}", flush=True)
     print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, torch threads: {torch.get_num_threads()}")

@@ -14,6 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tiny models run fastest on one thread, and the suite shares 2 cores with its child processes.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def onthefly_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
@@ -29,6 +32,7 @@ def subprocess_env(onthefly_home: Path) -> dict[str, str]:
     """Environment for child Python processes: same interpreter, same ONTHEFLY_HOME."""
     env = dict(os.environ)
     env["ONTHEFLY_HOME"] = str(onthefly_home)
+    env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

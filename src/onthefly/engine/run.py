@@ -133,7 +133,11 @@ class Run:
         self._closed = False
         self._started = time.time()
         if checkpoint is not None:
-            self._restore(*checkpoint, source=Path(resume_from))  # type: ignore[arg-type]
+            try:
+                self._restore(*checkpoint, source=Path(resume_from))  # type: ignore[arg-type]
+            except BaseException as exc:
+                self.close(exc)  # the session records why, and is not left looking "running"
+                raise
         self.bus.publish("run_created", {"name": run_name, "project": project,
                                          "session": str(self.session.dir)}, **self._where())
 
@@ -175,6 +179,12 @@ class Run:
         else:
             tracked = self._trackers.get(id(loader)) or TrackedLoader(loader)
             self._trackers[id(loader)] = tracked
+        if tracked.original.num_workers > 0:
+            # The loader is about to fork its workers. Let our transfer and writer threads finish
+            # first: a fork while one of them holds a C library lock (the first Parquet write
+            # initialises Arrow's statics under glibc's atexit lock) leaves a worker deadlocked.
+            self.recorder.wait_idle()
+            self.session.flush()
         generators = tracked.generators()
         if self._resume_rng is not None and self._epoch_rng is not None:
             # Resuming inside an epoch: draw the epoch's order again from its starting RNG,
