@@ -20,6 +20,7 @@ step boundary, and recorded with the step at which they took effect.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -472,10 +473,12 @@ class Run:
             lr_rows = [(packet.run_id, "lr", int(s), packet.epoch, now, float(packet.lrs[i]))
                        for s, i in zip(steps, first, strict=True)]
             last_step = int(steps[-1])
-            self.session.metrics([*loss_rows, *lr_rows, (packet.run_id, "throughput", last_step,
-                                                         packet.epoch, now, packet.samples_per_second)])
+            rate = packet.samples_per_second
+            rate_rows = [(packet.run_id, "throughput", last_step, packet.epoch, now, rate)] if math.isfinite(rate) else []
+            self.session.metrics([*loss_rows, *lr_rows, *rate_rows])
             self.latest = {"step": last_step, "loss": loss_rows[-1][-1], "lr": float(packet.lrs[-1]),
-                           "samples_per_second": packet.samples_per_second}
+                           "samples_per_second": rate if rate_rows else self.latest.get("samples_per_second",
+                                                                                         math.nan)}
             self.bus.publish("progress", {**self.latest, "batch_in_epoch": self.batch_in_epoch},
                              run_id=packet.run_id, step=last_step, epoch=packet.epoch, persist=False)
         if packet.closes_epoch:

@@ -30,6 +30,7 @@ from .models import (
     EventPage,
     HardSamples,
     MetricsOut,
+    Problem,
     RunInfo,
     SessionOut,
 )
@@ -40,6 +41,8 @@ __all__ = ["DASHBOARD_DIR", "Backend", "create_app"]
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
 STREAM_INTERVAL = 0.1  # seconds between WebSocket messages: at most 10 updates per second
 STREAM_BATCH = 2000  # events per message at most
+SQL_INT_MAX = 2**63 - 1  # steps and sequence numbers are SQLite integers: larger ones are refused (422)
+NO_RUN: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such run in this session"}}
 
 
 def jsonable(value: Any) -> Any:
@@ -139,28 +142,31 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
                           pid=int(info.get("pid") or 0), version=__version__,
                           runs=[backend.run_info(i) for i in run_ids])
 
-    @app.get("/api/runs/{run_id}", response_model=RunInfo, summary="One run's live state")
+    @app.get("/api/runs/{run_id}", response_model=RunInfo, responses=NO_RUN, summary="One run's live state")
     async def run_info(run_id: int) -> RunInfo:
         return backend.run_info(run_id)
 
-    @app.get("/api/runs/{run_id}/metrics", response_model=MetricsOut,
+    @app.get("/api/runs/{run_id}/metrics", response_model=MetricsOut, responses=NO_RUN,
              summary="Metric series, downsampled on the server")
     async def metrics(
         run_id: int,
         names: Annotated[str, Query(max_length=1000, pattern=r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$",
                                     description="comma-separated metric names")] = "train_loss",
-        start_step: Annotated[int | None, Query(ge=0)] = None,
-        end_step: Annotated[int | None, Query(ge=0)] = None,
+        start_step: Annotated[int | None, Query(ge=0, le=SQL_INT_MAX)] = None,
+        end_step: Annotated[int | None, Query(ge=0, le=SQL_INT_MAX)] = None,
         points: Annotated[int, Query(ge=2, le=20_000)] = 2000,
     ) -> MetricsOut:
         backend.run_info(run_id)  # 404 for an unknown run
-        series = {name: metric_series(backend.reader.db_path, run_id, name, start_step=start_step,
-                                      end_step=end_step, points=points)
-                  for name in dict.fromkeys(names.split(","))}
+        def read() -> dict[str, Any]:  # SQLite work off the event loop: the stream keeps flowing
+            return {name: metric_series(backend.reader.db_path, run_id, name, start_step=start_step,
+                                        end_step=end_step, points=points)
+                    for name in dict.fromkeys(names.split(","))}
+
+        series = await asyncio.to_thread(read)
         return MetricsOut.model_validate({"series": series})
 
     @app.get("/api/events", response_model=EventPage, summary="The event log after a sequence number")
-    async def events(after_seq: Annotated[int, Query(ge=0)] = 0,
+    async def events(after_seq: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0,
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> EventPage:
         page = backend.events_after(after_seq, limit)
         last = page[-1]["seq"] if page else max(after_seq, 0)
@@ -168,8 +174,8 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
 
     @app.post("/api/runs/{run_id}/commands", response_model=CommandAccepted, status_code=202,
               summary="Queue a command; it takes effect at the next step boundary",
-              responses={404: {"description": "no such run"},
-                         409: {"description": "the run cannot do that now"}})
+              responses={**NO_RUN, 409: {"model": Problem, "description": "the run cannot do that now"},
+                         400: {"model": Problem, "description": "the body cannot be read (not UTF-8)"}})
     async def command(run_id: int, body: CommandBody) -> CommandAccepted:
         run = backend.runs.get(run_id)
         if run is None:
@@ -183,7 +189,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         queued = run.request(body.kind, **args)
         return CommandAccepted(id=queued.id, kind=queued.kind, args=queued.args)
 
-    @app.get("/api/runs/{run_id}/distribution", response_model=Distribution,
+    @app.get("/api/runs/{run_id}/distribution", response_model=Distribution, responses=NO_RUN,
              summary="Per-sample loss histogram and p50/p90/p99 for an epoch")
     async def distribution(run_id: int, epoch: Annotated[int | None, Query(ge=0)] = None,
                            bins: Annotated[int, Query(ge=1, le=1000)] = 50) -> Distribution:
@@ -191,7 +197,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         result = await asyncio.to_thread(loss_distribution, backend.session_dir, run_id, epoch, bins=bins)
         return Distribution.model_validate(result)
 
-    @app.get("/api/runs/{run_id}/hard-samples", response_model=HardSamples,
+    @app.get("/api/runs/{run_id}/hard-samples", response_model=HardSamples, responses=NO_RUN,
              summary="The k samples with the highest loss in an epoch")
     async def hard_samples(run_id: int, epoch: Annotated[int | None, Query(ge=0)] = None,
                            k: Annotated[int, Query(ge=1, le=1000)] = 20) -> HardSamples:

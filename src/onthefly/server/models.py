@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "COMMAND_ADAPTER",
@@ -16,13 +16,21 @@ __all__ = [
     "EventPage",
     "HardSamples",
     "MetricsOut",
+    "Problem",
     "RunInfo",
     "SessionOut",
 ]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a number must be a JSON number, as the schema says (no "0.5", no true as 1).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("epochs", "group", mode="before", check_fields=False)
+    @classmethod
+    def _whole_float_to_int(cls, value: Any) -> Any:
+        """JSON Schema's integer: 3 and 3.0 are the same number (1.5, true and "3" are not)."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class RunCommand(_Strict):
@@ -75,6 +83,10 @@ CommandBody = Annotated[
 from pydantic import TypeAdapter  # noqa: E402
 
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(CommandBody)
+
+
+class Problem(BaseModel):
+    detail: str
 
 
 class CommandAccepted(BaseModel):

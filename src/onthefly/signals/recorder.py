@@ -8,6 +8,7 @@ to a transfer thread, which waits for the copy and passes plain NumPy arrays on.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ __all__ = ["HostPacket", "SampleRecorder"]
 MIN_ROWS = 16_384  # rows per flush at most; the store writes Parquet parts of >= this size
 MAX_STEPS = 4_096  # per-step loss values per flush at most
 TRANSFER_QUEUE = 64
+MIN_RATE_WINDOW = 0.1  # seconds: a shorter window gives no meaningful samples/s
 
 
 @dataclass
@@ -144,7 +146,8 @@ class SampleRecorder:
         run_id, split, epoch = self._context
         pending = _Pending(
             run_id, split, epoch, self._classification, self._indices, self._row_steps, rows,
-            self._steps, step_losses, self._lrs, self._n_rows / elapsed if elapsed > 0 else 0.0, ready,
+            self._steps, step_losses, self._lrs, self._n_rows / elapsed if elapsed >= MIN_RATE_WINDOW else math.nan,
+            ready,
             closes_epoch,
         )
         self._reset_batch()

@@ -1,0 +1,283 @@
+// The dashboard: reads the session's state from the REST API, then keeps it current from the event
+// stream. Each event goes to the views that show it; a status or command event re-reads the run
+// (and so which commands are possible); the end of an epoch refreshes the distribution.
+
+import type { ApiClient, ApiEvent, MetricsResponse, RunInfo } from "./api";
+import type { Columns, StepChart, StepRange } from "./charts";
+import type { DistributionView } from "./distribution";
+import { STATE_CHANGING, logEntry, numberField, stringField, testResult } from "./events";
+import { EventStream, type Delivery } from "./socket";
+import type { LogEntry, Store, TestResult } from "./state";
+
+/** Points asked of the server for one curve: enough for any screen, small enough to stay smooth. */
+export const CHART_POINTS = 2000;
+/** Events per page, and pages at most, read at start to fill the log and the test results. The
+ *  server's recent feed holds `progress` events too (up to 100k), which the log skips. */
+const EVENT_PAGE = 10_000;
+const MAX_EVENT_PAGES = 50;
+
+export interface Charts {
+  trainLoss: StepChart;
+  val: StepChart;
+  lr: StepChart;
+  throughput: StepChart;
+}
+
+/** The views the stream feeds directly; the rest follow the store. */
+export interface Views {
+  charts: Charts;
+  distribution: DistributionView;
+}
+
+export class Dashboard {
+  private readonly api: ApiClient;
+  private readonly store: Store;
+  private views: Views | null = null;
+  private stream: EventStream | null = null;
+  private runId: number | null = null;
+  private runRead: Promise<void> | null = null;
+  private runReadAgain = false;
+  private switchingTo: number | null = null;
+
+  constructor(api: ApiClient, store: Store) {
+    this.api = api;
+    this.store = store;
+  }
+
+  /** The chart loaders read from whichever run is shown, so the charts can be built first.
+   *  With `envelope`, one metric's columns are its bucket means, minima and maxima. */
+  metricLoader(names: readonly string[], envelope = false): (range: StepRange | null) => Promise<Columns> {
+    return async (range) => {
+      if (this.runId === null) return columnsOf({ series: {} }, names, envelope);
+      const response = await this.api.metrics(this.runId, {
+        names,
+        startStep: range?.start,
+        endStep: range?.end,
+        points: CHART_POINTS,
+      });
+      return columnsOf(response, names, envelope);
+    };
+  }
+
+  async start(views: Views): Promise<void> {
+    this.views = views;
+    const session = await this.api.session();
+    this.store.setSession(session);
+    const run = session.runs[session.runs.length - 1];
+    if (run !== undefined) {
+      this.runId = run.id;
+      this.store.setRun(run);
+    }
+    // Read the log up to now first: the curves are read after it and the stream resumes right
+    // after it, so no point and no event falls between them.
+    const afterSeq = await this.readEventLog(0);
+    if (run !== undefined) this.show(run);
+    this.stream = new EventStream(
+      {
+        url: (seq) => this.api.streamUrl(seq),
+        onDelivery: (delivery) => this.receive(delivery),
+        onState: (state) => this.store.setConnection(state),
+      },
+      afterSeq,
+    );
+    this.stream.start();
+  }
+
+  /** Re-read the run (status, step, possible commands). Calls made while a read is in flight
+   *  collapse into one more read after it. */
+  refreshRun(): void {
+    if (this.runId === null) return;
+    if (this.runRead !== null) {
+      this.runReadAgain = true;
+      return;
+    }
+    const runId = this.runId;
+    this.runRead = this.api
+      .run(runId)
+      .then((run) => {
+        if (run.id === this.runId) this.store.setRun(run);
+      })
+      .catch((error: unknown) => this.store.showMessage(`Could not read the run: ${String(error)}`))
+      .finally(() => {
+        this.runRead = null;
+        if (this.runReadAgain) {
+          this.runReadAgain = false;
+          this.refreshRun();
+        }
+      });
+  }
+
+  /** Show a run: its state, its curves, its per-sample views. */
+  private show(run: RunInfo): void {
+    const views = this.requireViews();
+    const switching = this.runId !== null && this.runId !== run.id;
+    this.runId = run.id;
+    this.store.setRun(run);
+    if (switching) this.store.clearRun();
+    for (const chart of Object.values(views.charts)) void chart.reload();
+    views.distribution.setRun(run.id);
+  }
+
+  private async switchTo(runId: number): Promise<void> {
+    try {
+      this.show(await this.api.run(runId));
+    } catch (error) {
+      this.store.showMessage(`Could not read run ${runId}: ${String(error)}`);
+    } finally {
+      this.switchingTo = null;
+    }
+  }
+
+  /** Read persisted events after `afterSeq` into the log and the test results; returns the
+   *  sequence number to resume the stream from. */
+  private async readEventLog(afterSeq: number): Promise<number> {
+    const limit = EVENT_PAGE;
+    let after = afterSeq;
+    const entries: LogEntry[] = [];
+    const tests: TestResult[] = [];
+    for (let page = 0; page < MAX_EVENT_PAGES; page++) {
+      const { events, last_seq } = await this.api.events(after, limit);
+      for (const event of events) {
+        const entry = logEntry(event);
+        if (entry !== null) entries.push(entry);
+        const result = this.runId === null || event.run_id === this.runId ? testResult(event) : null;
+        if (result !== null) tests.push(result);
+      }
+      const newest = events.length > 0 ? events[events.length - 1]!.seq : after;
+      if (events.length < limit) {
+        after = Math.max(newest, last_seq);
+        break;
+      }
+      after = newest; // a full page: there may be more after its last event
+    }
+    this.store.addLog(entries);
+    this.store.addTests(tests);
+    return after;
+  }
+
+  private receive(delivery: Delivery): void {
+    if (delivery.gapAfter !== null) {
+      // The queue overflowed (a background tab): what was dropped is re-read from the server.
+      void this.resync(delivery.gapAfter);
+    }
+    const views = this.requireViews();
+    const entries: LogEntry[] = [];
+    const tests: TestResult[] = [];
+    let readRun = false;
+    let epochEnded = false;
+    for (const event of delivery.events) {
+      const entry = logEntry(event);
+      if (entry !== null) entries.push(entry);
+      if (event.run_id !== null && event.run_id !== this.runId) {
+        // The page follows the newest run of the session.
+        if (event.run_id > (this.runId ?? 0) && event.run_id !== this.switchingTo) {
+          this.switchingTo = event.run_id;
+          void this.switchTo(event.run_id);
+        }
+        continue;
+      }
+      if (STATE_CHANGING.has(event.kind)) readRun = true;
+      switch (event.kind) {
+        case "progress":
+          this.onProgress(event, views.charts);
+          break;
+        case "status": {
+          const status = stringField(event, "status");
+          if (status !== null) this.store.patchRun({ status });
+          break;
+        }
+        case "epoch_started":
+          if (event.epoch !== null) this.store.patchRun({ epoch: event.epoch });
+          break;
+        case "epoch_summary":
+          epochEnded = true;
+          break;
+        case "command_rejected":
+          this.store.showMessage(`${stringField(event, "command") ?? "command"} rejected: ${stringField(event, "reason") ?? "not possible now"}`);
+          break;
+        case "eval": {
+          const result = testResult(event);
+          if (result !== null) tests.push(result);
+          else if (stringField(event, "split") === "val" && event.step !== null) {
+            views.charts.val.append(event.step, [numberField(event, "loss") ?? NaN, numberField(event, "accuracy") ?? NaN]);
+          }
+          break;
+        }
+      }
+    }
+    this.store.addLog(entries);
+    this.store.addTests(tests);
+    if (readRun) this.refreshRun();
+    if (epochEnded) views.distribution.refresh();
+  }
+
+  private onProgress(event: ApiEvent, charts: Charts): void {
+    const step = numberField(event, "step") ?? event.step;
+    if (step === null) return;
+    const loss = numberField(event, "loss");
+    const lr = numberField(event, "lr");
+    const speed = numberField(event, "samples_per_second");
+    if (loss !== null) charts.trainLoss.append(step, [loss, loss, loss]); // one step: min = max = value
+    if (lr !== null) charts.lr.append(step, [lr]);
+    if (speed !== null) charts.throughput.append(step, [speed]);
+    const patch: Partial<RunInfo> = { step };
+    if (loss !== null) patch.loss = loss;
+    if (lr !== null) patch.lr = lr;
+    if (speed !== null) patch.samples_per_second = speed;
+    if (event.epoch !== null) patch.epoch = event.epoch;
+    this.store.patchRun(patch);
+  }
+
+  /** Re-read everything the stream may have carried: the run, the curves, the log after `afterSeq`. */
+  private async resync(afterSeq: number): Promise<void> {
+    const views = this.requireViews();
+    this.refreshRun();
+    for (const chart of Object.values(views.charts)) void chart.reload();
+    views.distribution.refresh();
+    try {
+      await this.readEventLog(afterSeq);
+    } catch (error) {
+      this.store.showMessage(`Could not read the event log: ${String(error)}`);
+    }
+  }
+
+  private requireViews(): Views {
+    if (this.views === null) throw new Error("Dashboard.start() has not been called");
+    return this.views;
+  }
+}
+
+/** The server's metric columns as chart columns, aligned on the union of their steps. With
+ *  `envelope` (one metric), the columns are value, min, max. */
+export function columnsOf(response: MetricsResponse, names: readonly string[], envelope = false): Columns {
+  const series = names.map((name) => response.series[name]);
+  const total = Math.max(0, ...series.map((s) => s?.total ?? 0));
+  const only = series[0];
+  if (series.length === 1) {
+    // The common case: one curve, copied straight into typed arrays.
+    const n = only?.step.length ?? 0;
+    const column = (values: (number | null)[] | undefined) => Float64Array.from({ length: n }, (_, i) => values?.[i] ?? NaN);
+    return {
+      x: Float64Array.from(only?.step ?? []),
+      ys: envelope ? [column(only?.value), column(only?.min), column(only?.max)] : [column(only?.value)],
+      total,
+    };
+  }
+  const rows = new Map<number, Float64Array>();
+  series.forEach((s, column) => {
+    s?.step.forEach((step, i) => {
+      let row = rows.get(step);
+      if (row === undefined) {
+        row = new Float64Array(names.length).fill(NaN);
+        rows.set(step, row);
+      }
+      row[column] = s.value[i] ?? NaN;
+    });
+  });
+  const steps = [...rows.keys()].sort((a, b) => a - b);
+  return {
+    x: Float64Array.from(steps),
+    ys: names.map((_, column) => Float64Array.from(steps, (step) => rows.get(step)![column]!)),
+    total,
+  };
+}

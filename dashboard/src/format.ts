@@ -1,0 +1,57 @@
+// How numbers read on the page: one place, so a loss looks the same in a chart, a table and the log.
+
+const grouped = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
+
+/** An integer with thousands separators: 1,000,000. */
+export function formatCount(value: number | null | undefined): string {
+  return value == null || !Number.isFinite(value) ? "—" : grouped.format(value);
+}
+
+/** A loss or any real value: 4 significant digits, exponent notation when very small or large. */
+export function formatValue(value: number | null | undefined): string {
+  if (value == null || Number.isNaN(value)) return "—";
+  if (!Number.isFinite(value)) return value > 0 ? "inf" : "-inf";
+  const magnitude = Math.abs(value);
+  // Exponent notation without trailing zeros: 8e-4, 1.25e-5.
+  if (magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e6)) return Number(value.toPrecision(3)).toExponential();
+  return Number(value.toPrecision(4)).toString();
+}
+
+/** A learning rate: exponent notation below 0.01, where it is usually set. */
+export function formatRate(value: number | null | undefined): string {
+  if (value == null || !Number.isFinite(value)) return "—";
+  return Math.abs(value) < 0.01 && value !== 0 ? Number(value.toPrecision(3)).toExponential() : formatValue(value);
+}
+
+/** A fraction as a percentage: 0.9123 -> "91.23%". */
+export function formatPercent(value: number | null | undefined): string {
+  return value == null || !Number.isFinite(value) ? "—" : `${(value * 100).toFixed(2)}%`;
+}
+
+/** Samples per second, rounded for reading while it changes. */
+export function formatThroughput(value: number | null | undefined): string {
+  if (value == null || !Number.isFinite(value)) return "—";
+  return `${grouped.format(Math.round(value))} samples/s`;
+}
+
+/** A duration in seconds as "42 s", "3 min 5 s" or "2 h 4 min". */
+export function formatDuration(seconds: number): string {
+  if (!Number.isFinite(seconds)) return "—";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+/** A wall-clock time (seconds since the epoch) as local HH:MM:SS. */
+export function formatClock(time: number): string {
+  return new Date(time * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+// Three fraction digits so neighbouring round ticks stay distinct: 1.25K, 866.7K, 1.5M.
+const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 3 });
+
+/** A tick on an axis: 950, 1.25K, 1.5M. */
+export function formatCompact(value: number | null | undefined): string {
+  return value == null || !Number.isFinite(value) ? "" : compact.format(value);
+}

@@ -1,0 +1,124 @@
+// Entry point: find the page's elements, build the views, connect them to the store, start.
+
+import "./style.css";
+
+import { ApiClient, tokenFromLocation } from "./api";
+import { Dashboard, type Charts } from "./app";
+import { StepChart } from "./charts";
+import { Controls, type ButtonName } from "./controls";
+import { DistributionView } from "./distribution";
+import { byId, byTestId, setText } from "./dom";
+import { formatCompact, formatCount, formatPercent, formatRate } from "./format";
+import { Header } from "./header";
+import { Store } from "./state";
+import { HardSamplesTable, renderEventLog, renderTestResults } from "./tables";
+
+const COLORS = { loss: "#2f6fdf", val: "#d0603b", accuracy: "#2e9e5b", lr: "#8a4fd0", speed: "#0f8a8a" };
+
+function main(): void {
+  const token = tokenFromLocation(window.location);
+  const api = new ApiClient(new URL(window.location.href), token);
+  const store = new Store();
+  const dashboard = new Dashboard(api, store);
+  const chartError = (error: unknown) => store.showMessage(`Could not read a curve: ${String(error)}`);
+
+  const charts: Charts = {
+    trainLoss: new StepChart(byTestId("chart-train-loss"), {
+      lines: [
+        { label: "train loss", stroke: COLORS.loss },
+        { label: "min", stroke: "rgba(47, 111, 223, 0.35)", width: 0.5 },
+        { label: "max", stroke: "rgba(47, 111, 223, 0.35)", width: 0.5 },
+      ],
+      band: { lower: 1, upper: 2, fill: "rgba(47, 111, 223, 0.12)" },
+      load: dashboard.metricLoader(["train_loss"], true),
+      onError: chartError,
+    }),
+    val: new StepChart(byTestId("chart-val"), {
+      lines: [
+        { label: "val loss", stroke: COLORS.val },
+        { label: "val accuracy", stroke: COLORS.accuracy, scale: "y2", format: formatPercent },
+      ],
+      load: dashboard.metricLoader(["val_loss", "val_accuracy"]),
+      y2Range: [0, 1],
+      y2Ticks: (v) => `${Math.round(v * 100)}%`,
+      markers: true,
+      onError: chartError,
+    }),
+    lr: new StepChart(byTestId("chart-lr"), {
+      lines: [{ label: "lr", stroke: COLORS.lr, format: formatRate }],
+      load: dashboard.metricLoader(["lr"]),
+      onError: chartError,
+    }),
+    throughput: new StepChart(byTestId("chart-throughput"), {
+      lines: [{ label: "samples/s", stroke: COLORS.speed, format: formatCount }],
+      yTicks: formatCompact,
+      load: dashboard.metricLoader(["throughput"]),
+      onError: chartError,
+    }),
+  };
+
+  const buttons: Record<ButtonName, HTMLButtonElement> = {
+    run: byId("button-run"),
+    pause: byId("button-pause"),
+    resume: byId("button-resume"),
+    stop: byId("button-stop"),
+    test: byId("button-test"),
+    train_more: byId("button-train-more"),
+    set_lr: byId("button-set-lr"),
+  };
+  const controls = new Controls(
+    api,
+    store,
+    { buttons, epochs: byId("input-epochs"), lr: byId("input-lr") },
+    () => dashboard.refreshRun(),
+  );
+
+  const hardSamples = new HardSamplesTable(api, byTestId<HTMLTableElement>("hard-samples"), byId("hard-caption"));
+  const distribution = new DistributionView(
+    api,
+    { select: byId("select-epoch"), logScale: byId("input-log-counts"), plot: byTestId("distribution"), quantiles: byTestId("quantiles") },
+    (epoch) => {
+      if (store.run !== null) void hardSamples.show(store.run.id, epoch);
+    },
+  );
+
+  const header = new Header();
+  const message = byTestId("message");
+  const testResults = byTestId<HTMLTableElement>("test-results");
+  const eventLog = byTestId("event-log");
+  renderTestResults(testResults, []);
+  renderEventLog(eventLog, []);
+
+  const INFO_SECONDS = 6;
+  let messageTimer: number | undefined;
+  store.subscribe((changed) => {
+    if (changed.has("session") || changed.has("run")) header.render(store);
+    if (changed.has("run")) controls.update(store.run);
+    if (changed.has("connection")) header.renderConnection(store.connection);
+    if (changed.has("tests")) renderTestResults(testResults, store.tests);
+    if (changed.has("log")) renderEventLog(eventLog, store.log);
+    if (changed.has("message")) {
+      setText(message, store.message?.text ?? "");
+      message.hidden = store.message === null;
+      message.dataset["tone"] = store.message?.tone ?? "";
+      // Confirmations fade after a while; errors stay until the next message.
+      window.clearTimeout(messageTimer);
+      const shown = store.message;
+      if (shown?.tone === "info") {
+        messageTimer = window.setTimeout(() => store.message === shown && store.clearMessage(), INFO_SECONDS * 1000);
+      }
+    }
+  });
+
+  dashboard.start({ charts, distribution }).catch((error: unknown) => {
+    store.setConnection("stopped");
+    const reason = error instanceof Error ? error.message : String(error);
+    store.showMessage(
+      token === ""
+        ? "This page needs its token: open the dashboard URL that onthefly printed (it ends in ?token=…)."
+        : `Could not reach the On The Fly server: ${reason}`,
+    );
+  });
+}
+
+main();
