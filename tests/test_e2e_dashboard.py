@@ -95,6 +95,7 @@ def wait_until(predicate: Any, message: str, timeout: float = 60.0) -> None:
 
 def test_dashboard_controls_a_live_training_run(demo: Demo, page: Page) -> None:
     page.set_default_timeout(DEADLINE_MS)
+    expect.set_options(timeout=DEADLINE_MS)
     page.goto(demo.url)
     expect(page.get_by_test_id("project")).to_have_text("demo")
     expect(page.get_by_test_id("status")).to_have_text("running")

@@ -67,6 +67,12 @@ class Backend:
         self.runs: dict[int, Run] = {}
         self.events = EventLog()
         self.clients = 0
+        self.delivered: dict[int, int] = {}  # per connected stream: the last seq sent to it
+
+    def drained(self) -> bool:
+        """True once every connected stream has been sent every event published so far."""
+        last = self.events.last_seq
+        return all(seq >= last for seq in list(self.delivered.values()))
 
     def add_run(self, run: Run) -> None:
         self.runs[run.run_id] = run
@@ -211,6 +217,8 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         await websocket.accept()
         backend.clients += 1
         last = max(after_seq, 0)
+        key = id(websocket)
+        backend.delivered[key] = last
         closed = asyncio.Event()
 
         async def watch_close() -> None:
@@ -226,7 +234,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
                 batch = backend.events_after(last, STREAM_BATCH)
                 if batch:
                     await websocket.send_json({"events": batch})
-                    last = batch[-1]["seq"]
+                    last = backend.delivered[key] = batch[-1]["seq"]
                     if len(batch) == STREAM_BATCH:
                         continue  # catching up: send the next batch at once
                 try:
@@ -237,6 +245,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
             pass
         finally:
             backend.clients -= 1
+            backend.delivered.pop(key, None)
             watcher.cancel()
 
     return app

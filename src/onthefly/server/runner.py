@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,12 @@ class DashboardServer:
             line = json.dumps({"onthefly": {"url": self.url, "token": self.token, "pid": os.getpid()}})
             print(line, flush=True)
 
-    def stop(self) -> None:
-        """Stop serving (idempotent)."""
+    def stop(self, drain_timeout: float = 3.0) -> None:
+        """Stop serving (idempotent), after the connected dashboards have been sent the last
+        events (the run's final status), for at most ``drain_timeout`` seconds."""
+        deadline = time.monotonic() + drain_timeout
+        while self._thread is not None and not self.backend.drained() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the stream sends every 100 ms
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
