@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, LossError, StateError
 from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
-from ..signals.recorder import HostPacket, SampleRecorder
+from ..signals.recorder import Derive, HostPacket, SampleRecorder
 from ..store.checkpoints import read_checkpoint
 from ..store.samples import SampleChunk
 from ..store.session import SessionStore
@@ -245,6 +245,25 @@ class Run:
                                  lr, margin, pred, targets)
         else:
             self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss, lr)
+        self._end_of_step(boundary)
+
+    def step_outputs(self, outputs: torch.Tensor, targets: torch.Tensor, per_sample_loss: PerSampleLoss,
+                     *, loss: torch.Tensor, boundary: bool = True, lr: float | None = None) -> None:
+        """Like :meth:`step`, for a loss computed row by row (``per_sample_loss.deferrable``): only
+        the outputs and targets are copied now; per-sample loss, margin and prediction are derived
+        for thousands of rows at once when the recorder flushes (the fast path Trainer uses)."""
+        indices = self._indices
+        self._indices = None
+        if self._first_step:
+            batch = outputs.shape[0]
+            per = per_sample_loss.per_sample(outputs, targets, batch)
+            self._check_first_step(per, indices, outputs, targets)
+            self.recorder.derive = _derive(per_sample_loss, bool(self._classification))
+        self.recorder.record_outputs(self.global_step + 1, indices, outputs, targets, loss,
+                                     self.optimizer.param_groups[0]["lr"] if lr is None else lr)
+        self._end_of_step(boundary)
+
+    def _end_of_step(self, boundary: bool) -> None:
         if not boundary:
             return
         self.global_step += 1
@@ -606,6 +625,18 @@ def start_run(
         run.evaluator = evaluator
         run.eval_splits = {split for split, loader in loaders.items() if loader is not None}
     return run
+
+
+def _derive(per_sample_loss: PerSampleLoss, classification: bool) -> Derive:
+    def derive(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+        per = per_sample_loss.per_sample(outputs, targets, outputs.shape[0])
+        if not classification:
+            return per, None, None
+        margin, pred = classification_signals(outputs, targets)
+        return per, margin, pred
+
+    return derive
 
 
 def _check_names(project: Any, run_name: Any) -> None:

@@ -10,6 +10,7 @@ the device and applies queued commands. Nothing in the step reads a device value
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class Trainer:
         self.run.evaluator = self._evaluate
         self.run.eval_splits = {s for s, ld in (("val", val_loader), ("test", test_loader)) if ld is not None}
         self._checked_first_step = False
+        self._deferred = False  # decided at the first step (see _small_rows)
 
     # ---- the step ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -139,12 +141,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=autocast_dtype(self.device))
 
-    def _forward_and_loss(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    def _forward_and_loss(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
         outputs, targets = self.spec.forward(self.model, batch)
+        if self._deferred:
+            return outputs, targets, self.loss.loss_fn(outputs, targets), None
         loss, per_sample = self.loss(outputs, targets, batch_size_of(outputs, targets))
         return outputs, targets, loss, per_sample
 
-    def _first_forward(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    def _first_forward(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
         """The first step, with errors turned into messages that name the shapes involved."""
         try:
             outputs, targets = self.spec.forward(self.model, batch)
@@ -168,7 +172,8 @@ class Trainer:
                 "logits and [batch] class indices)."
             ) from exc
         self._checked_first_step = True
-        return outputs, targets, loss, per_sample
+        self._deferred = self.loss.deferrable and _small_rows(outputs) and _small_rows(targets)
+        return outputs, targets, loss, None if self._deferred else per_sample
 
     def _train_step(self, batch: Any, boundary: bool) -> None:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before any scheduler step
@@ -197,7 +202,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
-        self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr)
+        if per_sample is None:  # the fast path: per-sample values derived at the next flush
+            self.run.step_outputs(outputs, targets, self.loss, loss=loss, boundary=boundary, lr=lr)
+        else:
+            self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_epochs: int, *, do_test_after: bool = False) -> FitSummary:
@@ -257,3 +265,13 @@ class Trainer:
             train_loss=run.latest.get("loss"), val=run.last_eval.get("val", {}),
             test=run.last_eval.get("test", {}),
         )
+
+
+# Outputs/targets with at most this many values per sample are buffered whole and per-sample
+# values derived at flush time; larger ones (e.g. a language model's vocabulary) are reduced to
+# per-sample values at each step instead.
+MAX_BUFFERED_ROW = 256
+
+
+def _small_rows(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 1 and math.prod(value.shape[1:]) <= MAX_BUFFERED_ROW

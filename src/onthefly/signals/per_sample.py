@@ -54,6 +54,13 @@ class PerSampleLoss:
             self._unreduced = loss_fn
 
     @property
+    def deferrable(self) -> bool:
+        """True when per-sample values can be computed later from outputs and targets alone
+        (a loss with a ``reduction`` of "mean" or "sum", used unchanged for backward): the engine
+        then only buffers those."""
+        return self.reduction in ("mean", "sum")
+
+    @property
     def method(self) -> str:
         return "reduction-none copy" if self.reduction in ("mean", "sum") else "per-sample callable"
 

@@ -1,9 +1,20 @@
 """Per-sample rows and per-step losses, gathered on the device and handed to the host in batches.
 
-Hot-path contract: :meth:`SampleRecorder.record` launches a few small device kernels and
-appends host-side numbers (indices, step) to lists. It never reads a device value, so it never
-waits for the GPU. :meth:`flush` starts an asynchronous device-to-host copy and hands the packet
-to a transfer thread, which waits for the copy and passes plain NumPy arrays on.
+Hot-path contract: a ``record*`` call launches one to three small copy kernels into preallocated
+device buffers and appends host-side numbers (indices, step) to lists. It never reads a device
+value, so it never waits for the GPU.
+
+Two ways in:
+
+* :meth:`SampleRecorder.record_outputs` (the fast path): the batch's model outputs and targets
+  are copied into buffers, and the per-sample values (loss, margin, prediction) are derived once
+  per flush, for thousands of rows at a time, by ``derive`` - on the device for CUDA (launched
+  asynchronously), or on the transfer thread for the CPU. Used when outputs and targets are small
+  tensors and the loss is computed row by row (a loss with ``reduction="none"``).
+* :meth:`SampleRecorder.record` : per-sample values computed by the caller, one batch at a time.
+
+:meth:`flush` starts the device-to-host copy and hands the packet to the transfer thread, which
+waits for the copy and passes plain NumPy arrays on.
 """
 
 from __future__ import annotations
@@ -18,12 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["HostPacket", "SampleRecorder"]
+__all__ = ["Derive", "HostPacket", "SampleRecorder"]
 
 MIN_ROWS = 16_384  # rows per flush at most; the store writes Parquet parts of >= this size
 MAX_STEPS = 4_096  # per-step loss values per flush at most
 TRANSFER_QUEUE = 64
 MIN_RATE_WINDOW = 0.1  # seconds: a shorter window gives no meaningful samples/s
+
+# (outputs, targets) -> (per-sample loss, margin or None, prediction or None), all [n].
+Derive = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
 @dataclass
@@ -50,23 +64,37 @@ class _Pending:
     run_id: int
     split: str
     epoch: int
-    classification: bool
-    indices: list[np.ndarray]
-    row_steps: list[np.ndarray]
-    rows: torch.Tensor
+    indices: list[np.ndarray | None]
+    sizes: list[int]
     steps: list[int]
-    step_losses: torch.Tensor
     lrs: list[float]
+    first_position: int
+    rows: torch.Tensor | None  # derived rows (host, maybe still being copied)
+    raw: tuple[torch.Tensor, torch.Tensor] | None  # CPU outputs/targets still to derive from
+    step_losses: torch.Tensor
     samples_per_second: float
     ready: torch.cuda.Event | None
     closes_epoch: bool
+    classification: bool  # for ``raw``: decided when the rows are derived
+
+
+def rows_of(per: torch.Tensor, margin: torch.Tensor | None, pred: torch.Tensor | None,
+            labels: torch.Tensor | None) -> torch.Tensor:
+    """Stack per-sample values into [n, 4] float32 rows (pred and label exact up to 2**24)."""
+    if margin is None or pred is None or labels is None:
+        nan = torch.full_like(per, math.nan, dtype=torch.float32)
+        return torch.stack((per.float(), nan, nan, nan), dim=1)
+    return torch.stack((per.float(), margin.float(), pred.float(), labels.float()), dim=1)
 
 
 class SampleRecorder:
     def __init__(self, device: torch.device, consumer: Callable[[HostPacket], None]) -> None:
         self.device = device
         self._consumer = consumer
-        self._rows: torch.Tensor | None = None  # [capacity, 4] float32 on the device
+        self.derive: Derive | None = None  # set before the first record_outputs
+        self._rows: torch.Tensor | None = None  # [capacity, 4] float32 (record)
+        self._outputs: torch.Tensor | None = None  # [capacity, ...] float32 (record_outputs)
+        self._targets: torch.Tensor | None = None  # [capacity, ...] targets' dtype
         self._step_losses = torch.empty(MAX_STEPS, dtype=torch.float32, device=device)
         self._context: tuple[int, str, int] | None = None
         self._classification = False
@@ -81,31 +109,53 @@ class SampleRecorder:
     def _reset_batch(self) -> None:
         self._n_rows = 0
         self._n_steps = 0
-        self._indices: list[np.ndarray] = []
-        self._row_steps: list[np.ndarray] = []
+        self._indices: list[np.ndarray | None] = []
+        self._sizes: list[int] = []
         self._steps: list[int] = []
         self._lrs: list[float] = []
+        self._first_position = getattr(self, "_position_in_epoch", 0)
         self._started = time.perf_counter()
 
     def begin_epoch(self, run_id: int, split: str, epoch: int) -> None:
         self.flush()
         self._context = (run_id, split, epoch)
         self._position_in_epoch = 0
+        self._first_position = 0
 
     # ---- hot path ------------------------------------------------------------------------
+    def record_outputs(self, step: int, indices: np.ndarray | None, outputs: torch.Tensor,
+                       targets: torch.Tensor, loss: torch.Tensor, lr: float) -> None:
+        """Record one batch by its outputs and targets (per-sample values derived at flush)."""
+        batch = outputs.shape[0]  # shape is host metadata: no sync
+        out_buf, tgt_buf = self._outputs, self._targets
+        if (out_buf is None or tgt_buf is None or self._rows is not None
+                or out_buf.shape[1:] != outputs.shape[1:] or tgt_buf.shape[1:] != targets.shape[1:]
+                or tgt_buf.dtype != targets.dtype or out_buf.shape[0] < batch):
+            self.flush()
+            capacity = max(MIN_ROWS, 4 * batch)
+            self._rows = None
+            self._outputs = out_buf = torch.empty((capacity, *outputs.shape[1:]), dtype=torch.float32,
+                                                  device=self.device)
+            self._targets = tgt_buf = torch.empty((capacity, *targets.shape[1:]), dtype=targets.dtype,
+                                                  device=self.device)
+        elif self._n_rows + batch > out_buf.shape[0] or self._n_steps == MAX_STEPS:
+            self.flush()
+        n = self._n_rows
+        out_buf[n : n + batch].copy_(outputs.detach())  # one copy kernel (casts to float32)
+        tgt_buf[n : n + batch].copy_(targets)  # one copy kernel
+        self._append(step, indices, batch, loss, lr)
+
     def record(
         self, step: int, indices: np.ndarray | None, per_sample: torch.Tensor, loss: torch.Tensor,
         lr: float, margin: torch.Tensor | None = None, pred: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> None:
-        """Record one batch. ``per_sample`` has one value per sample; ``loss`` is the batch loss."""
-        batch = per_sample.shape[0]  # shape is host metadata: no sync
-        if indices is None:  # iterable dataset: number samples by their position in the epoch
-            indices = np.arange(self._position_in_epoch, self._position_in_epoch + batch, dtype=np.int64)
-        self._position_in_epoch += batch
+        """Record one batch whose per-sample values are already computed."""
+        batch = per_sample.shape[0]
         classification = margin is not None
-        if self._rows is None or self._rows.shape[0] < batch:
+        if self._rows is None or self._outputs is not None or self._rows.shape[0] < batch:
             self.flush()
+            self._outputs = self._targets = None
             self._rows = torch.empty((max(MIN_ROWS, 4 * batch), 4), dtype=torch.float32, device=self.device)
         elif self._n_rows + batch > self._rows.shape[0] or self._n_steps == MAX_STEPS or (
             classification != self._classification and self._n_rows
@@ -114,19 +164,23 @@ class SampleRecorder:
         self._classification = classification
         target = self._rows[self._n_rows : self._n_rows + batch]
         if classification:
-            # pred and label as float32: exact for up to 2**24 classes.
             torch.stack((per_sample.float(), margin.float(), pred.float(), labels.float()),  # type: ignore[union-attr]
                         dim=1, out=target)
         else:
             target[:, 0].copy_(per_sample)
+        self._append(step, indices, batch, loss, lr)
+
+    def _append(self, step: int, indices: np.ndarray | None, batch: int, loss: torch.Tensor, lr: float) -> None:
         self._step_losses[self._n_steps].copy_(loss.detach())
         self._n_rows += batch
         self._n_steps += 1
+        self._position_in_epoch += batch
         self._indices.append(indices)
-        self._row_steps.append(np.full(batch, step, dtype=np.int64))
+        self._sizes.append(batch)
         self._steps.append(step)
         self._lrs.append(lr)
 
+    # ---- handing over ----------------------------------------------------------------------
     def end_epoch(self) -> None:
         """Flush, marking the packet as the epoch's last (the store then closes its files)."""
         self.flush(closes_epoch=True)
@@ -137,18 +191,33 @@ class SampleRecorder:
             self._reset_batch()
             return
         elapsed = time.perf_counter() - self._started
-        rows = _to_host(self._rows[: self._n_rows]) if self._rows is not None else torch.empty((0, 4))
+        n = self._n_rows
+        rows: torch.Tensor | None = None
+        raw: tuple[torch.Tensor, torch.Tensor] | None = None
+        classification = self._classification
+        if self._outputs is not None and self._targets is not None and n:
+            if self.derive is None:
+                raise RuntimeError("record_outputs needs SampleRecorder.derive to be set")
+            if self.device.type == "cpu":
+                # Derived on the transfer thread: the training thread only copies the buffers.
+                raw = (self._outputs[:n].clone(), self._targets[:n].clone())
+            else:
+                with torch.no_grad():  # launched on the device's stream; no host sync
+                    per, margin, pred = self.derive(self._outputs[:n], self._targets[:n])
+                    rows = _to_host(rows_of(per, margin, pred, self._targets[:n]))
+                classification = margin is not None
+        elif self._rows is not None:
+            rows = _to_host(self._rows[:n])
         step_losses = _to_host(self._step_losses[: self._n_steps])
         ready = None
-        if rows.device.type == "cpu" and self.device.type == "cuda":
+        if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
         run_id, split, epoch = self._context
         pending = _Pending(
-            run_id, split, epoch, self._classification, self._indices, self._row_steps, rows,
-            self._steps, step_losses, self._lrs, self._n_rows / elapsed if elapsed >= MIN_RATE_WINDOW else math.nan,
-            ready,
-            closes_epoch,
+            run_id, split, epoch, self._indices, self._sizes, self._steps, self._lrs, self._first_position,
+            rows, raw, step_losses, n / elapsed if elapsed >= MIN_RATE_WINDOW else math.nan, ready,
+            closes_epoch, classification,
         )
         self._reset_batch()
         try:
@@ -175,28 +244,41 @@ class SampleRecorder:
             try:
                 if pending is None:
                     return
-                if pending.ready is not None:
-                    pending.ready.synchronize()  # waits here, not on the training thread
-                self._consumer(HostPacket(
-                    run_id=pending.run_id, split=pending.split, epoch=pending.epoch,
-                    classification=pending.classification,
-                    indices=_concat(pending.indices),
-                    row_steps=_concat(pending.row_steps),
-                    rows=pending.rows.numpy(),
-                    steps=np.asarray(pending.steps, dtype=np.int64),
-                    step_losses=pending.step_losses.numpy(),
-                    lrs=np.asarray(pending.lrs, dtype=np.float64),
-                    samples_per_second=pending.samples_per_second,
-                    closes_epoch=pending.closes_epoch,
-                ))
+                self._consumer(self._to_packet(pending))
             except Exception as exc:  # reported by the engine at the next step boundary
                 self.error = exc
             finally:
                 self._queue.task_done()
 
-
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    def _to_packet(self, pending: _Pending) -> HostPacket:
+        if pending.ready is not None:
+            pending.ready.synchronize()  # waits here, not on the training thread
+        classification = pending.classification
+        if pending.raw is not None and self.derive is not None:
+            outputs, targets = pending.raw
+            with torch.no_grad():
+                per, margin, pred = self.derive(outputs, targets)
+                rows = rows_of(per, margin, pred, targets).numpy()
+            classification = margin is not None
+        elif pending.rows is not None:
+            rows = pending.rows.numpy()
+        else:
+            rows = np.empty((0, 4), dtype=np.float32)
+        sizes = np.asarray(pending.sizes, dtype=np.int64)
+        position = pending.first_position
+        indices = []
+        for size, idx in zip(pending.sizes, pending.indices, strict=True):
+            # An iterable dataset has no sampler indices: number samples by position in the epoch.
+            indices.append(idx if idx is not None else np.arange(position, position + size, dtype=np.int64))
+            position += size
+        steps = np.asarray(pending.steps, dtype=np.int64)
+        return HostPacket(
+            run_id=pending.run_id, split=pending.split, epoch=pending.epoch, classification=classification,
+            indices=np.concatenate(indices) if indices else np.empty(0, dtype=np.int64),
+            row_steps=np.repeat(steps, sizes), rows=rows, steps=steps,
+            step_losses=pending.step_losses.numpy(), lrs=np.asarray(pending.lrs, dtype=np.float64),
+            samples_per_second=pending.samples_per_second, closes_epoch=pending.closes_epoch,
+        )
 
 
 def _to_host(values: torch.Tensor) -> torch.Tensor:
