@@ -8,9 +8,11 @@ in-process, which is the same code.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,3 +186,46 @@ def test_sessions_lists_sessions_with_their_whole_id(capsys: pytest.CaptureFixtu
     assert rows[ended.id][1:4] == ["mnist-demo", "finished", "gone"]
     assert rows[live.id][1:4] == ["p", "running", "alive"]
     assert rows[live.id][4].endswith("KiB")
+
+
+USER_SCRIPT = """
+import sys, torch, torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+from onthefly import quickstart
+print("args:", sys.argv[1:], flush=True)
+X = torch.randn(256, 10); y = (X[:, 0] > 0).long()
+m = nn.Sequential(nn.Linear(10, 2))
+quickstart(project="user", run_name="r", model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+           loss_fn=nn.CrossEntropyLoss(), train_loader=DataLoader(TensorDataset(X, y), batch_size=64),
+           max_epochs=1, progress=False)
+print("returned", flush=True)
+"""
+
+
+def test_run_serves_a_users_script_and_keeps_it_alive_until_stopped(
+    tmp_path: Path, subprocess_env: dict[str, str],
+) -> None:
+    import httpx
+
+    script = tmp_path / "train.py"
+    script.write_text(USER_SCRIPT)
+    env = {**subprocess_env, "ONTHEFLY_HANDSHAKE": "json"}
+    process = subprocess.Popen([str(ONTHEFLY), "run", "--no-browser", str(script), "--lr", "3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "args: ['--lr', '3']"
+        handshake = json.loads(process.stdout.readline())["onthefly"]
+        base, headers = handshake["url"].split("/?")[0], {"Authorization": f"Bearer {handshake['token']}"}
+        deadline = time.monotonic() + DEADLINE
+        while httpx.get(f"{base}/api/runs/1", headers=headers).json()["status"] != "idle":
+            assert time.monotonic() < deadline, "the script's run never went idle"
+            time.sleep(0.1)  # polling a condition with a deadline
+        assert process.poll() is None  # kept alive after training, waiting for commands
+        httpx.post(f"{base}/api/runs/1/commands", headers=headers, json={"kind": "stop"}).raise_for_status()
+        out, _ = process.communicate(timeout=DEADLINE)
+        assert "returned" in out
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
