@@ -106,8 +106,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dashboard", action="store_true", help="with a dashboard client streaming")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     os.environ.setdefault("ONTHEFLY_HOME", tempfile.mkdtemp(prefix="otf-bench-"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = make_data(args.samples)
     plain(data, 1, args.batch)  # warm-up: allocator, kernels, imports
     onthefly(data, 1, args.batch)
