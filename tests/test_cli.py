@@ -175,7 +175,7 @@ def table_rows(out: str) -> dict[str, list[str]]:
 
 def test_sessions_lists_sessions_with_their_whole_id(capsys: pytest.CaptureFixture[str]) -> None:
     live = SessionStore("p")
-    ended = SessionStore("mnist-demo")  # (a session started later would clean it away)
+    ended = SessionStore("mnist-demo")  # ended, but its process (this one) still runs
     ended.close()
     try:
         assert main(["sessions"]) == 0
@@ -183,7 +183,7 @@ def test_sessions_lists_sessions_with_their_whole_id(capsys: pytest.CaptureFixtu
         live.close()
     rows = table_rows(capsys.readouterr().out)
     assert set(rows) == {live.id, ended.id}
-    assert rows[ended.id][1:4] == ["mnist-demo", "finished", "gone"]
+    assert rows[ended.id][1:4] == ["mnist-demo", "finished", "alive"]
     assert rows[live.id][1:4] == ["p", "running", "alive"]
     assert rows[live.id][4].endswith("KiB")
 

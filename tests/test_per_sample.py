@@ -374,3 +374,15 @@ def test_custom_loop_step_rejects_values_that_are_not_one_per_sample(bad: str, a
     session = onthefly.open_session(run.session.dir)
     assert session.runs()[0]["status"] == "failed"
     assert run.global_step == at_step - 1
+
+
+def test_classification_signals_accept_ignored_targets_and_small_integer_labels() -> None:
+    from onthefly.signals.per_sample import classification_signals
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.5]])
+    margin, pred = classification_signals(logits, torch.tensor([0, -100, 2]))
+    assert pred.tolist() == [0, 1, 0]
+    assert margin[0].item() == pytest.approx(1.0) and margin[2].item() == pytest.approx(-0.5)
+    assert torch.isnan(margin[1])  # ignore_index: no true class, no margin
+    margin_u8, pred_u8 = classification_signals(logits, torch.tensor([0, 1, 2], dtype=torch.uint8))
+    assert pred_u8.tolist() == [0, 1, 0] and margin_u8[1].item() == pytest.approx(2.0)

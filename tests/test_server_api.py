@@ -40,6 +40,7 @@ from live_server import (
     read_events,
 )
 from onthefly.server import DashboardServer
+from onthefly.server.auth import cookie_name_for
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_a_wrong_token_gets_401(waiting: LiveSession, how: str) -> None:
     elif how == "query":
         params["token"] = wrong
     else:
-        headers["Cookie"] = f"onthefly_token={wrong}"
+        headers["Cookie"] = f"{cookie_name_for(waiting.server.port)}={wrong}"
     response = httpx.get(waiting.base + "/api/session", headers=headers, params=params)
     assert response.status_code == 401
     assert "token" in response.json()["detail"]
@@ -140,7 +141,8 @@ def test_the_token_is_accepted_as_bearer_query_or_cookie(waiting: LiveSession) -
     url = waiting.base + "/api/session"
     by_header = httpx.get(url, headers={"Authorization": f"Bearer {waiting.token}"})
     by_query = httpx.get(url, params={"token": waiting.token})
-    by_cookie = httpx.get(url, headers={"Cookie": f"onthefly_token={waiting.token}"})
+    name = cookie_name_for(waiting.server.port)
+    by_cookie = httpx.get(url, headers={"Cookie": f'odd={{"a": 1}}; {name}={waiting.token}; sp=a b'})
     for response in (by_header, by_query, by_cookie):
         assert response.status_code == 200, response.text
         assert response.json()["runs"][0]["id"] == waiting.run.run_id
@@ -151,11 +153,12 @@ def test_the_page_sets_a_cookie_that_lets_its_assets_load(waiting: LiveSession) 
     assert page.status_code == 200
     assert "On The Fly" in page.text
     cookie = page.headers["set-cookie"]
-    assert cookie.startswith(f"onthefly_token={waiting.token};")
+    name = cookie_name_for(waiting.server.port)
+    assert cookie.startswith(f"{name}={waiting.token};")
     assert "httponly" in cookie.lower()
     assert "samesite=strict" in cookie.lower()
     with httpx.Client(base_url=waiting.base) as browser:  # keeps the cookie, sends no token itself
-        browser.cookies.set("onthefly_token", page.cookies["onthefly_token"])
+        browser.cookies.set(name, page.cookies[name])
         asset = browser.get("/assets/app.js")
         assert asset.status_code == 200
         assert asset.text == "console.log('dashboard')"

@@ -384,11 +384,11 @@ def test_new_session_removes_dead_sessions_but_never_live_ones(
     assert (listed[folder_b].alive, listed[folder_b].status) == (False, "finished")
     assert listed[mine.dir].alive
 
-    mine.close()
+    mine.close()  # ended, but its process (this one) lives on: it stays
     newest = SessionStore("p")
     try:
-        assert [s.path for s in list_sessions()] == [newest.dir]
-        assert not folder_a.exists() and not folder_b.exists() and not mine.dir.exists()
+        assert [s.path for s in list_sessions()] == [mine.dir, newest.dir]
+        assert not folder_a.exists() and not folder_b.exists() and mine.dir.is_dir()
     finally:
         newest.close()
 
@@ -441,15 +441,19 @@ def test_session_of_a_crashed_process_is_readable_and_interrupted(subprocess_env
 
 
 # ---- life cycle --------------------------------------------------------------------------------
-def test_session_close_is_idempotent_and_releases_the_folder() -> None:
+def test_session_close_is_idempotent_and_keeps_the_folder_while_its_process_lives() -> None:
     store = SessionStore("p")
     assert is_alive(store.dir)
     store.close("stopped")
     store.close("failed")
-    assert not is_alive(store.dir)
+    # Closed, but its process (this one) still runs: a later session must not clean it away.
+    assert is_alive(store.dir)
+    later = SessionStore("p")
+    later.close()
+    assert store.dir.is_dir()
     assert open_session(store.dir).info()["status"] == "stopped"
-    (info,) = list_sessions()
-    assert (info.status, info.alive) == ("stopped", False)
+    statuses = {info.path: (info.status, info.alive) for info in list_sessions()}
+    assert statuses[store.dir] == ("stopped", True)
 
 
 def test_session_used_as_a_context_manager_records_failure() -> None:
@@ -468,7 +472,7 @@ def test_failing_training_run_leaves_failed_status_and_the_error() -> None:
         train(1, callbacks=(Boom(),))
 
     (info,) = list_sessions()
-    assert (info.status, info.alive) == ("failed", False)
+    assert (info.status, info.alive) == ("failed", True)  # this process still runs
     reader = open_session(info.path)
     assert reader.info()["status"] == "failed"
     assert reader.info()["error"] == "RuntimeError: boom at step 3"
@@ -493,3 +497,30 @@ def test_session_store_in_an_unwritable_home_says_what_to_do(monkeypatch: pytest
     with pytest.raises(StoreError, match="Set ONTHEFLY_HOME to a writable folder"):
         SessionStore("p")
 
+
+
+def test_write_checkpoint_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="is not an On The Fly checkpoint; refusing to replace it"):
+        write_checkpoint(precious, {"w": torch.zeros(2)}, {"step": 1})
+    assert (precious / "notes.txt").read_text() == "keep me"
+    # An earlier checkpoint in the same folder is replaced.
+    target = tmp_path / "ckpt"
+    write_checkpoint(target, {"w": torch.zeros(2)}, {"step": 1})
+    write_checkpoint(target, {"w": torch.ones(2)}, {"step": 2})
+    tensors, state = read_checkpoint(target)
+    assert torch.equal(tensors["w"], torch.ones(2)) and state == {"step": 2}
+
+
+def test_saving_a_checkpoint_after_the_run_has_ended_says_why() -> None:
+    from onthefly.errors import StateError
+
+    model = toy_model()
+    trainer = onthefly.Trainer(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss(),
+        train_loader=DataLoader(toy_data(), batch_size=32), progress=False)
+    trainer.fit(1)
+    with pytest.raises(StateError, match="the session store is closed"):
+        trainer.run.save_checkpoint()

@@ -43,7 +43,11 @@ def attach_dashboard(run: Run, *, port: int | None = None, open_browser: bool = 
     from .server import DashboardServer
 
     server = DashboardServer.for_run(run, port=port)
-    server.start()
+    try:
+        server.start()
+    except BaseException as exc:
+        run.close(exc)  # the run never trained: do not leave its session looking alive
+        raise
     if open_browser:
         import webbrowser
 

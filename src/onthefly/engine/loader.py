@@ -99,7 +99,13 @@ class TrackedLoader:
             # No sampler to read indices from: samples are numbered by position in the epoch.
             self.loader = loader
         else:
+            if loader.num_workers > 0 and getattr(loader, "in_order", True) is False:
+                raise DataError(
+                    f"{name} has in_order=False: with workers it yields batches out of sampling order, "
+                    "so On The Fly cannot tell which samples a batch holds. Use in_order=True (the default)."
+                )
             tracked = copy.copy(loader)
+            tracked._iterator = None  # never share a persistent-workers iterator with the original
             batched = loader.batch_sampler is not None
             self._recorder = _RecordingSampler(loader.batch_sampler if batched else loader.sampler, batched)
             # DataLoader forbids setting these after __init__; the copy is ours, the user's is untouched.

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError, LossError, StateError
+from ..errors import ConfigError, DataError, LossError, OnTheFlyError, StateError
 from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
 from ..signals.recorder import Derive, HostPacket, SampleRecorder
 from ..store.checkpoints import read_checkpoint
@@ -129,6 +129,7 @@ class Run:
         self._epoch_rng: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._nonfinite: tuple[int, int] | None = None
+        self._reported_drops = 0
         self._epoch_loss: dict[int, list[float]] = {}
         self._trackers: dict[int, TrackedLoader] = {}
         self._closed = False
@@ -259,6 +260,11 @@ class Run:
             per = per_sample_loss.per_sample(outputs, targets, batch)
             self._check_first_step(per, indices, outputs, targets)
             self.recorder.derive = _derive(per_sample_loss, bool(self._classification))
+        elif indices is not None and (outputs.shape[0] != indices.shape[0] or targets.shape[0] != indices.shape[0]):
+            raise DataError(  # shapes are host metadata: no sync
+                f"a batch of {indices.shape[0]} sampled indices gave {outputs.shape[0]} outputs and "
+                f"{targets.shape[0]} targets; a collate_fn must keep every sample of its batch."
+            )
         self.recorder.record_outputs(self.global_step + 1, indices, outputs, targets, loss,
                                      self.optimizer.param_groups[0]["lr"] if lr is None else lr)
         self._end_of_step(boundary)
@@ -387,8 +393,11 @@ class Run:
         elif kind == "stop":
             self._stop = True
         elif kind == "test":
-            if self.evaluate("test") is None:  # no evaluator, or one without a test loader
-                rejected = "no test_loader was given"
+            try:
+                if self.evaluate("test") is None:  # no evaluator, or one without a test loader
+                    rejected = "no test_loader was given"
+            except Exception as exc:  # a broken test loader must not end hours of training
+                rejected = f"the test failed: {type(exc).__name__}: {exc}"
         elif kind == "train_more":
             self.target_epochs = max(self.target_epochs, self.epoch) + args["epochs"]
         elif kind == "set_lr":
@@ -396,7 +405,10 @@ class Run:
         elif kind == "set_weight_decay":
             rejected = self._set_group_value("weight_decay", args["weight_decay"], args["group"])
         elif kind == "checkpoint":
-            self.save_checkpoint(args["path"], reason="command")
+            try:
+                self.save_checkpoint(args["path"], reason="command")
+            except (OnTheFlyError, OSError) as exc:  # e.g. a full disk: say so, keep training
+                rejected = f"the checkpoint failed: {exc}"
         payload = {"id": command.id, "command": kind, "args": args}
         if rejected is not None:
             self.bus.publish("command_rejected", {**payload, "reason": rejected}, **self._where())
@@ -519,6 +531,13 @@ class Run:
                 "Lower the learning rate, clip gradients (grad_clip=1.0), or check the data for "
                 "NaN/inf values; the session keeps everything up to this point."
             )
+        dropped = self.recorder.dropped_packets
+        if dropped > self._reported_drops:
+            self.bus.publish("samples_dropped", {
+                "packets": dropped - self._reported_drops,
+                "reason": "the per-sample transfer queue was full (the host side is too slow)"},
+                **self._where())
+            self._reported_drops = dropped
         if self.recorder.error is not None:
             raise RuntimeError(f"per-sample transfer failed: {self.recorder.error}") from self.recorder.error
 

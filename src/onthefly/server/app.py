@@ -107,7 +107,8 @@ class Backend:
         return [jsonable(e) for e in events]
 
 
-def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[str]]) -> Any:
+def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[str]],
+               cookie_name: str = COOKIE) -> Any:
     app = FastAPI(
         title="On The Fly",
         version=__version__,
@@ -133,7 +134,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
                 "(it builds <code>dashboard/</code> with npm).</p>", status_code=503)
         response = FileResponse(page, headers={"Cache-Control": "no-store"})
         # The page's own assets then load without the token in their URLs.
-        response.set_cookie(COOKIE, backend_token, httponly=True, samesite="strict")
+        response.set_cookie(cookie_name, backend_token, httponly=True, samesite="strict")
         return response
 
     backend_token = token
@@ -223,9 +224,13 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
 
         async def watch_close() -> None:
             try:
-                while True:
-                    await websocket.receive_text()  # clients send nothing we need; detect closing
+                while True:  # clients send nothing we need (text or binary): only watch for closing
+                    message = await websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        break
             except (WebSocketDisconnect, RuntimeError):
+                pass
+            finally:
                 closed.set()
 
         watcher = asyncio.create_task(watch_close())

@@ -12,11 +12,10 @@ import hmac
 import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["COOKIE", "AuthMiddleware", "is_loopback_host", "new_token"]
+__all__ = ["COOKIE", "AuthMiddleware", "cookie_name_for", "is_loopback_host", "new_token"]
 
 COOKIE = "onthefly_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -48,28 +47,32 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
-def _presented_tokens(scope: Scope, headers: dict[str, str]) -> list[str]:
+def cookie_name_for(port: int) -> str:
+    """Per port: two dashboards on one machine must not overwrite each other's cookie."""
+    return f"{COOKIE}_{port}"
+
+
+def _presented_tokens(scope: Scope, headers: dict[str, str], cookie_name: str) -> list[str]:
     tokens = []
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         tokens.append(auth[7:].strip())
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     tokens.extend(query.get("token", []))
-    if "cookie" in headers:
-        cookie: SimpleCookie = SimpleCookie()
-        try:
-            cookie.load(headers["cookie"])
-        except Exception:  # a malformed Cookie header is just not a token
-            cookie = SimpleCookie()
-        if COOKIE in cookie:
-            tokens.append(cookie[COOKIE].value)
+    # Cookies are parsed by hand: another local app's odd cookie must not hide ours.
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == cookie_name:
+            tokens.append(value.strip('"'))
     return tokens
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, token: str, allowed_origins: Callable[[], set[str]]) -> None:
+    def __init__(self, app: ASGIApp, token: str, allowed_origins: Callable[[], set[str]],
+                 cookie_name: str = COOKIE) -> None:
         self.app = app
         self.token = token
+        self.cookie_name = cookie_name
         self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,7 +85,7 @@ class AuthMiddleware:
                                "(localhost, 127.0.0.1 or [::1]); open the URL the server printed")
             return
         if not any(hmac.compare_digest(t.encode(), self.token.encode())
-                   for t in _presented_tokens(scope, headers)):
+                   for t in _presented_tokens(scope, headers, self.cookie_name)):
             await self._refuse(scope, receive, send, 401, "missing or wrong token: open the URL the "
                                "server printed, or send 'Authorization: Bearer <token>'")
             return

@@ -16,7 +16,7 @@ import uvicorn
 from ..engine.run import Run
 from ..errors import ConfigError
 from .app import Backend, create_app
-from .auth import AuthMiddleware, new_token
+from .auth import AuthMiddleware, cookie_name_for, new_token
 
 __all__ = ["DashboardServer"]
 
@@ -76,6 +76,8 @@ class DashboardServer:
         return self.backend.clients > 0
 
     def start(self, *, announce: bool = True) -> str:
+        if not 0 <= self._requested_port <= 65535:
+            raise ConfigError(f"port must be between 0 and 65535, got {self._requested_port}")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -87,15 +89,18 @@ class DashboardServer:
                 "(ONTHEFLY_PORT) or leave it unset for a free one."
             ) from exc
         self.port = sock.getsockname()[1]
-        app: Any = create_app(self.backend, self.token, self.allowed_origins)
-        config = uvicorn.Config(AuthMiddleware(app, self.token, self.allowed_origins), log_level="warning",
+        cookie = cookie_name_for(self.port)
+        app: Any = create_app(self.backend, self.token, self.allowed_origins, cookie)
+        config = uvicorn.Config(AuthMiddleware(app, self.token, self.allowed_origins, cookie), log_level="warning",
                                 lifespan="off", ws_ping_interval=20, ws_ping_timeout=20)
         ready = threading.Event()
         self._server = server = _Server(config, ready)
 
         def run() -> None:
-            server.run(sockets=[sock])
-            ready.set()  # startup failed: do not leave start() waiting
+            try:
+                server.run(sockets=[sock])
+            finally:
+                ready.set()  # startup failed: do not leave start() waiting
 
         self._thread = threading.Thread(target=run, name="onthefly-server", daemon=True)
         self._thread.start()

@@ -107,8 +107,12 @@ def classification_signals(logits: torch.Tensor, targets: torch.Tensor) -> tuple
     Stays on the device; five small kernels, no host sync.
     """
     logits = logits.detach().float()
+    targets = targets.long()
+    classes = logits.shape[1]
+    valid = (targets >= 0) & (targets < classes)  # e.g. ignore_index=-100 has no true logit
     top2_values, top2_classes = logits.topk(2, dim=1)
     pred = top2_classes[:, 0]
-    true_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    true_logit = logits.gather(1, targets.clamp(0, classes - 1).unsqueeze(1)).squeeze(1)
     best_other = torch.where(pred == targets, top2_values[:, 1], top2_values[:, 0])
-    return true_logit - best_other, pred
+    margin = torch.where(valid, true_logit - best_other, torch.full_like(true_logit, float("nan")))
+    return margin, pred

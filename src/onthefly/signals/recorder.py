@@ -212,7 +212,7 @@ class SampleRecorder:
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))  # the stream the copies are on
         run_id, split, epoch = self._context
         pending = _Pending(
             run_id, split, epoch, self._indices, self._sizes, self._steps, self._lrs, self._first_position,
@@ -220,10 +220,13 @@ class SampleRecorder:
             closes_epoch, classification,
         )
         self._reset_batch()
+        if closes_epoch:
+            self._queue.put(pending)  # an epoch's last packet is never dropped (not per step)
+            return
         try:
             self._queue.put_nowait(pending)
         except queue.Full:
-            self.dropped_packets += 1
+            self.dropped_packets += 1  # reported by the engine as a samples_dropped event
 
     def close(self) -> None:
         """Flush and wait until the transfer thread has passed everything on. Idempotent."""
@@ -284,6 +287,8 @@ class SampleRecorder:
 def _to_host(values: torch.Tensor) -> torch.Tensor:
     if values.device.type == "cpu":
         return values.clone()  # the device buffer is reused: the packet needs its own copy
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.device.type == "cuda")
+    if values.device.type != "cuda":  # e.g. MPS: no event to wait on, so copy synchronously
+        return values.to("cpu")
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)  # ordered on the stream before later writes to the buffer
     return host

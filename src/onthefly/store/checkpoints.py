@@ -54,6 +54,12 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
     """Write a checkpoint folder atomically; returns its size in bytes."""
     check_tensors_only(dict(state))
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir())
+                                                    and not (folder / MANIFEST_FILE).is_file())):
+        raise StoreError(
+            f"{folder} exists and is not an On The Fly checkpoint; refusing to replace it. "
+            "Give save_checkpoint() a new or empty folder (or an earlier checkpoint's folder)."
+        )
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -62,9 +68,14 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
         save_file(dict(model_tensors), str(tmp / MODEL_FILE))
         torch.save(dict(state), tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if folder.exists():  # an empty folder or an earlier checkpoint: set it aside, then swap
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 DB_FILE = "session.sqlite"
+_HELD_LOCKS: list[IO[str]] = []  # locks of this process's closed sessions, released at exit
 LOCK_FILE = "session.lock"
 
 
@@ -282,10 +283,13 @@ class SessionStore:
             return
         self._closed = True
         self._writer.sql(
-            "UPDATE session SET status = ?, ended = ?, error = ?", [(status, time.time(), error)]
+            "UPDATE session SET status = ?, ended = ?, error = ?", [(status, time.time(), error)],
+            block=True,  # the final status is never dropped
         )
         self._writer.close()
-        self._lock_handle.close()
+        # The lock is held until this process exits, not released here: a later session of the
+        # same process (a notebook's second quickstart) must not clean this one away.
+        _HELD_LOCKS.append(self._lock_handle)
 
     def __enter__(self) -> SessionStore:
         return self

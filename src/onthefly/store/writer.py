@@ -74,7 +74,11 @@ class StoreWriter:
         self._thread.start()
 
     # ---- called from any thread -------------------------------------------------------
-    def sql(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def sql(self, sql: str, rows: Sequence[Sequence[Any]], *, block: bool = False) -> None:
+        """Queue a statement; ``block=True`` waits for room instead of dropping (not per step)."""
+        if block and not self._closed:
+            self._queue.put(_Sql(sql, rows))
+            return
         self._offer(_Sql(sql, rows))
 
     def samples(self, chunk: SampleChunk) -> None:
@@ -86,6 +90,11 @@ class StoreWriter:
     def task(self, fn: Callable[[], list[_Sql]], *, wait: bool = True, timeout: float = 600) -> None:
         """Run file work on the writer thread. Blocks on a full queue: a requested checkpoint is
         never dropped."""
+        if self._closed or not self._thread.is_alive():
+            from ..errors import StateError
+
+            raise StateError("the session store is closed (the run has ended): save checkpoints while it "
+                             "runs, e.g. from a Callback or with the 'checkpoint' command")
         item = _Task(fn, threading.Event())
         self._queue.put(item)
         if not wait:
@@ -174,11 +183,12 @@ class StoreWriter:
                         item.done.set()
                 elif isinstance(item, _Barrier):
                     barriers.append(item)
-            except (OSError, sqlite3.Error) as exc:
-                # A full disk or a broken file: keep what is already committed, say what happened,
-                # and go on with the next records (they may fit once space is freed).
+            except Exception as exc:
+                # A full disk, a broken file, a malformed record: keep what is already committed,
+                # say what happened, and go on with the next records (they may fit once space is freed).
                 self.error = exc
-                print(f"onthefly: could not write to the session store: {exc}", file=sys.stderr)
+                print(f"onthefly: could not write to the session store: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
         try:
             conn.commit()
         except sqlite3.Error as exc:
