@@ -101,8 +101,8 @@ class Backend:
         events, oldest = self.events.after(seq, limit)
         if oldest is None or oldest > seq + 1:
             # The in-memory feed no longer reaches back that far: older events come from the store.
-            stored = [e for e in self.reader.events(after_seq=seq)
-                      if oldest is None or e["seq"] < oldest][:limit]
+            stored = [e for e in self.reader.events(after_seq=seq, limit=limit)
+                      if oldest is None or e["seq"] < oldest]
             events = (stored + events)[:limit]
         return [jsonable(e) for e in events]
 

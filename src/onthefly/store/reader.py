@@ -52,8 +52,8 @@ class SessionReader:
             row["config"] = json.loads(row["config"])
         return rows
 
-    def events(self, run_id: int | None = None, *, after_seq: int = 0,
-               kind: str | None = None) -> list[dict[str, Any]]:
+    def events(self, run_id: int | None = None, *, after_seq: int = 0, kind: str | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM events WHERE seq > ?"
         args: list[Any] = [after_seq]
         if run_id is not None:
@@ -62,7 +62,11 @@ class SessionReader:
         if kind is not None:
             sql += " AND kind = ?"
             args.append(kind)
-        rows = self._query(sql + " ORDER BY seq", tuple(args))
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = self._query(sql, tuple(args))
         for row in rows:
             row["payload"] = json.loads(row["payload"])
         return rows
