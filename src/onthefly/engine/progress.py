@@ -17,7 +17,7 @@ __all__ = ["ProgressDisplay"]
 
 
 class ProgressDisplay:
-    def __init__(self, max_epochs: int) -> None:
+    def __init__(self) -> None:
         self.console = Console(file=sys.stderr)
         self._progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -29,7 +29,6 @@ class ProgressDisplay:
             transient=False,
         )
         self._task: Any = None
-        self._max_epochs = max_epochs
         self._started = False
 
     def __call__(self, event: Event) -> None:

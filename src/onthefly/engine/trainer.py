@@ -217,7 +217,7 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_epochs: int, *, do_test_after: bool = False) -> FitSummary:
         run = self.run
-        display = ProgressDisplay(max_epochs) if self.show_progress else None
+        display = ProgressDisplay() if self.show_progress else None
         unsubscribe = run.bus.subscribe(display) if display is not None else None
         error: BaseException | None = None
         n_batches = len(self.train_loader) if self.train_loader.length is not None else None

@@ -13,7 +13,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 __all__ = ["COOKIE", "AuthMiddleware", "cookie_name_for", "is_loopback_host", "new_token"]
 
@@ -111,7 +111,3 @@ class AuthMiddleware:
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-
-def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"

@@ -98,7 +98,7 @@ class SampleRecorder:
         self._step_losses = torch.empty(MAX_STEPS, dtype=torch.float32, device=device)
         self._context: tuple[int, str, int] | None = None
         self._classification = False
-        self._position_in_epoch = 0
+        self._position_in_epoch = 0  # rows recorded so far in this epoch
         self._reset_batch()
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=TRANSFER_QUEUE)
         self.dropped_packets = 0
@@ -113,7 +113,7 @@ class SampleRecorder:
         self._sizes: list[int] = []
         self._steps: list[int] = []
         self._lrs: list[float] = []
-        self._first_position = getattr(self, "_position_in_epoch", 0)
+        self._first_position = self._position_in_epoch
         self._started = time.perf_counter()
 
     def begin_epoch(self, run_id: int, split: str, epoch: int) -> None:
