@@ -380,9 +380,12 @@ def test_classification_signals_accept_ignored_targets_and_small_integer_labels(
     from onthefly.signals.per_sample import classification_signals
 
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.5]])
-    margin, pred = classification_signals(logits, torch.tensor([0, -100, 2]))
+    margin, pred, confidence = classification_signals(logits, torch.tensor([0, -100, 2]))
     assert pred.tolist() == [0, 1, 0]
     assert margin[0].item() == pytest.approx(1.0) and margin[2].item() == pytest.approx(-0.5)
-    assert torch.isnan(margin[1])  # ignore_index: no true class, no margin
-    margin_u8, pred_u8 = classification_signals(logits, torch.tensor([0, 1, 2], dtype=torch.uint8))
+    assert torch.isnan(margin[1]) and torch.isnan(confidence[1])  # ignore_index: no true class
+    expected = torch.softmax(logits, dim=1)
+    assert confidence[0].item() == pytest.approx(expected[0, 0].item())
+    assert confidence[2].item() == pytest.approx(expected[2, 2].item())
+    margin_u8, pred_u8, _ = classification_signals(logits, torch.tensor([0, 1, 2], dtype=torch.uint8))
     assert pred_u8.tolist() == [0, 1, 0] and margin_u8[1].item() == pytest.approx(2.0)

@@ -33,7 +33,18 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError, LossError, OnTheFlyError, StateError
 from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
-from ..signals.recorder import Derive, HostPacket, SampleRecorder
+from ..signals.recorder import (
+    CONFIDENCE,
+    GRAD_NORM,
+    LABEL,
+    LOSS,
+    MARGIN,
+    PRED,
+    ClassSignals,
+    Derive,
+    HostPacket,
+    SampleRecorder,
+)
 from ..store.checkpoints import read_checkpoint
 from ..store.samples import SampleChunk
 from ..store.session import SessionStore
@@ -240,12 +251,9 @@ class Run:
         per = per_sample_loss.detach()
         if lr is None:
             lr = self.optimizer.param_groups[0]["lr"]
-        if self._classification:
-            margin, pred = classification_signals(logits, targets)
-            self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
-                                 lr, margin, pred, targets)
-        else:
-            self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss, lr)
+        signals = classification_signals(logits, targets) if self._classification else None
+        self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss, lr,
+                             signals, targets if signals is not None else None)
         self._end_of_step(boundary)
 
     def step_outputs(self, outputs: torch.Tensor, targets: torch.Tensor, per_sample_loss: PerSampleLoss,
@@ -483,16 +491,16 @@ class Run:
             minus_one = np.full(len(packet.indices), -1, dtype=np.int64)
             self.session.samples(SampleChunk(
                 run_id=packet.run_id, split=packet.split, epoch=packet.epoch, step=packet.row_steps,
-                index=packet.indices, loss=rows[:, 0],
-                margin=np.full(len(rows), np.nan, dtype=np.float32) if no_class else rows[:, 1],
-                pred=minus_one if no_class else rows[:, 2].astype(np.int64),
-                label=minus_one if no_class else rows[:, 3].astype(np.int64),
+                index=packet.indices, loss=rows[:, LOSS], margin=rows[:, MARGIN],
+                pred=minus_one if no_class else rows[:, PRED].astype(np.int64),
+                label=minus_one if no_class else rows[:, LABEL].astype(np.int64),
+                confidence=rows[:, CONFIDENCE], grad_norm=rows[:, GRAD_NORM],
             ))
-            bad = ~np.isfinite(rows[:, 0])
+            bad = ~np.isfinite(rows[:, LOSS])
             if bad.any() and self._nonfinite is None:
                 self._nonfinite = (int(packet.row_steps[bad][0]), int(bad.sum()))
             sums = self._epoch_loss.setdefault(packet.epoch, [0.0, 0])
-            sums[0] += float(rows[:, 0].astype(np.float64).sum())
+            sums[0] += float(rows[:, LOSS].astype(np.float64).sum())
             sums[1] += len(rows)
         if len(packet.steps):
             steps, first = np.unique(packet.steps, return_index=True)
@@ -647,13 +655,9 @@ def start_run(
 
 
 def _derive(per_sample_loss: PerSampleLoss, classification: bool) -> Derive:
-    def derive(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                       torch.Tensor | None]:
+    def derive(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ClassSignals | None]:
         per = per_sample_loss.per_sample(outputs, targets, outputs.shape[0])
-        if not classification:
-            return per, None, None
-        margin, pred = classification_signals(outputs, targets)
-        return per, margin, pred
+        return per, classification_signals(outputs, targets) if classification else None
 
     return derive
 

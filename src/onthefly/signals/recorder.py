@@ -29,20 +29,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Derive", "HostPacket", "SampleRecorder"]
+__all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "SampleRecorder", "rows_of"]
 
 MIN_ROWS = 16_384  # rows per flush at most; the store writes Parquet parts of >= this size
 MAX_STEPS = 4_096  # per-step loss values per flush at most
 TRANSFER_QUEUE = 64
 MIN_RATE_WINDOW = 0.1  # seconds: a shorter window gives no meaningful samples/s
 
-# (outputs, targets) -> (per-sample loss, margin or None, prediction or None), all [n].
-Derive = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+# Classification signals of n rows: (margin, prediction, confidence), each [n].
+ClassSignals = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (outputs, targets) -> (per-sample loss [n], classification signals or None).
+Derive = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ClassSignals | None]]
+
+# Columns of a packet's rows.
+LOSS, MARGIN, PRED, LABEL, CONFIDENCE, GRAD_NORM = range(6)
+COLUMNS = 6
 
 
 @dataclass
 class HostPacket:
-    """What reaches the host per flush. Columns of ``rows``: loss, margin, pred, label."""
+    """What reaches the host per flush. Columns of ``rows``: loss, margin, pred, label,
+    confidence, grad_norm (NaN where not measured)."""
 
     run_id: int
     split: str
@@ -50,7 +57,7 @@ class HostPacket:
     classification: bool
     indices: np.ndarray
     row_steps: np.ndarray
-    rows: np.ndarray  # float32 [n, 4] (only column 0 is meaningful when not classification)
+    rows: np.ndarray  # float32 [n, COLUMNS] (margin..confidence are NaN when not classification)
     steps: np.ndarray  # one entry per recorded micro-batch
     step_losses: np.ndarray
     lrs: np.ndarray
@@ -70,7 +77,8 @@ class _Pending:
     lrs: list[float]
     first_position: int
     rows: torch.Tensor | None  # derived rows (host, maybe still being copied)
-    raw: tuple[torch.Tensor, torch.Tensor] | None  # CPU outputs/targets still to derive from
+    raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # CPU outputs, targets,
+    # grad norms, still to derive from
     step_losses: torch.Tensor
     samples_per_second: float
     ready: torch.cuda.Event | None
@@ -78,13 +86,16 @@ class _Pending:
     classification: bool  # for ``raw``: decided when the rows are derived
 
 
-def rows_of(per: torch.Tensor, margin: torch.Tensor | None, pred: torch.Tensor | None,
-            labels: torch.Tensor | None) -> torch.Tensor:
-    """Stack per-sample values into [n, 4] float32 rows (pred and label exact up to 2**24)."""
-    if margin is None or pred is None or labels is None:
-        nan = torch.full_like(per, math.nan, dtype=torch.float32)
-        return torch.stack((per.float(), nan, nan, nan), dim=1)
-    return torch.stack((per.float(), margin.float(), pred.float(), labels.float()), dim=1)
+def rows_of(per: torch.Tensor, signals: ClassSignals | None, labels: torch.Tensor | None,
+            grad_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Stack per-sample values into [n, COLUMNS] float32 rows (pred and label exact up to 2**24)."""
+    nan = torch.full_like(per, math.nan, dtype=torch.float32)
+    norms = nan if grad_norm is None else grad_norm.float()
+    if signals is None or labels is None:
+        return torch.stack((per.float(), nan, nan, nan, nan, norms), dim=1)
+    margin, pred, confidence = signals
+    return torch.stack((per.float(), margin.float(), pred.float(), labels.float(), confidence.float(), norms),
+                       dim=1)
 
 
 class SampleRecorder:
@@ -92,9 +103,10 @@ class SampleRecorder:
         self.device = device
         self._consumer = consumer
         self.derive: Derive | None = None  # set before the first record_outputs
-        self._rows: torch.Tensor | None = None  # [capacity, 4] float32 (record)
+        self._rows: torch.Tensor | None = None  # [capacity, COLUMNS] float32 (record)
         self._outputs: torch.Tensor | None = None  # [capacity, ...] float32 (record_outputs)
         self._targets: torch.Tensor | None = None  # [capacity, ...] targets' dtype
+        self._grad_norms: torch.Tensor | None = None  # [capacity] float32 (record_outputs)
         self._step_losses = torch.empty(MAX_STEPS, dtype=torch.float32, device=device)
         self._context: tuple[int, str, int] | None = None
         self._classification = False
@@ -109,6 +121,7 @@ class SampleRecorder:
     def _reset_batch(self) -> None:
         self._n_rows = 0
         self._n_steps = 0
+        self._has_grad_norms = False
         self._indices: list[np.ndarray | None] = []
         self._sizes: list[int] = []
         self._steps: list[int] = []
@@ -124,7 +137,8 @@ class SampleRecorder:
 
     # ---- hot path ------------------------------------------------------------------------
     def record_outputs(self, step: int, indices: np.ndarray | None, outputs: torch.Tensor,
-                       targets: torch.Tensor, loss: torch.Tensor, lr: float) -> None:
+                       targets: torch.Tensor, loss: torch.Tensor, lr: float,
+                       grad_norm: torch.Tensor | None = None) -> None:
         """Record one batch by its outputs and targets (per-sample values derived at flush)."""
         batch = outputs.shape[0]  # shape is host metadata: no sync
         out_buf, tgt_buf = self._outputs, self._targets
@@ -138,36 +152,38 @@ class SampleRecorder:
                                                   device=self.device)
             self._targets = tgt_buf = torch.empty((capacity, *targets.shape[1:]), dtype=targets.dtype,
                                                   device=self.device)
+            self._grad_norms = torch.full((capacity,), math.nan, dtype=torch.float32, device=self.device)
         elif self._n_rows + batch > out_buf.shape[0] or self._n_steps == MAX_STEPS:
             self.flush()
         n = self._n_rows
         out_buf[n : n + batch].copy_(outputs.detach())  # one copy kernel (casts to float32)
         tgt_buf[n : n + batch].copy_(targets)  # one copy kernel
+        if grad_norm is not None:
+            self._grad_norms[n : n + batch].copy_(grad_norm)  # type: ignore[index]
+            self._has_grad_norms = True
+        elif self._has_grad_norms:  # the buffer is reused: do not leave an older value here
+            self._grad_norms[n : n + batch].fill_(math.nan)  # type: ignore[index]
         self._append(step, indices, batch, loss, lr)
 
     def record(
         self, step: int, indices: np.ndarray | None, per_sample: torch.Tensor, loss: torch.Tensor,
-        lr: float, margin: torch.Tensor | None = None, pred: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        lr: float, signals: ClassSignals | None = None, labels: torch.Tensor | None = None,
+        grad_norm: torch.Tensor | None = None,
     ) -> None:
         """Record one batch whose per-sample values are already computed."""
         batch = per_sample.shape[0]
-        classification = margin is not None
+        classification = signals is not None
         if self._rows is None or self._outputs is not None or self._rows.shape[0] < batch:
             self.flush()
-            self._outputs = self._targets = None
-            self._rows = torch.empty((max(MIN_ROWS, 4 * batch), 4), dtype=torch.float32, device=self.device)
+            self._outputs = self._targets = self._grad_norms = None
+            self._rows = torch.empty((max(MIN_ROWS, 4 * batch), COLUMNS), dtype=torch.float32, device=self.device)
         elif self._n_rows + batch > self._rows.shape[0] or self._n_steps == MAX_STEPS or (
             classification != self._classification and self._n_rows
         ):
             self.flush()
         self._classification = classification
-        target = self._rows[self._n_rows : self._n_rows + batch]
-        if classification:
-            torch.stack((per_sample.float(), margin.float(), pred.float(), labels.float()),  # type: ignore[union-attr]
-                        dim=1, out=target)
-        else:
-            target[:, 0].copy_(per_sample)
+        # one stack kernel into the buffer
+        self._rows[self._n_rows : self._n_rows + batch].copy_(rows_of(per_sample, signals, labels, grad_norm))
         self._append(step, indices, batch, loss, lr)
 
     def _append(self, step: int, indices: np.ndarray | None, batch: int, loss: torch.Tensor, lr: float) -> None:
@@ -193,19 +209,21 @@ class SampleRecorder:
         elapsed = time.perf_counter() - self._started
         n = self._n_rows
         rows: torch.Tensor | None = None
-        raw: tuple[torch.Tensor, torch.Tensor] | None = None
+        raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         classification = self._classification
         if self._outputs is not None and self._targets is not None and n:
             if self.derive is None:
                 raise RuntimeError("record_outputs needs SampleRecorder.derive to be set")
+            grad_norms = self._grad_norms[:n] if self._has_grad_norms and self._grad_norms is not None else None
             if self.device.type == "cpu":
                 # Derived on the transfer thread: the training thread only copies the buffers.
-                raw = (self._outputs[:n].clone(), self._targets[:n].clone())
+                raw = (self._outputs[:n].clone(), self._targets[:n].clone(),
+                       None if grad_norms is None else grad_norms.clone())
             else:
                 with torch.no_grad():  # launched on the device's stream; no host sync
-                    per, margin, pred = self.derive(self._outputs[:n], self._targets[:n])
-                    rows = _to_host(rows_of(per, margin, pred, self._targets[:n]))
-                classification = margin is not None
+                    per, signals = self.derive(self._outputs[:n], self._targets[:n])
+                    rows = _to_host(rows_of(per, signals, self._targets[:n], grad_norms))
+                classification = signals is not None
         elif self._rows is not None:
             rows = _to_host(self._rows[:n])
         step_losses = _to_host(self._step_losses[: self._n_steps])
@@ -258,15 +276,15 @@ class SampleRecorder:
             pending.ready.synchronize()  # waits here, not on the training thread
         classification = pending.classification
         if pending.raw is not None and self.derive is not None:
-            outputs, targets = pending.raw
+            outputs, targets, grad_norms = pending.raw
             with torch.no_grad():
-                per, margin, pred = self.derive(outputs, targets)
-                rows = rows_of(per, margin, pred, targets).numpy()
-            classification = margin is not None
+                per, signals = self.derive(outputs, targets)
+                rows = rows_of(per, signals, targets, grad_norms).numpy()
+            classification = signals is not None
         elif pending.rows is not None:
             rows = pending.rows.numpy()
         else:
-            rows = np.empty((0, 4), dtype=np.float32)
+            rows = np.empty((0, COLUMNS), dtype=np.float32)
         sizes = np.asarray(pending.sizes, dtype=np.int64)
         position = pending.first_position
         indices = []

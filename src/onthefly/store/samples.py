@@ -34,6 +34,8 @@ SAMPLE_SCHEMA = pa.schema(
         ("pred", pa.int64()),
         ("label", pa.int64()),
         ("correct", pa.bool_()),
+        ("confidence", pa.float32()),
+        ("grad_norm", pa.float32()),
     ]
 )
 
@@ -42,7 +44,8 @@ SAMPLE_SCHEMA = pa.schema(
 class SampleChunk:
     """Rows for one (run, split, epoch); numpy columns of equal length.
 
-    ``pred`` and ``label`` are -1 and ``margin`` NaN when the task is not classification.
+    ``pred`` and ``label`` are -1, ``margin`` and ``confidence`` NaN when the task is not
+    classification; ``grad_norm`` is NaN unless per-sample gradient norms are on.
     """
 
     run_id: int
@@ -54,6 +57,8 @@ class SampleChunk:
     margin: np.ndarray
     pred: np.ndarray
     label: np.ndarray
+    confidence: np.ndarray | None = None
+    grad_norm: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -74,9 +79,17 @@ class SampleChunk:
                 "pred": pa.array(self.pred.astype(np.int64, copy=False), mask=mask),
                 "label": pa.array(self.label.astype(np.int64, copy=False), mask=mask),
                 "correct": pa.array(self.pred == self.label, mask=mask),
+                "confidence": pa.array(_or_nan(self.confidence, n)),
+                "grad_norm": pa.array(_or_nan(self.grad_norm, n)),
             },
             schema=SAMPLE_SCHEMA,
         )
+
+
+def _or_nan(values: np.ndarray | None, n: int) -> np.ndarray:
+    if values is None:
+        return np.full(n, np.nan, dtype=np.float32)
+    return values.astype(np.float32, copy=False)
 
 
 @dataclass
