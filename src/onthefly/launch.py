@@ -90,7 +90,7 @@ def quickstart(
     With a dashboard attached when training ends (or ``keep_alive=True``), the session stays up
     and waits for commands (train more, test, stop); otherwise it returns. ``options`` are
     :class:`~onthefly.Trainer`'s (device, amp, grad_clip, accumulate_grad_batches, scheduler,
-    inputs/targets/forward_fn, callbacks, wait_for_run, resume_from, progress).
+    inputs/targets/forward_fn, callbacks, wait_for_run, resume_from, progress, grad_norm).
     """
     trainer = Trainer(
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,

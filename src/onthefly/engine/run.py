@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError, LossError, OnTheFlyError, StateError
+from ..signals.grad_norm import GradNormTracker
 from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
 from ..signals.recorder import (
     CONFIDENCE,
@@ -81,6 +82,7 @@ class Run:
         session: SessionStore | None = None,
         config: Mapping[str, Any] | None = None,
         callbacks: Sequence[Callback] = (),
+        grad_norm: bool = False,
     ) -> None:
         _check_names(project, run_name)
         if not isinstance(model, nn.Module):
@@ -117,7 +119,10 @@ class Run:
             "store_overflow", {"dropped_records": dropped, "reason": "store queue full (disk too slow)"},
             **self._where())
         self.commands = CommandQueue()
-        self.run_id = self.session.new_run(run_name, config=dict(config or {}))
+        # Per-sample gradient norms (optional): hooks on the model's Linear layers, none when off.
+        self.grad_norms = GradNormTracker(model) if grad_norm else None
+        config = {**(config or {}), "grad_norm": self.grad_norms.method if self.grad_norms else None}
+        self.run_id = self.session.new_run(run_name, config=config)
         self.recorder = SampleRecorder(self.device, self._on_packet)
 
         self.status = RunStatus.CREATED
@@ -232,11 +237,14 @@ class Run:
     def step(
         self, per_sample_loss: torch.Tensor, *, loss: torch.Tensor | None = None, logits: Any = None,
         targets: Any = None, boundary: bool = True, lr: float | None = None,
+        grad_norm_factor: float | torch.Tensor | None = None,
     ) -> None:
         """Record one batch's per-sample losses, then (at an optimizer-step ``boundary``) apply
         pending commands. ``logits``/``targets`` add margin, prediction and correctness for
         classification. Call it after ``optimizer.step()``; ``lr`` is the learning rate the step
-        used (default: the optimizer's current one, which a per-step scheduler has already moved)."""
+        used (default: the optimizer's current one, which a per-step scheduler has already moved).
+        With ``grad_norm=True``, ``grad_norm_factor`` is what the loss you backpropagated was
+        multiplied by relative to the sum of per-sample losses (default 1/batch: a mean)."""
         indices = self._indices
         self._indices = None
         if self._first_step:
@@ -253,11 +261,13 @@ class Run:
             lr = self.optimizer.param_groups[0]["lr"]
         signals = classification_signals(logits, targets) if self._classification else None
         self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss, lr,
-                             signals, targets if signals is not None else None)
+                             signals, targets if signals is not None else None,
+                             self._take_grad_norms(per.shape[0], grad_norm_factor))
         self._end_of_step(boundary)
 
     def step_outputs(self, outputs: torch.Tensor, targets: torch.Tensor, per_sample_loss: PerSampleLoss,
-                     *, loss: torch.Tensor, boundary: bool = True, lr: float | None = None) -> None:
+                     *, loss: torch.Tensor, boundary: bool = True, lr: float | None = None,
+                     grad_norm_factor: float | torch.Tensor | None = None) -> None:
         """Like :meth:`step`, for a loss computed row by row (``per_sample_loss.deferrable``): only
         the outputs and targets are copied now; per-sample loss, margin and prediction are derived
         for thousands of rows at once when the recorder flushes (the fast path Trainer uses)."""
@@ -274,8 +284,15 @@ class Run:
                 f"{targets.shape[0]} targets; a collate_fn must keep every sample of its batch."
             )
         self.recorder.record_outputs(self.global_step + 1, indices, outputs, targets, loss,
-                                     self.optimizer.param_groups[0]["lr"] if lr is None else lr)
+                                     self.optimizer.param_groups[0]["lr"] if lr is None else lr,
+                                     self._take_grad_norms(outputs.shape[0], grad_norm_factor))
         self._end_of_step(boundary)
+
+    def _take_grad_norms(self, batch: int, factor: float | torch.Tensor | None) -> torch.Tensor | None:
+        if self.grad_norms is None:
+            return None
+        norms = self.grad_norms.take(1.0 / batch if factor is None else factor)
+        return norms if norms is not None and norms.shape == (batch,) else None
 
     def _end_of_step(self, boundary: bool) -> None:
         if not boundary:

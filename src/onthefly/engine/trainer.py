@@ -90,6 +90,7 @@ class Trainer:
         wait_for_run: bool = False,
         resume_from: str | Path | None = None,
         progress: bool = True,
+        grad_norm: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -124,7 +125,7 @@ class Trainer:
         self.run = Run(
             project=project, run_name=run_name, model=self.model, optimizer=optimizer,
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
-            wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks,
+            wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks, grad_norm=grad_norm,
             config={"device": str(self.device), "amp": amp, "grad_clip": grad_clip,
                     "accumulate_grad_batches": accumulate_grad_batches,
                     "optimizer": type(optimizer).__name__, "model": type(model).__name__,
@@ -209,10 +210,21 @@ class Trainer:
             self._zero_grad_next = True
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
+        factor = self._grad_norm_factor(outputs, targets) if self.run.grad_norms is not None else None
         if per_sample is None:  # the fast path: per-sample values derived at the next flush
-            self.run.step_outputs(outputs, targets, self.loss, loss=loss, boundary=boundary, lr=lr)
+            self.run.step_outputs(outputs, targets, self.loss, loss=loss, boundary=boundary, lr=lr,
+                                  grad_norm_factor=factor)
         else:
-            self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr)
+            self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr,
+                          grad_norm_factor=factor)
+
+    def _grad_norm_factor(self, outputs: Any, targets: Any) -> float | torch.Tensor:
+        """What the backpropagated loss was multiplied by, relative to the sum of per-sample losses."""
+        factor: float | torch.Tensor = 1.0 / self.accumulate
+        if self.loss.reduction != "sum":
+            factor = factor / batch_size_of(outputs, targets)
+        scale = getattr(self.scaler, "_scale", None)  # a device tensor: reading it would sync
+        return factor * scale if scale is not None else factor
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_epochs: int, *, do_test_after: bool = False) -> FitSummary:
