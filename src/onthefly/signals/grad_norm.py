@@ -58,8 +58,8 @@ class GradNormTracker:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         a = inputs[0].detach().float()
-        weight = module.weight.requires_grad  # type: ignore[union-attr]
-        bias = module.bias is not None and module.bias.requires_grad  # type: ignore[union-attr]
+        weight = module.weight.requires_grad
+        bias = module.bias is not None and module.bias.requires_grad
         if a.ndim == 2:
             a_sq = a.pow(2).sum(1) if weight else torch.zeros(a.shape[0], device=a.device)
             if bias:
