@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .db import connect
-from .samples import _part_files
+from .samples import part_files
 
 __all__ = ["hardest_samples", "loss_distribution", "metric_series", "sample_epochs"]
 
@@ -61,12 +61,12 @@ def metric_series(db_path: Path, run_id: int, name: str, *, start_step: int | No
 
 
 def sample_epochs(session_dir: Path, run_id: int, split: str = "train") -> list[int]:
-    epochs = {int(p.name[6:11]) for p in _part_files(session_dir, run_id, split)}
+    epochs = {int(p.name[6:11]) for p in part_files(session_dir, run_id, split)}
     return sorted(epochs)
 
 
 def _epoch_files(session_dir: Path, run_id: int, epoch: int, split: str) -> list[Path]:
-    return [p for p in _part_files(session_dir, run_id, split) if p.name.startswith(f"epoch-{epoch:05d}-")]
+    return [p for p in part_files(session_dir, run_id, split) if p.name.startswith(f"epoch-{epoch:05d}-")]
 
 
 def loss_distribution(session_dir: Path, run_id: int, epoch: int | None = None, *, bins: int = 50,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "read_samples"]
+__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "part_files", "read_samples"]
 
 # Rows per Parquet file: large enough for efficient scans, small enough to bound memory.
 ROWS_PER_PART = 65_536
@@ -150,7 +150,7 @@ class SampleSink:
         )
 
 
-def _part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Path]:
+def part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Path]:
     runs = [session_dir / "samples" / f"run-{run_id}"] if run_id is not None else sorted(
         (session_dir / "samples").glob("run-*")
     )
@@ -163,7 +163,7 @@ def read_samples(
 ) -> pa.Table:
     """All per-sample rows of a run (optionally one epoch), as one Arrow table."""
     tables = []
-    for path in _part_files(session_dir, run_id, split):
+    for path in part_files(session_dir, run_id, split):
         if epoch is not None and not path.name.startswith(f"epoch-{epoch:05d}-"):
             continue
         tables.append(pq.read_table(path))

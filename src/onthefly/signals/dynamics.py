@@ -1,0 +1,133 @@
+"""Training dynamics per sample, across epochs, computed where the data lives (DuckDB over the
+run's Parquet parts), and the two flags a person acts on.
+
+Per sample, at a chosen epoch E (values of E, statistics over epochs 0..E):
+
+* ``loss``, ``margin``, ``pred``, ``correct``, ``confidence``, ``grad_norm`` at epoch E (the mean
+  when a sampler drew the sample more than once in the epoch);
+* ``aum``: area under the margin (Pleiss et al., 2020), the mean margin over the epochs;
+* ``forgetting``: forgetting events (Toneva et al., 2019), times the sample went from correctly
+  to wrongly classified between consecutive epochs;
+* ``confidence_mean`` and ``variability``: dataset cartography (Swayamdipta et al., 2020), the
+  mean and standard deviation over epochs of the probability given to the labelled class.
+
+Flags, kept apart because they call for different actions:
+
+* ``hard``: loss at epoch E at or above the ``hard_quantile`` (default p90) of that epoch. Hard
+  samples are worth more training (a specialist, more weight).
+* ``mislabelled`` ("likely mislabelled"): AUM below ``aum_threshold`` (default 0): on average
+  over training, the model scored another class above the labelled one. Such samples are worth
+  checking by a person, and dropping or relabelling - not more training. Classification only;
+  with fewer than ``MIN_EPOCHS_FOR_MISLABELLED`` epochs the flag is not raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import ConfigError
+from ..store.samples import part_files
+
+__all__ = ["STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "sample_stats"]
+
+MIN_EPOCHS_FOR_MISLABELLED = 2
+
+STAT_COLUMNS = ("index", "label", "pred", "correct", "loss", "margin", "confidence", "grad_norm", "epochs",
+                "aum", "forgetting", "confidence_mean", "variability", "hard", "mislabelled")
+
+
+@dataclass(frozen=True)
+class FlagRule:
+    hard_quantile: float = 0.9
+    aum_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.hard_quantile < 1.0:
+            raise ConfigError(f"hard_quantile must be between 0 and 1 (e.g. 0.9), got {self.hard_quantile}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "hard": f"loss at or above the epoch's p{round(self.hard_quantile * 100)}",
+            "mislabelled": f"area under the margin (mean margin over epochs) below {self.aum_threshold:g}, "
+                           f"after at least {MIN_EPOCHS_FOR_MISLABELLED} epochs",
+        }
+
+
+def available_epochs(session_dir: Path, run_id: int, split: str = "train") -> list[int]:
+    return sorted({int(p.name[6:11]) for p in part_files(session_dir, run_id, split)})
+
+
+_QUERY = """
+WITH per_epoch AS (
+    SELECT "index" AS idx, epoch,
+           avg(loss) AS loss, avg(margin) AS margin, avg(confidence) AS confidence,
+           avg(grad_norm) AS grad_norm, bool_and(correct) AS correct,
+           max(label) AS label, arg_max(pred, step) AS pred
+    FROM read_parquet($files)
+    GROUP BY idx, epoch
+), ordered AS (
+    SELECT *, lag(correct) OVER (PARTITION BY idx ORDER BY epoch) AS was_correct FROM per_epoch
+)
+SELECT idx AS "index",
+       max(label) AS label,
+       arg_max(pred, epoch) AS pred,
+       arg_max(correct, epoch) AS correct,
+       arg_max(loss, epoch) AS loss,
+       arg_max(margin, epoch) AS margin,
+       arg_max(confidence, epoch) AS confidence,
+       arg_max(grad_norm, epoch) AS grad_norm,
+       count(*)::INTEGER AS epochs,
+       avg(margin) AS aum,
+       count_if(was_correct AND NOT correct)::INTEGER AS forgetting,
+       avg(confidence) AS confidence_mean,
+       coalesce(stddev_pop(confidence), 0) AS variability
+FROM ordered
+GROUP BY idx
+HAVING max(epoch) = $epoch
+ORDER BY idx
+"""
+
+
+def sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, split: str = "train",
+                 rule: FlagRule | None = None) -> tuple[int | None, pa.Table]:
+    """(epoch, table): one row per sample seen at ``epoch`` (default: the latest with data),
+    with the columns in ``STAT_COLUMNS``."""
+    rule = rule or FlagRule()
+    epochs = available_epochs(session_dir, run_id, split)
+    if epoch is None:
+        epoch = epochs[-1] if epochs else None
+    files = [str(p) for p in part_files(session_dir, run_id, split) if int(p.name[6:11]) <= (epoch or 0)]
+    if epoch is None or epoch not in epochs:
+        return epoch, _empty()
+    conn = duckdb.connect()
+    try:
+        conn.execute("SET threads TO 2")
+        table = conn.sql(_QUERY, params={"files": files, "epoch": epoch}).to_arrow_table()
+    finally:
+        conn.close()
+    loss = table.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
+    finite = np.isfinite(loss)
+    cut = np.quantile(loss[finite], rule.hard_quantile) if finite.any() else np.inf
+    hard = finite & (loss >= cut)
+    aum = table.column("aum").to_numpy(zero_copy_only=False).astype(np.float64)
+    n_epochs = table.column("epochs").to_numpy(zero_copy_only=False)
+    mislabelled = np.isfinite(aum) & (aum < rule.aum_threshold) & (n_epochs >= MIN_EPOCHS_FOR_MISLABELLED)
+    table = table.append_column("hard", pa.array(hard)).append_column("mislabelled", pa.array(mislabelled))
+    return epoch, table.select(list(STAT_COLUMNS))
+
+
+def _empty() -> pa.Table:
+    types = {"index": pa.int64(), "label": pa.int64(), "pred": pa.int64(), "correct": pa.bool_(),
+             "epochs": pa.int32(), "forgetting": pa.int32(), "hard": pa.bool_(), "mislabelled": pa.bool_()}
+    return pa.schema([(name, types.get(name, pa.float64())) for name in STAT_COLUMNS]).empty_table()
+
+
+def flag_counts(table: pa.Table) -> dict[str, int]:
+    return {flag: int(pc.sum(table.column(flag)).as_py() or 0) for flag in ("hard", "mislabelled")}

@@ -1,0 +1,120 @@
+"""Training dynamics across epochs (AUM, forgetting, cartography), flags, robust summaries, and
+the quality of the "likely mislabelled" flag on real data with known label noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import onthefly
+from onthefly.signals.dynamics import FlagRule, sample_stats
+from onthefly.signals.quantiles import Reservoir, robust_summary
+from onthefly.store.samples import SampleChunk, SampleSink
+
+
+def write_epochs(folder: Path, epochs: list[dict[str, list[float]]]) -> None:
+    """Write one Parquet part per epoch, from plain columns (index, margin, pred, label, loss)."""
+    sink = SampleSink(folder)
+    for epoch, cols in enumerate(epochs):
+        n = len(cols["index"])
+        sink.add(SampleChunk(
+            run_id=1, split="train", epoch=epoch, step=np.arange(n, dtype=np.int64) + 100 * epoch,
+            index=np.asarray(cols["index"], dtype=np.int64), loss=np.asarray(cols["loss"], dtype=np.float32),
+            margin=np.asarray(cols["margin"], dtype=np.float32), pred=np.asarray(cols["pred"], dtype=np.int64),
+            label=np.asarray(cols["label"], dtype=np.int64),
+            confidence=np.asarray(cols["confidence"], dtype=np.float32),
+        ))
+        sink.close_epoch(1, "train", epoch)
+
+
+def test_statistics_across_epochs_match_hand_computed_values(tmp_path: Path) -> None:
+    # Sample 0: right, wrong, right (one forgetting event). Sample 1: always wrong.
+    # Sample 2: right, right, wrong (one forgetting event), drawn twice in epoch 2.
+    write_epochs(tmp_path, [
+        {"index": [0, 1, 2], "margin": [1.0, -2.0, 3.0], "pred": [0, 0, 1], "label": [0, 1, 1],
+         "loss": [0.1, 2.0, 0.2], "confidence": [0.6, 0.1, 0.9]},
+        {"index": [1, 0, 2], "margin": [-1.0, -0.5, 2.0], "pred": [2, 1, 1], "label": [1, 0, 1],
+         "loss": [1.5, 0.9, 0.1], "confidence": [0.2, 0.4, 0.8]},
+        {"index": [2, 0, 1, 2], "margin": [-1.0, 2.0, -3.0, -2.0], "pred": [0, 0, 0, 0], "label": [1, 0, 1, 1],
+         "loss": [1.0, 0.05, 3.0, 1.4], "confidence": [0.3, 0.9, 0.05, 0.1]},
+    ])
+    epoch, table = sample_stats(tmp_path, 1, rule=FlagRule(hard_quantile=0.5))
+    assert epoch == 2
+    rows = {r["index"]: r for r in table.to_pylist()}
+    assert rows[0]["forgetting"] == 1 and rows[1]["forgetting"] == 0 and rows[2]["forgetting"] == 1
+    assert rows[0]["aum"] == pytest.approx((1.0 - 0.5 + 2.0) / 3)
+    assert rows[2]["margin"] == pytest.approx(-1.5)  # two draws in epoch 2: their mean
+    assert rows[2]["aum"] == pytest.approx((3.0 + 2.0 - 1.5) / 3)
+    assert rows[1]["confidence_mean"] == pytest.approx((0.1 + 0.2 + 0.05) / 3)
+    assert rows[1]["variability"] == pytest.approx(np.std([0.1, 0.2, 0.05]), rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(0.05) and rows[0]["epochs"] == 3
+    assert [rows[i]["hard"] for i in range(3)] == [False, True, True]  # loss >= p50 of {0.05, 3.0, 1.2}
+    assert [rows[i]["mislabelled"] for i in range(3)] == [False, True, False]
+
+    epoch, early = sample_stats(tmp_path, 1, epoch=0)
+    assert epoch == 0 and early.column("mislabelled").to_pylist() == [False] * 3  # too few epochs
+    assert sample_stats(tmp_path, 1, epoch=7)[1].num_rows == 0
+
+
+def test_flag_rule_is_checked() -> None:
+    with pytest.raises(onthefly.OnTheFlyError, match="hard_quantile must be between 0 and 1"):
+        FlagRule(hard_quantile=90)
+
+
+def test_reservoir_is_exact_while_small_and_close_on_a_million_values() -> None:
+    small = Reservoir(size=100)
+    small.add(np.arange(50, dtype=np.float32))
+    assert small.summary() == robust_summary(np.arange(50, dtype=np.float32))
+    rng = np.random.default_rng(1)
+    values = rng.exponential(size=1_000_000).astype(np.float32)
+    reservoir = Reservoir()
+    for chunk in np.array_split(values, 300):
+        reservoir.add(chunk)
+    approx, exact = reservoir.summary(), robust_summary(values)
+    assert approx["count"] == exact["count"] == 1_000_000 and approx["exact"] is False
+    for name in ("p50", "p90", "p99"):
+        rank = np.searchsorted(np.sort(values), approx["quantiles"][name]) / values.size
+        assert abs(rank - float(name[1:]) / 100) < 0.01, name  # within 1 % of rank
+
+
+def test_robust_summary_median_and_mad() -> None:
+    summary = robust_summary(np.array([1.0, 2.0, 3.0, 4.0, 100.0, np.nan]))
+    assert summary["median"] == 3.0 and summary["mad"] == 1.0 and summary["count"] == 5
+
+
+def test_likely_mislabelled_finds_flipped_digits_labels(capsys: pytest.CaptureFixture[str]) -> None:
+    """scikit-learn's digits, 10 % of the training labels flipped (seeded), a small MLP."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    train = rng.permutation(len(x))[:1400]
+    labels = digits.target[train].copy()
+    noise_rate = 0.10
+    flipped = rng.choice(len(train), size=int(noise_rate * len(train)), replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, size=len(flipped))) % 10  # always a new class
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    loader = DataLoader(TensorDataset(x[train], torch.tensor(labels)), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    summary = onthefly.Trainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                               loss_fn=nn.CrossEntropyLoss(), train_loader=loader, project="digits",
+                               run_name="noisy", progress=False).fit(20)
+    _, table = sample_stats(summary.session_dir, summary.run_id)
+    flagged = set(table.filter(table.column("mislabelled")).column("index").to_pylist())
+    truth = set(flipped.tolist())
+    precision = len(flagged & truth) / max(1, len(flagged))
+    recall = len(flagged & truth) / len(truth)
+    with capsys.disabled():
+        print(f"\n[digits, {noise_rate:.0%} labels flipped] likely mislabelled: {len(flagged)} flagged, "
+              f"precision {precision:.3f}, recall {recall:.3f}")
+    assert precision >= 3 * noise_rate
+    assert recall >= 0.5
+    hard = table.filter(table.column("hard"))
+    assert hard.num_rows == pytest.approx(0.1 * table.num_rows, abs=2)
