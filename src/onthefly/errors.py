@@ -10,6 +10,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "LossError",
+    "NotFoundError",
     "OnTheFlyError",
     "StateError",
     "StoreError",
@@ -33,6 +34,12 @@ class DataError(OnTheFlyError, ValueError):
 class LossError(OnTheFlyError, ValueError):
     """The loss function's output cannot be used (scalar where per-sample values are needed,
     wrong length, not finite)."""
+
+
+class NotFoundError(OnTheFlyError, LookupError):
+    """What was asked for (a run, a slice, a clustering) does not exist in this session."""
+
+    http_status = 404
 
 
 class StateError(OnTheFlyError, RuntimeError):

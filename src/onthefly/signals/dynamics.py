@@ -23,6 +23,7 @@ Flags, kept apart because they call for different actions:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import pyarrow.compute as pc
 from ..errors import ConfigError
 from ..store.samples import part_files
 
-__all__ = ["STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "sample_stats"]
+__all__ = ["STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "iter_sample_stats", "sample_stats"]
 
 MIN_EPOCHS_FOR_MISLABELLED = 2
 
@@ -71,6 +72,7 @@ WITH per_epoch AS (
            avg(grad_norm) AS grad_norm, bool_and(correct) AS correct,
            max(label) AS label, arg_max(pred, step) AS pred
     FROM read_parquet($files)
+    -- wanted
     GROUP BY idx, epoch
 ), ordered AS (
     SELECT *, lag(correct) OVER (PARTITION BY idx ORDER BY epoch) AS was_correct FROM per_epoch
@@ -95,38 +97,71 @@ ORDER BY idx
 """
 
 
+_HARD_CUT = """
+SELECT quantile_cont(loss, $q) FROM (
+    SELECT avg(loss) AS loss FROM read_parquet($files) GROUP BY "index"
+) WHERE isfinite(loss)
+"""
+
+
 def sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, split: str = "train",
-                 rule: FlagRule | None = None) -> tuple[int | None, pa.Table]:
-    """(epoch, table): one row per sample seen at ``epoch`` (default: the latest with data),
-    with the columns in ``STAT_COLUMNS``."""
+                 rule: FlagRule | None = None, indices: np.ndarray | None = None) -> tuple[int | None, pa.Table]:
+    """(epoch, table): one row per sample seen at ``epoch`` (default: the latest with data), with
+    the columns in ``STAT_COLUMNS``, sorted by index; only ``indices`` when given."""
+    epoch, batches = iter_sample_stats(session_dir, run_id, epoch, split=split, rule=rule, indices=indices)
+    return epoch, pa.Table.from_batches(list(batches), schema=_SCHEMA)
+
+
+def iter_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, split: str = "train",
+                      rule: FlagRule | None = None, indices: np.ndarray | None = None,
+                      batch_rows: int = 65_536) -> tuple[int | None, Iterator[pa.RecordBatch]]:
+    """Like :func:`sample_stats`, streamed in record batches (DuckDB never hands over the whole
+    result at once): for exports of large slices."""
     rule = rule or FlagRule()
     epochs = available_epochs(session_dir, run_id, split)
     if epoch is None:
         epoch = epochs[-1] if epochs else None
-    files = [str(p) for p in part_files(session_dir, run_id, split) if int(p.name[6:11]) <= (epoch or 0)]
     if epoch is None or epoch not in epochs:
-        return epoch, _empty()
+        return epoch, iter(())
+    files = [str(p) for p in part_files(session_dir, run_id, split) if int(p.name[6:11]) <= epoch]
+    this_epoch = [f for f in files if Path(f).name.startswith(f"epoch-{epoch:05d}-")]
+    return epoch, _stream(files, this_epoch, epoch, rule, indices, batch_rows)
+
+
+def _stream(files: list[str], this_epoch: list[str], epoch: int, rule: FlagRule, indices: np.ndarray | None,
+            batch_rows: int) -> Iterator[pa.RecordBatch]:
     conn = duckdb.connect()
     try:
         conn.execute("SET threads TO 2")
-        table = conn.sql(_QUERY, params={"files": files, "epoch": epoch}).to_arrow_table()
+        # The "hard" cut is the quantile over every sample of the epoch, not only those asked for.
+        cut = conn.execute(_HARD_CUT, {"files": this_epoch, "q": rule.hard_quantile}).fetchall()
+        hard_cut = np.inf if not cut or cut[0][0] is None else float(cut[0][0])
+        query = _QUERY
+        if indices is not None:
+            conn.register("wanted", pa.table({"idx": pa.array(np.asarray(indices, dtype=np.int64))}))
+            query = query.replace("-- wanted", 'WHERE "index" IN (SELECT idx FROM wanted)')
+        reader = conn.sql(query, params={"files": files, "epoch": epoch}).to_arrow_reader(batch_rows)
+        for batch in reader:
+            yield _with_flags(batch, hard_cut, rule)
     finally:
         conn.close()
-    loss = table.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
-    finite = np.isfinite(loss)
-    cut = np.quantile(loss[finite], rule.hard_quantile) if finite.any() else np.inf
-    hard = finite & (loss >= cut)
-    aum = table.column("aum").to_numpy(zero_copy_only=False).astype(np.float64)
-    n_epochs = table.column("epochs").to_numpy(zero_copy_only=False)
+
+
+def _with_flags(batch: pa.RecordBatch, hard_cut: float, rule: FlagRule) -> pa.RecordBatch:
+    loss = batch.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
+    hard = np.isfinite(loss) & (loss >= hard_cut)
+    aum = batch.column("aum").to_numpy(zero_copy_only=False).astype(np.float64)
+    n_epochs = batch.column("epochs").to_numpy(zero_copy_only=False)
     mislabelled = np.isfinite(aum) & (aum < rule.aum_threshold) & (n_epochs >= MIN_EPOCHS_FOR_MISLABELLED)
-    table = table.append_column("hard", pa.array(hard)).append_column("mislabelled", pa.array(mislabelled))
-    return epoch, table.select(list(STAT_COLUMNS))
+    columns = {name: batch.column(name) for name in batch.schema.names}
+    columns["hard"], columns["mislabelled"] = pa.array(hard), pa.array(mislabelled)
+    return pa.RecordBatch.from_arrays([columns[name].cast(_SCHEMA.field(name).type) for name in STAT_COLUMNS],
+                                      schema=_SCHEMA)
 
 
-def _empty() -> pa.Table:
-    types = {"index": pa.int64(), "label": pa.int64(), "pred": pa.int64(), "correct": pa.bool_(),
-             "epochs": pa.int32(), "forgetting": pa.int32(), "hard": pa.bool_(), "mislabelled": pa.bool_()}
-    return pa.schema([(name, types.get(name, pa.float64())) for name in STAT_COLUMNS]).empty_table()
+_TYPES = {"index": pa.int64(), "label": pa.int64(), "pred": pa.int64(), "correct": pa.bool_(),
+          "epochs": pa.int32(), "forgetting": pa.int32(), "hard": pa.bool_(), "mislabelled": pa.bool_()}
+_SCHEMA = pa.schema([(name, _TYPES.get(name, pa.float64())) for name in STAT_COLUMNS])
 
 
 def flag_counts(table: pa.Table) -> dict[str, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["SCHEMA_VERSION", "connect", "create_schema"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (
@@ -65,6 +65,28 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     reason TEXT NOT NULL,
     time REAL NOT NULL,
     bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slices (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    run_id INTEGER NOT NULL,
+    epoch INTEGER,
+    split TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clusterings (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    epoch INTEGER,
+    features TEXT NOT NULL,
+    k INTEGER NOT NULL,
+    silhouette REAL,
+    details TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sample_files (
     run_id INTEGER NOT NULL,

@@ -8,9 +8,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..errors import StoreError
+from ..errors import NotFoundError, StoreError
 from .db import connect
 from .samples import read_samples
 from .session import DB_FILE, sessions_root
@@ -89,6 +91,52 @@ class SessionReader:
     def samples(self, run_id: int | None = None, *, epoch: int | None = None,
                 split: str = "train") -> pa.Table:
         return read_samples(self.dir, run_id, epoch=epoch, split=split)
+
+    # ---- slices and clusterings ---------------------------------------------------------------
+    def slices(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM slices ORDER BY id")
+        for row in rows:
+            row["definition"] = json.loads(row["definition"])
+        return rows
+
+    def slice(self, name: str) -> dict[str, Any]:
+        """A saved slice by name (its definition and where its indices are)."""
+        for row in self.slices():
+            if row["name"] == name:
+                return row
+        names = ", ".join(repr(r["name"]) for r in self.slices()) or "none yet"
+        raise NotFoundError(f"no slice named {name!r} in this session (saved slices: {names})")
+
+    def slice_indices(self, record: dict[str, Any]) -> np.ndarray:
+        """The sample indices a saved slice resolved to when it was saved."""
+        path = self.dir / record["path"]
+        try:
+            return pq.read_table(path, columns=["index"]).column("index").to_numpy()
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"cannot read the indices of slice {record['name']!r} from {path}: {exc}") from exc
+
+    def clusterings(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM clusterings", ()
+        if run_id is not None:
+            sql, args = sql + " WHERE run_id = ?", (run_id,)
+        rows = self._query(sql + " ORDER BY id", args)
+        for row in rows:
+            row["details"] = json.loads(row["details"])
+        return rows
+
+    def clustering(self, clustering_id: int) -> dict[str, Any]:
+        for row in self.clusterings():
+            if row["id"] == clustering_id:
+                return row
+        raise NotFoundError(f"no clustering {clustering_id} in this session")
+
+    def clustering_points(self, record: dict[str, Any]) -> pa.Table:
+        """Per sample: index, cluster, x, y (the 2-D projection)."""
+        path = self.dir / record["path"]
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"cannot read clustering {record['id']} from {path}: {exc}") from exc
 
 
 def open_session(session: str | Path) -> SessionReader:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "part_files", "read_samples"]
+__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "part_files", "read_samples", "write_table"]
 
 # Rows per Parquet file: large enough for efficient scans, small enough to bound memory.
 ROWS_PER_PART = 65_536
@@ -133,11 +133,7 @@ class SampleSink:
         self._parts[key] = part + 1
         table = pa.concat_tables([c.to_arrow() for c in chunks])
         rel = Path("samples") / f"run-{run_id}" / split / f"epoch-{epoch:05d}-part-{part:05d}.parquet"
-        path = self._dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd")
-        os.replace(tmp, path)
+        write_table(self._dir / rel, table)
         steps = table.column("step")
         return WrittenPart(
             run_id=run_id,
@@ -148,6 +144,14 @@ class SampleSink:
             first_step=int(pc.min(steps).as_py()),
             last_step=int(pc.max(steps).as_py()),
         )
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    """Write a Parquet file under a temporary name, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd")
+    os.replace(tmp, path)
 
 
 def part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Path]:

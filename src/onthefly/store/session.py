@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from .._version import __version__
-from ..errors import StoreError
+from ..errors import StateError, StoreError
 from .checkpoints import write_checkpoint
 from .db import SCHEMA_VERSION, connect, create_schema
-from .samples import SampleChunk
+from .samples import SampleChunk, write_table
 from .writer import StoreWriter, _Sql
 
 try:
@@ -191,6 +193,8 @@ class SessionStore:
         self._seq = 0
         self._next_run = 1
         self._next_checkpoint = 1
+        self._next_slice = 1
+        self._next_clustering = 1
         self._closed = False
 
     # ---- runs -----------------------------------------------------------------------
@@ -268,6 +272,56 @@ class SessionStore:
 
         self._writer.task(write)
         return ckpt_id, target
+
+    # ---- slices and clusterings (block until written) -------------------------------------
+    def save_slice(self, *, name: str, run_id: int, epoch: int | None, split: str,
+                   definition: Mapping[str, Any], indices: np.ndarray) -> dict[str, Any]:
+        """Save a named slice: its definition, and the indices it resolved to (a Parquet file)."""
+        with self._ids_lock:
+            slice_id, self._next_slice = self._next_slice, self._next_slice + 1
+        rel = f"slices/slice-{slice_id:05d}.parquet"
+        record = {"id": slice_id, "name": name, "run_id": run_id, "epoch": epoch, "split": split,
+                  "definition": dict(definition), "count": int(len(indices)), "path": rel,
+                  "created": time.time()}
+
+        def write() -> list[_Sql]:
+            write_table(self.dir / rel, pa.table({"index": pa.array(np.asarray(indices, dtype=np.int64))}))
+            return [_Sql("INSERT INTO slices (id, name, run_id, epoch, split, definition, count, path, created)"
+                         " VALUES (?,?,?,?,?,?,?,?,?)",
+                         [(slice_id, name, run_id, epoch, split, json.dumps(record["definition"]),
+                           record["count"], rel, record["created"])])]
+
+        try:
+            self._writer.task(write)
+        except sqlite3.IntegrityError as exc:
+            (self.dir / rel).unlink(missing_ok=True)
+            raise StateError(f"a slice named {name!r} already exists in this session; pick another "
+                             "name or delete that slice first") from exc
+        return record
+
+    def delete_slice(self, slice_id: int, path: str) -> None:
+        def delete() -> list[_Sql]:
+            (self.dir / path).unlink(missing_ok=True)
+            return [_Sql("DELETE FROM slices WHERE id = ?", [(slice_id,)])]
+
+        self._writer.task(delete)
+
+    def save_clustering(self, *, run_id: int, epoch: int | None, features: str, k: int,
+                        silhouette: float | None, details: Mapping[str, Any], points: pa.Table) -> int:
+        """Save a clustering: a summary row, and per sample (index, cluster, x, y) in Parquet."""
+        with self._ids_lock:
+            clustering_id, self._next_clustering = self._next_clustering, self._next_clustering + 1
+        rel = f"clusters/clustering-{clustering_id:05d}.parquet"
+
+        def write() -> list[_Sql]:
+            write_table(self.dir / rel, points)
+            return [_Sql("INSERT INTO clusterings (id, run_id, epoch, features, k, silhouette, details, path,"
+                         " created) VALUES (?,?,?,?,?,?,?,?,?)",
+                         [(clustering_id, run_id, epoch, features, k, silhouette,
+                           json.dumps(dict(details), default=str), rel, time.time())])]
+
+        self._writer.task(write)
+        return clustering_id
 
     # ---- life cycle ---------------------------------------------------------------------
     @property
