@@ -558,12 +558,17 @@ def test_the_distribution_matches_the_stored_losses(trained: LiveSession, bins: 
     assert q["p50"] <= q["p90"] <= q["p99"]
     expected = np.quantile(losses.astype(np.float64), [0.5, 0.9, 0.99])
     assert [q["p50"], q["p90"], q["p99"]] == pytest.approx(expected.tolist(), rel=1e-6)
+    assert q["p95"] == pytest.approx(float(np.quantile(losses.astype(np.float64), 0.95)), rel=1e-6)
+    median = float(np.median(losses.astype(np.float64)))
+    assert dist["median"] == pytest.approx(median, rel=1e-6) and dist["exact"] is True
+    assert dist["mad"] == pytest.approx(float(np.median(np.abs(losses - median))), rel=1e-5)
     assert trained.get("/api/runs/1/distribution", epoch=0, bins=bins) == dist
 
 
 def test_the_distribution_of_an_epoch_not_recorded_is_empty(trained: LiveSession) -> None:
     dist = trained.get("/api/runs/1/distribution", epoch=5)
-    assert dist == {"epoch": 5, "epochs": [0], "count": 0, "edges": [], "counts": [], "quantiles": None}
+    assert dist == {"epoch": 5, "epochs": [0], "count": 0, "edges": [], "counts": [], "quantiles": None,
+                    "live": False, "exact": True, "mean": None, "median": None, "mad": None}
 
 
 def test_hard_samples_are_the_highest_losses_in_descending_order(trained: LiveSession) -> None:

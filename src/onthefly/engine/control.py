@@ -91,6 +91,27 @@ def _check_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     return {"path": path}
 
 
+def _check_cluster(args: dict[str, Any]) -> dict[str, Any]:
+    args = dict(args)
+    features = args.pop("features", "signals")
+    if features not in ("signals", "embeddings"):
+        raise ConfigError(f"features must be 'signals' or 'embeddings', got {features!r}")
+    subset = args.pop("subset", "all")
+    if subset not in ("all", "hard"):
+        raise ConfigError(f"subset must be 'all' or 'hard', got {subset!r}")
+    k = args.pop("k", None)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 50):
+        raise ConfigError(f"k must be a whole number from 2 to 50, or omitted (chosen by silhouette), got {k!r}")
+    epoch = args.pop("epoch", None)
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ConfigError(f"epoch must be a whole number >= 0, got {epoch!r}")
+    layer = args.pop("layer", None)
+    if layer is not None and (not isinstance(layer, str) or len(layer) > 500):
+        raise ConfigError(f"layer must be a module name (a string), got {layer!r}")
+    _no_args(args)
+    return {"features": features, "subset": subset, "k": k, "epoch": epoch, "layer": layer}
+
+
 COMMANDS = {
     "run": _no_args,
     "pause": _no_args,
@@ -101,6 +122,7 @@ COMMANDS = {
     "set_lr": _check_set_lr,
     "set_weight_decay": _check_set_wd,
     "checkpoint": _check_checkpoint,
+    "cluster": _check_cluster,  # carried out by a handler the composer registers (Run.handlers)
 }
 
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, DataError, LossError, OnTheFlyError, StateError
 from ..signals.grad_norm import GradNormTracker
 from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
+from ..signals.quantiles import Reservoir
 from ..signals.recorder import (
     CONFIDENCE,
     GRAD_NORM,
@@ -135,6 +136,13 @@ class Run:
         self.evaluator: Evaluator | None = None
         self.on_close: list[Callable[[], None]] = []  # called once the run is closed
         self.eval_splits: set[str] = set()  # splits the evaluator can run ("val", "test")
+        # Commands carried out outside the engine (e.g. "cluster", by onthefly.actions), applied at
+        # a step boundary like any other: kind -> handler(args) -> result for the event log.
+        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {}
+        # embed(indices, layer) -> (layer, features): the model's view of training samples, for
+        # clustering; set by Trainer, which knows how a batch feeds the model.
+        self.embed: Callable[[np.ndarray, str | None], tuple[str, np.ndarray]] | None = None
+        self.train_dataset: Any = None  # the dataset of the loader last trained on
         self.batches_per_epoch: int | None = None
         self._wait_for_run = wait_for_run
         self._stop = False
@@ -147,6 +155,8 @@ class Run:
         self._nonfinite: tuple[int, int] | None = None
         self._reported_drops = 0
         self._epoch_loss: dict[int, list[float]] = {}
+        # A uniform sample of the epoch in progress's per-sample losses: live, approximate views.
+        self._live: tuple[int, Reservoir] | None = None
         self._trackers: dict[int, TrackedLoader] = {}
         self._closed = False
         self._started = time.time()
@@ -221,6 +231,7 @@ class Run:
             iterator = tracked.begin()
         self._resume_rng = None
         self._generators = generators
+        self.train_dataset = tracked.original.dataset
         self.batches_per_epoch = tracked.length
         self.recorder.begin_epoch(self.run_id, "train", self.epoch)
         self.bus.publish("epoch_started", {"batches": tracked.length}, **self._where())
@@ -404,6 +415,7 @@ class Run:
         kind, args = command.kind, command.args
         status = self.status
         rejected: str | None = None
+        result: dict[str, Any] | None = None
         if kind == "pause":
             if status == RunStatus.RUNNING:
                 self.recorder.flush()
@@ -434,7 +446,16 @@ class Run:
                 self.save_checkpoint(args["path"], reason="command")
             except (OnTheFlyError, OSError) as exc:  # e.g. a full disk: say so, keep training
                 rejected = f"the checkpoint failed: {exc}"
+        elif kind in self.handlers:
+            try:
+                result = self.handlers[kind](args)
+            except Exception as exc:  # an action that fails must not end the training
+                rejected = f"{kind} failed: {exc}"
+        else:
+            rejected = f"this run has no handler for {kind!r}"
         payload = {"id": command.id, "command": kind, "args": args}
+        if result is not None:
+            payload["result"] = result
         if rejected is not None:
             self.bus.publish("command_rejected", {**payload, "reason": rejected}, **self._where())
         else:
@@ -490,7 +511,8 @@ class Run:
         }
         if self.status not in by_status:
             return []
-        return by_status[self.status] + test + settings
+        actions = sorted(self.handlers) if self.status != RunStatus.CREATED else []
+        return by_status[self.status] + test + settings + actions
 
     @property
     def closed(self) -> bool:
@@ -516,6 +538,10 @@ class Run:
             bad = ~np.isfinite(rows[:, LOSS])
             if bad.any() and self._nonfinite is None:
                 self._nonfinite = (int(packet.row_steps[bad][0]), int(bad.sum()))
+            if packet.split == "train":
+                if self._live is None or self._live[0] != packet.epoch:
+                    self._live = (packet.epoch, Reservoir())
+                self._live[1].add(rows[:, LOSS])
             sums = self._epoch_loss.setdefault(packet.epoch, [0.0, 0])
             sums[0] += float(rows[:, LOSS].astype(np.float64).sum())
             sums[1] += len(rows)
@@ -538,6 +564,8 @@ class Run:
             self.bus.publish("progress", {**self.latest, "batch_in_epoch": self.batch_in_epoch},
                              run_id=packet.run_id, step=last_step, epoch=packet.epoch, persist=False)
         if packet.closes_epoch:
+            if packet.split == "train" and self._live is not None and self._live[0] == packet.epoch:
+                self._live = None  # the store now has the whole epoch: exact views from here on
             self.session.close_epoch(packet.run_id, packet.split, packet.epoch)
             total, count = self._epoch_loss.pop(packet.epoch, [0.0, 0])
             if count:
@@ -547,6 +575,10 @@ class Run:
                 self.bus.publish("epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
                                  run_id=packet.run_id, step=int(self.latest.get("step", 0)),
                                  epoch=packet.epoch)
+
+    def live_losses(self) -> tuple[int, Reservoir] | None:
+        """(epoch, reservoir) of the training epoch in progress, None between epochs."""
+        return self._live
 
     def _check_health(self) -> None:
         if self._nonfinite is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,6 +27,7 @@ from ..signals.per_sample import LossFn, PerSampleLoss
 from .batch import BatchSpec, Field, Fields, ForwardFn, batch_size_of, describe, to_device
 from .callbacks import Callback
 from .device import autocast_dtype, pick_device
+from .embed import embeddings
 from .evaluate import evaluate
 from .loader import TrackedLoader
 from .progress import ProgressDisplay
@@ -132,6 +134,8 @@ class Trainer:
                     "per_sample_loss": self.loss.method},
         )
         self.run.evaluator = self._evaluate
+        self.run.embed = self._embed
+        self.run.train_dataset = train_loader.dataset
         self.run.eval_splits = {s for s, ld in (("val", val_loader), ("test", test_loader)) if ld is not None}
         self._checked_first_step = False
         self._deferred = False  # decided at the first step (see _small_rows)
@@ -275,6 +279,10 @@ class Trainer:
         if loader is None:
             return None
         return evaluate(self.model, loader, self.loss, self.spec, self.device, self._autocast)
+
+    def _embed(self, indices: np.ndarray, layer: str | None) -> tuple[str, np.ndarray]:
+        return embeddings(self.model, self.train_loader.original, indices, self.spec, self.device, layer,
+                          self._autocast)
 
     def summary(self) -> FitSummary:
         run = self.run

@@ -149,16 +149,22 @@ class EventPage(BaseModel):
 class Quantiles(BaseModel):
     p50: float
     p90: float
+    p95: float
     p99: float
 
 
 class Distribution(BaseModel):
     epoch: int | None
     epochs: list[int]
+    live: bool = Field(description="true: the epoch in progress, from a uniform sample of its losses so far")
+    exact: bool = Field(description="false: quantiles estimated from a uniform sample (live epoch)")
     count: int
     edges: list[float]
     counts: list[int]
     quantiles: Quantiles | None
+    mean: float | None
+    median: float | None
+    mad: float | None = Field(description="median absolute deviation from the median")
 
 
 class HardSample(BaseModel):

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from ..errors import ConfigError
 from ..store.samples import part_files
 
-__all__ = ["STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "iter_sample_stats", "sample_stats"]
+__all__ = ["STATS_SCHEMA", "STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "iter_sample_stats", "sample_stats"]
 
 MIN_EPOCHS_FOR_MISLABELLED = 2
 
@@ -109,7 +109,7 @@ def sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, sp
     """(epoch, table): one row per sample seen at ``epoch`` (default: the latest with data), with
     the columns in ``STAT_COLUMNS``, sorted by index; only ``indices`` when given."""
     epoch, batches = iter_sample_stats(session_dir, run_id, epoch, split=split, rule=rule, indices=indices)
-    return epoch, pa.Table.from_batches(list(batches), schema=_SCHEMA)
+    return epoch, pa.Table.from_batches(list(batches), schema=STATS_SCHEMA)
 
 
 def iter_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, split: str = "train",
@@ -155,13 +155,13 @@ def _with_flags(batch: pa.RecordBatch, hard_cut: float, rule: FlagRule) -> pa.Re
     mislabelled = np.isfinite(aum) & (aum < rule.aum_threshold) & (n_epochs >= MIN_EPOCHS_FOR_MISLABELLED)
     columns = {name: batch.column(name) for name in batch.schema.names}
     columns["hard"], columns["mislabelled"] = pa.array(hard), pa.array(mislabelled)
-    return pa.RecordBatch.from_arrays([columns[name].cast(_SCHEMA.field(name).type) for name in STAT_COLUMNS],
-                                      schema=_SCHEMA)
+    return pa.RecordBatch.from_arrays([columns[name].cast(STATS_SCHEMA.field(name).type) for name in STAT_COLUMNS],
+                                      schema=STATS_SCHEMA)
 
 
 _TYPES = {"index": pa.int64(), "label": pa.int64(), "pred": pa.int64(), "correct": pa.bool_(),
           "epochs": pa.int32(), "forgetting": pa.int32(), "hard": pa.bool_(), "mislabelled": pa.bool_()}
-_SCHEMA = pa.schema([(name, _TYPES.get(name, pa.float64())) for name in STAT_COLUMNS])
+STATS_SCHEMA = pa.schema([(name, _TYPES.get(name, pa.float64())) for name in STAT_COLUMNS])
 
 
 def flag_counts(table: pa.Table) -> dict[str, int]:

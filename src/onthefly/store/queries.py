@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..signals.quantiles import robust_summary
 from .db import connect
 from .samples import part_files
 
-__all__ = ["hardest_samples", "loss_distribution", "metric_series", "sample_epochs"]
+__all__ = ["hardest_samples", "histogram", "loss_distribution", "metric_series", "quantile_band", "sample_epochs",
+           "sample_history", "top_k"]
 
 
 def _finite(value: Any) -> float | None:
@@ -71,25 +73,79 @@ def _epoch_files(session_dir: Path, run_id: int, epoch: int, split: str) -> list
 
 def loss_distribution(session_dir: Path, run_id: int, epoch: int | None = None, *, bins: int = 50,
                       split: str = "train") -> dict[str, Any]:
-    """Histogram and p50/p90/p99 of per-sample loss for one epoch (default: the latest)."""
+    """Histogram, quantiles p50/p90/p95/p99, median and MAD of per-sample loss for one epoch
+    (default: the latest), exact: computed from every stored value."""
     epochs = sample_epochs(session_dir, run_id, split)
     if epoch is None and epochs:
         epoch = epochs[-1]
-    empty = {"epoch": epoch, "epochs": epochs, "count": 0, "edges": [], "counts": [], "quantiles": None}
-    if epoch is None:
-        return empty
-    files = _epoch_files(session_dir, run_id, epoch, split)
+    files = _epoch_files(session_dir, run_id, epoch, split) if epoch is not None else []
+    losses = (np.concatenate([pq.read_table(f, columns=["loss"]).column("loss").to_numpy() for f in files])
+              if files else np.empty(0, dtype=np.float32))
+    return histogram(losses, epoch=epoch, epochs=epochs, bins=bins)
+
+
+def histogram(losses: np.ndarray, *, epoch: int | None, epochs: list[int], bins: int, exact: bool = True,
+              count: int | None = None, live: bool = False) -> dict[str, Any]:
+    """A distribution view of ``losses`` (all of an epoch's, or a uniform sample of ``count``)."""
+    summary = robust_summary(losses, exact=exact, count=count)
+    finite = losses[np.isfinite(losses)]
+    counts, edges = np.histogram(finite, bins=bins) if finite.size else (np.empty(0), np.empty(0))
+    if count is not None and finite.size:  # a sample: scale its counts to the whole
+        counts = np.round(counts * (count / finite.size))
+    return {"epoch": epoch, "epochs": epochs, "live": live, **summary,
+            "edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _duck() -> Any:
+    import duckdb
+
+    conn = duckdb.connect()
+    conn.execute("SET threads TO 2")
+    return conn
+
+
+def top_k(files: list[Path], k: int, *, column: str = "loss", columns: tuple[str, ...] = (
+        "index", "loss", "label", "pred", "margin", "correct")) -> list[dict[str, Any]]:
+    """The ``k`` rows with the highest ``column`` (non-finite values last), in descending order."""
     if not files:
-        return empty
-    losses = np.concatenate([pq.read_table(f, columns=["loss"]).column("loss").to_numpy() for f in files])
-    losses = losses[np.isfinite(losses)]
-    if losses.size == 0:
-        return {**empty, "count": 0}
-    counts, edges = np.histogram(losses, bins=bins)
-    p50, p90, p99 = np.quantile(losses, [0.5, 0.9, 0.99])
-    return {"epoch": epoch, "epochs": epochs, "count": int(losses.size),
-            "edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
-            "quantiles": {"p50": float(p50), "p90": float(p90), "p99": float(p99)}}
+        return []
+    conn = _duck()
+    try:
+        cols = ", ".join(f'"{c}"' for c in columns)
+        return conn.sql(  # DuckDB's top-k keeps a heap of k rows: one pass, no full sort
+            f'SELECT {cols} FROM read_parquet($files) ORDER BY isfinite("{column}") DESC, "{column}" DESC '
+            "LIMIT $k", params={"files": [str(f) for f in files], "k": k}).to_arrow_table().to_pylist()
+    finally:
+        conn.close()
+
+
+def sample_history(session_dir: Path, run_id: int, index: int, *, split: str = "train") -> list[dict[str, Any]]:
+    """Every recorded row of one sample, in order of step: its loss, margin... epoch by epoch."""
+    files = [str(p) for p in part_files(session_dir, run_id, split)]
+    if not files:
+        return []
+    conn = _duck()
+    try:
+        rows = conn.sql('SELECT epoch, step, loss, margin, pred, label, correct, confidence, grad_norm '
+                        'FROM read_parquet($files) WHERE "index" = $index ORDER BY step',
+                        params={"files": files, "index": index}).to_arrow_table().to_pylist()
+    finally:
+        conn.close()
+    return [{k: _finite(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+
+
+def quantile_band(files: list[Path], low: float, high: float) -> Any:
+    """Indices whose loss lies between the ``low`` and ``high`` quantiles of the files' losses."""
+    conn = _duck()
+    try:
+        names = [str(f) for f in files]
+        (lo, hi), = conn.execute('SELECT quantile_cont(loss, $low), quantile_cont(loss, $high) '
+                                 'FROM read_parquet($files) WHERE isfinite(loss)',
+                                 {"files": names, "low": low, "high": high}).fetchall()
+        return conn.sql('SELECT "index" FROM read_parquet($files) WHERE loss BETWEEN $lo AND $hi',
+                        params={"files": names, "lo": lo, "hi": hi}).to_arrow_table().column("index").to_numpy()
+    finally:
+        conn.close()
 
 
 def hardest_samples(session_dir: Path, run_id: int, epoch: int | None = None, *, k: int = 20,
@@ -100,18 +156,6 @@ def hardest_samples(session_dir: Path, run_id: int, epoch: int | None = None, *,
         epoch = epochs[-1] if epochs else None
     if epoch is None:
         return {"epoch": None, "rows": []}
-    files = _epoch_files(session_dir, run_id, epoch, split)
-    rows: list[dict[str, Any]] = []
-    if files:
-        import pyarrow as pa
-
-        table = pa.concat_tables(pq.read_table(f, columns=["index", "loss", "label", "pred", "margin", "correct"])
-                                 for f in files)
-        loss = table.column("loss").to_numpy(zero_copy_only=False)
-        loss = np.where(np.isfinite(loss), loss, -np.inf)
-        k = min(k, len(loss))
-        top = np.argpartition(-loss, k - 1)[:k] if k else np.array([], dtype=np.int64)
-        top = top[np.argsort(-loss[top], kind="stable")]
-        picked = table.take(pa.array(top)).to_pylist()
-        rows = [{**r, "loss": _finite(r["loss"]), "margin": _finite(r["margin"])} for r in picked]
-    return {"epoch": epoch, "rows": rows}
+    rows = top_k(_epoch_files(session_dir, run_id, epoch, split), k)
+    return {"epoch": epoch, "rows": [{**r, "loss": _finite(r["loss"]), "margin": _finite(r["margin"])}
+                                     for r in rows]}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import NotFoundError, StoreError
 from .db import connect
-from .samples import read_samples
+from .samples import part_files, read_samples
 from .session import DB_FILE, sessions_root
 
 __all__ = ["SessionReader", "open_session"]
@@ -92,6 +92,21 @@ class SessionReader:
                 split: str = "train") -> pa.Table:
         return read_samples(self.dir, run_id, epoch=epoch, split=split)
 
+    def complete_epochs(self, run_id: int, split: str = "train") -> list[int]:
+        """Epochs whose per-sample values are all written (the epoch_summary event is stored
+        after the epoch's last Parquet part: one writer, in order)."""
+        rows = self._query("SELECT DISTINCT epoch FROM events WHERE run_id = ? AND kind = 'epoch_summary' "
+                           "AND json_extract(payload, '$.split') = ? ORDER BY epoch", (run_id, split))
+        return [int(r["epoch"]) for r in rows]
+
+    def default_epoch(self, run_id: int, split: str = "train") -> int | None:
+        """The epoch views show by default: the latest complete one, else the latest with data."""
+        complete = self.complete_epochs(run_id, split)
+        if complete:
+            return complete[-1]
+        epochs = sorted({int(p.name[6:11]) for p in part_files(self.dir, run_id, split)})
+        return epochs[-1] if epochs else None
+
     # ---- slices and clusterings ---------------------------------------------------------------
     def slices(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM slices ORDER BY id")
@@ -116,7 +131,8 @@ class SessionReader:
             raise StoreError(f"cannot read the indices of slice {record['name']!r} from {path}: {exc}") from exc
 
     def clusterings(self, run_id: int | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM clusterings", ()
+        sql = "SELECT * FROM clusterings"
+        args: tuple[Any, ...] = ()
         if run_id is not None:
             sql, args = sql + " WHERE run_id = ?", (run_id,)
         rows = self._query(sql + " ORDER BY id", args)

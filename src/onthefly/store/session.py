@@ -281,7 +281,7 @@ class SessionStore:
             slice_id, self._next_slice = self._next_slice, self._next_slice + 1
         rel = f"slices/slice-{slice_id:05d}.parquet"
         record = {"id": slice_id, "name": name, "run_id": run_id, "epoch": epoch, "split": split,
-                  "definition": dict(definition), "count": int(len(indices)), "path": rel,
+                  "definition": dict(definition), "count": len(indices), "path": rel,
                   "created": time.time()}
 
         def write() -> list[_Sql]:

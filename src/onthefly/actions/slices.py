@@ -1,0 +1,205 @@
+"""Slices: named sets of samples, saved in the session with their definition and the indices
+they resolved to at a given run and epoch.
+
+A definition is one of (JSON, as the API takes it):
+
+* ``{"kind": "loss_band", "low": 1.2, "high": null}`` - per-sample loss in [low, high] at the
+  epoch; with ``"quantiles": true`` the bounds are quantiles (``{"low": 0.9, "high": 1.0}`` is the
+  top decile);
+* ``{"kind": "cluster", "clustering": 3, "cluster": 1}`` - one cluster of a saved clustering;
+* ``{"kind": "label", "label": 7}``;
+* ``{"kind": "indices", "indices": [4, 8, 15]}`` - a hand-picked list;
+* ``{"kind": "flag", "flag": "hard"}`` or ``"mislabelled"``;
+* ``{"kind": "filter", "where": [{"signal": "loss", "op": ">", "value": "p90"},
+  {"signal": "margin", "op": "<", "value": 0}]}`` - every condition holds; a value may be a
+  number or a quantile of that signal (p50, p90, p95, p99).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from ..errors import ConfigError, NotFoundError, StateError
+from ..signals.dynamics import sample_stats
+from ..signals.quantiles import QUANTILES
+from ..store.reader import SessionReader
+from ..store.session import SessionStore
+
+__all__ = ["SLICE_NAME", "SliceDefinition", "delete_slice", "parse_definition", "resolve_slice", "save_slice"]
+
+SLICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$"
+MAX_LISTED = 1_000_000
+SIGNALS = ("loss", "margin", "confidence", "grad_norm", "aum", "forgetting", "confidence_mean", "variability",
+           "label", "pred", "epochs")
+
+
+class _Definition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LossBand(_Definition):
+    kind: Literal["loss_band"]
+    low: float | None = Field(default=None, allow_inf_nan=False, description="lower bound (inclusive)")
+    high: float | None = Field(default=None, allow_inf_nan=False, description="upper bound (inclusive)")
+    quantiles: bool = Field(default=False, description="bounds are quantiles in [0, 1], not loss values")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LossBand:
+        if self.low is None and self.high is None:
+            raise ValueError("a loss band needs low, high, or both")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.quantiles and any(b is not None and not 0 <= b <= 1 for b in (self.low, self.high)):
+            raise ValueError("with quantiles=true, low and high are quantiles between 0 and 1")
+        return self
+
+
+class ClusterSlice(_Definition):
+    kind: Literal["cluster"]
+    clustering: int = Field(ge=1, le=2**31, description="a saved clustering's id")
+    cluster: int = Field(ge=0, le=10_000)
+
+
+class LabelSlice(_Definition):
+    kind: Literal["label"]
+    label: int = Field(ge=-(2**62), le=2**62)
+
+
+class IndexList(_Definition):
+    kind: Literal["indices"]
+    indices: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(min_length=1, max_length=MAX_LISTED)
+
+
+class FlagSlice(_Definition):
+    kind: Literal["flag"]
+    flag: Literal["hard", "mislabelled"]
+
+
+class Condition(_Definition):
+    signal: Literal[SIGNALS]  # type: ignore[valid-type]
+    op: Literal[">", ">=", "<", "<=", "==", "!="]
+    value: float | Literal["p50", "p90", "p95", "p99"] = Field(allow_inf_nan=False)
+
+
+class FilterSlice(_Definition):
+    kind: Literal["filter"]
+    where: list[Condition] = Field(min_length=1, max_length=16)
+
+
+SliceDefinition = Annotated[
+    LossBand | ClusterSlice | LabelSlice | IndexList | FlagSlice | FilterSlice, Field(discriminator="kind")
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(SliceDefinition)
+
+
+def parse_definition(definition: Any) -> Any:
+    """Validate a definition given as a dict (or a model); raises ConfigError saying what is wrong."""
+    if isinstance(definition, BaseModel):
+        definition = definition.model_dump()
+    try:
+        return _ADAPTER.validate_python(definition)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'definition'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"not a valid slice definition ({problems}). See onthefly.actions.slices for "
+                          "the kinds: loss_band, cluster, label, indices, flag, filter.") from exc
+
+
+_OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal, "==": np.equal,
+        "!=": np.not_equal}
+
+
+def resolve_slice(reader: SessionReader, run_id: int, definition: Any, epoch: int | None = None,
+                  *, split: str = "train") -> tuple[int | None, np.ndarray]:
+    """(epoch, sorted sample indices) that ``definition`` selects in a run at an epoch (default:
+    the latest with per-sample data; a cluster slice uses its clustering's epoch)."""
+    spec = parse_definition(definition)
+    if isinstance(spec, ClusterSlice):
+        record = reader.clustering(spec.clustering)
+        if record["run_id"] != run_id:
+            raise ConfigError(f"clustering {spec.clustering} belongs to run {record['run_id']}, not run {run_id}")
+        if spec.cluster >= record["k"]:
+            raise ConfigError(f"clustering {spec.clustering} has clusters 0..{record['k'] - 1}, not {spec.cluster}")
+        points = reader.clustering_points(record)
+        mask = points.column("cluster").to_numpy() == spec.cluster
+        return record["epoch"], np.sort(points.column("index").to_numpy()[mask])
+    if epoch is None:
+        epoch = reader.default_epoch(run_id, split)
+    epoch, table = sample_stats(reader.dir, run_id, epoch, split=split)
+    if table.num_rows == 0:
+        raise StateError(f"run {run_id} has no per-sample values at epoch {epoch} yet: train an epoch first")
+    index = table.column("index").to_numpy()
+    if isinstance(spec, IndexList):
+        wanted = np.unique(np.asarray(spec.indices, dtype=np.int64))
+        unknown = np.setdiff1d(wanted, index)
+        if unknown.size:
+            raise ConfigError(f"{unknown.size} of the listed indices are not samples of run {run_id} at epoch "
+                              f"{epoch} (e.g. {', '.join(map(str, unknown[:5]))})")
+        return epoch, wanted
+    return epoch, index[_mask(spec, table)]
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _mask(spec: Any, table: pa.Table) -> np.ndarray:
+    if isinstance(spec, LossBand):
+        loss = _column(table, "loss")
+        finite = np.isfinite(loss)
+        low, high = spec.low, spec.high
+        if spec.quantiles and finite.any():
+            low = None if low is None else float(np.quantile(loss[finite], low))
+            high = None if high is None else float(np.quantile(loss[finite], high))
+        mask = finite.copy()
+        if low is not None:
+            mask &= loss >= low
+        if high is not None:
+            mask &= loss <= high
+        return mask
+    if isinstance(spec, LabelSlice):
+        return table.column("label").to_numpy(zero_copy_only=False) == spec.label
+    if isinstance(spec, FlagSlice):
+        return table.column(spec.flag).to_numpy(zero_copy_only=False).astype(bool)
+    assert isinstance(spec, FilterSlice)
+    mask = np.ones(table.num_rows, dtype=bool)
+    for condition in spec.where:
+        values = _column(table, condition.signal)
+        threshold = condition.value
+        if isinstance(threshold, str):
+            finite = values[np.isfinite(values)]
+            threshold = float(np.quantile(finite, QUANTILES[threshold])) if finite.size else np.nan
+        with np.errstate(invalid="ignore"):
+            mask &= _OPS[condition.op](values, threshold)
+    return mask
+
+
+def save_slice(store: SessionStore, name: str, run_id: int, definition: Any, epoch: int | None = None,
+               *, split: str = "train") -> dict[str, Any]:
+    """Resolve ``definition`` and save it as slice ``name`` in the live session ``store``."""
+    if not isinstance(name, str) or not re.match(SLICE_NAME, name):
+        raise ConfigError(f"a slice name is 1-64 letters, digits, spaces, '_', '-' or '.', starting with a "
+                          f"letter or digit; got {name!r}")
+    reader = SessionReader(store.dir)
+    if any(s["name"] == name for s in reader.slices()):
+        raise StateError(f"a slice named {name!r} already exists in this session; pick another name or "
+                         "delete that slice first")
+    if run_id not in {r["id"] for r in reader.runs()}:
+        raise NotFoundError(f"no run {run_id} in this session")
+    spec = parse_definition(definition)
+    store.flush()  # what the run recorded so far is in the files before they are read
+    epoch, indices = resolve_slice(reader, run_id, spec, epoch, split=split)
+    return store.save_slice(name=name, run_id=run_id, epoch=epoch, split=split,
+                            definition=spec.model_dump(), indices=indices)
+
+
+def delete_slice(store: SessionStore, name: str) -> None:
+    record = SessionReader(store.dir).slice(name)
+    store.delete_slice(record["id"], record["path"])
+
+
