@@ -54,7 +54,10 @@ def test_the_document_describes_every_endpoint() -> None:
     assert operations == {
         "GET /api/session", "GET /api/runs/{run_id}", "GET /api/runs/{run_id}/metrics", "GET /api/events",
         "POST /api/runs/{run_id}/commands", "GET /api/runs/{run_id}/distribution",
-        "GET /api/runs/{run_id}/hard-samples",
+        "GET /api/runs/{run_id}/hard-samples", "GET /api/runs/{run_id}/samples",
+        "GET /api/runs/{run_id}/samples/{index}/history", "POST /api/runs/{run_id}/clusters",
+        "GET /api/runs/{run_id}/clusters", "GET /api/clusterings/{clustering_id}", "GET /api/slices",
+        "POST /api/slices", "GET /api/slices/{name}", "DELETE /api/slices/{name}", "GET /api/slices/{name}/export",
     }
 
 

@@ -4,8 +4,9 @@ they resolved to at a given run and epoch.
 A definition is one of (JSON, as the API takes it):
 
 * ``{"kind": "loss_band", "low": 1.2, "high": null}`` - per-sample loss in [low, high] at the
-  epoch; with ``"quantiles": true`` the bounds are quantiles (``{"low": 0.9, "high": 1.0}`` is the
-  top decile);
+  epoch (a missing bound is open);
+* ``{"kind": "quantile_band", "low": 0.9, "high": 1.0}`` - the same with quantiles of the
+  epoch's losses as bounds (this one is the top decile);
 * ``{"kind": "cluster", "clustering": 3, "cluster": 1}`` - one cluster of a saved clustering;
 * ``{"kind": "label", "label": 7}``;
 * ``{"kind": "indices", "indices": [4, 8, 15]}`` - a hand-picked list;
@@ -22,13 +23,14 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from ..errors import ConfigError, NotFoundError, StateError
 from ..signals.dynamics import sample_stats
 from ..signals.quantiles import QUANTILES
 from ..store.reader import SessionReader
 from ..store.session import SessionStore
+from ..strict import StrictModel
 
 __all__ = ["SLICE_NAME", "SliceDefinition", "delete_slice", "parse_definition", "resolve_slice", "save_slice"]
 
@@ -38,25 +40,21 @@ SIGNALS = ("loss", "margin", "confidence", "grad_norm", "aum", "forgetting", "co
            "label", "pred", "epochs")
 
 
-class _Definition(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Definition(StrictModel):
+    pass
 
 
 class LossBand(_Definition):
     kind: Literal["loss_band"]
     low: float | None = Field(default=None, allow_inf_nan=False, description="lower bound (inclusive)")
-    high: float | None = Field(default=None, allow_inf_nan=False, description="upper bound (inclusive)")
-    quantiles: bool = Field(default=False, description="bounds are quantiles in [0, 1], not loss values")
+    high: float | None = Field(default=None, allow_inf_nan=False,
+                               description="upper bound (inclusive); a band with high < low is empty")
 
-    @model_validator(mode="after")
-    def _bounds(self) -> LossBand:
-        if self.low is None and self.high is None:
-            raise ValueError("a loss band needs low, high, or both")
-        if self.low is not None and self.high is not None and self.low > self.high:
-            raise ValueError(f"low ({self.low}) is above high ({self.high})")
-        if self.quantiles and any(b is not None and not 0 <= b <= 1 for b in (self.low, self.high)):
-            raise ValueError("with quantiles=true, low and high are quantiles between 0 and 1")
-        return self
+
+class QuantileBand(_Definition):
+    kind: Literal["quantile_band"]
+    low: float = Field(default=0.0, ge=0.0, le=1.0, description="lower quantile (inclusive)")
+    high: float = Field(default=1.0, ge=0.0, le=1.0, description="upper quantile (inclusive)")
 
 
 class ClusterSlice(_Definition):
@@ -67,12 +65,12 @@ class ClusterSlice(_Definition):
 
 class LabelSlice(_Definition):
     kind: Literal["label"]
-    label: int = Field(ge=-(2**62), le=2**62)
+    label: int = Field(ge=-(2**53), le=2**53)
 
 
 class IndexList(_Definition):
     kind: Literal["indices"]
-    indices: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(min_length=1, max_length=MAX_LISTED)
+    indices: list[Annotated[int, Field(ge=0, le=2**53)]] = Field(min_length=1, max_length=MAX_LISTED)
 
 
 class FlagSlice(_Definition):
@@ -83,7 +81,8 @@ class FlagSlice(_Definition):
 class Condition(_Definition):
     signal: Literal[SIGNALS]  # type: ignore[valid-type]
     op: Literal[">", ">=", "<", "<=", "==", "!="]
-    value: float | Literal["p50", "p90", "p95", "p99"] = Field(allow_inf_nan=False)
+    value: Annotated[float, Field(allow_inf_nan=False)] | Literal["p50", "p90", "p95", "p99"] = Field(
+        description="a number, or a quantile of the signal")
 
 
 class FilterSlice(_Definition):
@@ -92,7 +91,7 @@ class FilterSlice(_Definition):
 
 
 SliceDefinition = Annotated[
-    LossBand | ClusterSlice | LabelSlice | IndexList | FlagSlice | FilterSlice, Field(discriminator="kind")
+    LossBand | QuantileBand | ClusterSlice | LabelSlice | IndexList | FlagSlice | FilterSlice, Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(SliceDefinition)
 
@@ -107,7 +106,7 @@ def parse_definition(definition: Any) -> Any:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'definition'}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"not a valid slice definition ({problems}). See onthefly.actions.slices for "
-                          "the kinds: loss_band, cluster, label, indices, flag, filter.") from exc
+                          "the kinds: loss_band, quantile_band, cluster, label, indices, flag, filter.") from exc
 
 
 _OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal, "==": np.equal,
@@ -122,9 +121,9 @@ def resolve_slice(reader: SessionReader, run_id: int, definition: Any, epoch: in
     if isinstance(spec, ClusterSlice):
         record = reader.clustering(spec.clustering)
         if record["run_id"] != run_id:
-            raise ConfigError(f"clustering {spec.clustering} belongs to run {record['run_id']}, not run {run_id}")
+            raise NotFoundError(f"clustering {spec.clustering} belongs to run {record['run_id']}, not run {run_id}")
         if spec.cluster >= record["k"]:
-            raise ConfigError(f"clustering {spec.clustering} has clusters 0..{record['k'] - 1}, not {spec.cluster}")
+            raise NotFoundError(f"clustering {spec.clustering} has clusters 0..{record['k'] - 1}, not {spec.cluster}")
         points = reader.clustering_points(record)
         mask = points.column("cluster").to_numpy() == spec.cluster
         return record["epoch"], np.sort(points.column("index").to_numpy()[mask])
@@ -138,7 +137,7 @@ def resolve_slice(reader: SessionReader, run_id: int, definition: Any, epoch: in
         wanted = np.unique(np.asarray(spec.indices, dtype=np.int64))
         unknown = np.setdiff1d(wanted, index)
         if unknown.size:
-            raise ConfigError(f"{unknown.size} of the listed indices are not samples of run {run_id} at epoch "
+            raise NotFoundError(f"{unknown.size} of the listed indices are not samples of run {run_id} at epoch "
                               f"{epoch} (e.g. {', '.join(map(str, unknown[:5]))})")
         return epoch, wanted
     return epoch, index[_mask(spec, table)]
@@ -149,13 +148,12 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def _mask(spec: Any, table: pa.Table) -> np.ndarray:
-    if isinstance(spec, LossBand):
+    if isinstance(spec, (LossBand, QuantileBand)):
         loss = _column(table, "loss")
         finite = np.isfinite(loss)
         low, high = spec.low, spec.high
-        if spec.quantiles and finite.any():
-            low = None if low is None else float(np.quantile(loss[finite], low))
-            high = None if high is None else float(np.quantile(loss[finite], high))
+        if isinstance(spec, QuantileBand) and finite.any():
+            low, high = (float(q) for q in np.quantile(loss[finite], [spec.low, spec.high]))
         mask = finite.copy()
         if low is not None:
             mask &= loss >= low

@@ -16,12 +16,21 @@ from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from .._version import __version__
 from ..engine.run import Run
 from ..errors import OnTheFlyError
-from ..store.queries import hardest_samples, loss_distribution, metric_series
+from ..store.queries import (
+    hardest_samples,
+    histogram,
+    loss_distribution,
+    metric_series,
+    sample_epochs,
+)
 from ..store.reader import SessionReader
+from ..store.session import SessionStore
 from .auth import COOKIE
 from .models import (
     CommandAccepted,
@@ -34,6 +43,7 @@ from .models import (
     RunInfo,
     SessionOut,
 )
+from .samples import evidence_routes
 from .stream import EventLog
 
 __all__ = ["DASHBOARD_DIR", "Backend", "create_app"]
@@ -65,6 +75,7 @@ class Backend:
         self.project = project
         self.session_id = session_id
         self.runs: dict[int, Run] = {}
+        self.store: SessionStore | None = None  # the live session's store: slices and clusterings go there
         self.events = EventLog()
         self.clients = 0
         self.delivered: dict[int, int] = {}  # per connected stream: the last seq sent to it
@@ -76,6 +87,8 @@ class Backend:
 
     def add_run(self, run: Run) -> None:
         self.runs[run.run_id] = run
+        if self.store is None:
+            self.store = run.session
         run.bus.subscribe(self.events)
 
     def run_info(self, run_id: int) -> RunInfo:
@@ -96,6 +109,18 @@ class Backend:
                                epoch=0, target_epochs=0, batches_per_epoch=None, samples_per_second=None,
                                loss=None, lr=None, commands=[])
         raise HTTPException(404, f"no run {run_id} in this session")
+
+    def distribution(self, run_id: int, epoch: int | None, bins: int) -> dict[str, Any]:
+        """The live epoch's (approximate, from a uniform sample) or a stored epoch's (exact)."""
+        run = self.runs.get(run_id)
+        live = run.live_losses() if run is not None and not run.closed else None
+        if live is not None and (epoch is None or epoch == live[0]):
+            live_epoch, reservoir = live
+            values = reservoir.values()
+            epochs = sorted(set(sample_epochs(self.session_dir, run_id)) | {live_epoch})
+            return histogram(values, epoch=live_epoch, epochs=epochs, bins=bins, count=reservoir.seen,
+                             exact=values.size == reservoir.seen, live=True)
+        return loss_distribution(self.session_dir, run_id, epoch, bins=bins)
 
     def events_after(self, seq: int, limit: int) -> list[dict[str, Any]]:
         events, oldest = self.events.after(seq, limit)
@@ -119,6 +144,17 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
     @app.exception_handler(OnTheFlyError)
     async def _user_error(request: Request, exc: OnTheFlyError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; list every method the
+            # path supports (GET and POST of /api/slices are two routes).
+            methods = {m for route in app.router.routes if isinstance(route, Route)
+                       and route.matches(request.scope)[0] != Match.NONE for m in (route.methods or ())}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -197,11 +233,12 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         return CommandAccepted(id=queued.id, kind=queued.kind, args=queued.args)
 
     @app.get("/api/runs/{run_id}/distribution", response_model=Distribution, responses=NO_RUN,
-             summary="Per-sample loss histogram and p50/p90/p99 for an epoch")
+             summary="Per-sample loss histogram, quantiles, median and MAD for an epoch "
+                     "(the epoch in progress: approximate and live)")
     async def distribution(run_id: int, epoch: Annotated[int | None, Query(ge=0)] = None,
                            bins: Annotated[int, Query(ge=1, le=1000)] = 50) -> Distribution:
         backend.run_info(run_id)
-        result = await asyncio.to_thread(loss_distribution, backend.session_dir, run_id, epoch, bins=bins)
+        result = await asyncio.to_thread(backend.distribution, run_id, epoch, bins)
         return Distribution.model_validate(result)
 
     @app.get("/api/runs/{run_id}/hard-samples", response_model=HardSamples, responses=NO_RUN,
@@ -211,6 +248,8 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         backend.run_info(run_id)
         result = await asyncio.to_thread(hardest_samples, backend.session_dir, run_id, epoch, k=k)
         return HardSamples.model_validate(result)
+
+    app.include_router(evidence_routes(backend))
 
     # ---- live stream ------------------------------------------------------------------------
     @app.websocket("/api/stream")

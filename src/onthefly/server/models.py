@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
+
+from ..actions.slices import SLICE_NAME, SliceDefinition
+from ..strict import StrictModel
 
 __all__ = [
     "COMMAND_ADAPTER",
+    "ClusterRequest",
+    "ClusteringOut",
     "CommandAccepted",
     "CommandBody",
     "Distribution",
@@ -18,19 +23,16 @@ __all__ = [
     "MetricsOut",
     "Problem",
     "RunInfo",
+    "SampleHistory",
+    "SampleTable",
     "SessionOut",
+    "SliceCreate",
+    "SliceOut",
 ]
 
 
-class _Strict(BaseModel):
-    # strict: a number must be a JSON number, as the schema says (no "0.5", no true as 1).
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    @field_validator("epochs", "group", mode="before", check_fields=False)
-    @classmethod
-    def _whole_float_to_int(cls, value: Any) -> Any:
-        """JSON Schema's integer: 3 and 3.0 are the same number (1.5, true and "3" are not)."""
-        return int(value) if isinstance(value, float) and value.is_integer() else value
+class _Strict(StrictModel):
+    pass
 
 
 class RunCommand(_Strict):
@@ -179,3 +181,107 @@ class HardSample(BaseModel):
 class HardSamples(BaseModel):
     epoch: int | None
     rows: list[HardSample]
+
+
+# ---- evidence: per-sample tables, clusterings, slices ---------------------------------------
+class SampleRow(BaseModel):
+    index: int
+    label: int | None
+    pred: int | None
+    correct: bool | None
+    loss: float | None
+    margin: float | None
+    confidence: float | None = Field(description="probability given to the labelled class")
+    grad_norm: float | None
+    epochs: int = Field(description="epochs in which the sample was seen")
+    aum: float | None = Field(description="area under the margin: mean margin over epochs")
+    forgetting: int = Field(description="forgetting events: correct, then wrong in the next epoch")
+    confidence_mean: float | None = Field(description="dataset cartography: mean confidence over epochs")
+    variability: float | None = Field(description="dataset cartography: std of confidence over epochs")
+    hard: bool
+    mislabelled: bool = Field(description="likely mislabelled (see rule)")
+
+
+class SampleTable(BaseModel):
+    epoch: int | None
+    epochs: list[int]
+    total: int = Field(description="rows that pass the filters")
+    offset: int
+    rows: list[SampleRow]
+    flags: dict[str, int] = Field(description="how many samples carry each flag at this epoch")
+    rule: dict[str, str] = Field(description="how the flags are decided")
+    grad_norm_method: str | None = Field(description="how per-sample gradient norms were measured (None: off)")
+
+
+class HistoryRow(BaseModel):
+    epoch: int
+    step: int
+    loss: float | None
+    margin: float | None
+    pred: int | None
+    label: int | None
+    correct: bool | None
+    confidence: float | None
+    grad_norm: float | None
+
+
+class SampleHistory(BaseModel):
+    index: int
+    rows: list[HistoryRow]
+
+
+class ClusterRequest(_Strict):
+    features: Literal["signals", "embeddings"] = "signals"
+    k: int | None = Field(default=None, ge=2, le=50, description="clusters (default: chosen by silhouette)")
+    subset: Literal["all", "hard"] = "all"
+    epoch: int | None = Field(default=None, ge=0, le=2**31)
+    layer: str | None = Field(default=None, max_length=500,
+                              description="module name for embeddings (default: input of the last Linear)")
+
+
+class ClusterSummary(BaseModel):
+    cluster: int
+    size: int
+    mean_loss: float | None
+    labels: dict[str, int]
+
+
+class ClusterPoints(BaseModel):
+    index: list[int]
+    cluster: list[int]
+    x: list[float]
+    y: list[float]
+
+
+class ClusteringOut(BaseModel):
+    id: int
+    run_id: int
+    epoch: int | None
+    features: str
+    k: int
+    silhouette: float | None
+    layer: str | None
+    subset: str | None
+    chosen_by: str | None
+    method: str | None
+    clusters: list[ClusterSummary]
+    created: float
+    points: ClusterPoints | None
+
+
+class SliceCreate(_Strict):
+    name: str = Field(pattern=SLICE_NAME, description="1-64 letters, digits, spaces, '_', '-', '.'")
+    run_id: int = Field(ge=1, le=2**31)
+    epoch: int | None = Field(default=None, ge=0, le=2**31, description="default: the latest complete epoch")
+    definition: SliceDefinition
+
+
+class SliceOut(BaseModel):
+    id: int
+    name: str
+    run_id: int
+    epoch: int | None
+    split: str
+    definition: dict[str, Any]
+    count: int
+    created: float

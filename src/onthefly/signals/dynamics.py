@@ -87,7 +87,7 @@ SELECT idx AS "index",
        arg_max(grad_norm, epoch) AS grad_norm,
        count(*)::INTEGER AS epochs,
        avg(margin) AS aum,
-       count_if(was_correct AND NOT correct)::INTEGER AS forgetting,
+       (count(*) FILTER (WHERE was_correct AND NOT correct))::INTEGER AS forgetting,
        avg(confidence) AS confidence_mean,
        coalesce(stddev_pop(confidence), 0) AS variability
 FROM ordered
