@@ -1,7 +1,8 @@
 """On The Fly: a local-first control room for PyTorch training.
 
 The few names users call: ``quickstart`` (we run the loop), ``start_run`` (you keep your loop),
-``Trainer`` (``quickstart`` with more control), ``Callback``, ``open_session`` (read a session).
+``Trainer`` (``quickstart`` with more control), ``Callback``, ``open_session`` (read a session),
+``export_slice`` (write a slice of samples with their signals and data to CSV/Parquet/JSON).
 They are imported on first use, so ``onthefly --version`` does not wait for torch to load.
 """
 
@@ -14,6 +15,7 @@ from ._version import __version__
 from .errors import OnTheFlyError
 
 if TYPE_CHECKING:
+    from .actions.export import export_slice
     from .engine import Callback, FitSummary, Run, RunStatus, Trainer
     from .launch import quickstart, start_run
     from .store import open_session
@@ -26,6 +28,7 @@ __all__ = [
     "RunStatus",
     "Trainer",
     "__version__",
+    "export_slice",
     "open_session",
     "quickstart",
     "start_run",
@@ -40,6 +43,7 @@ _LAZY = {
     "quickstart": ".launch",
     "start_run": ".launch",
     "open_session": ".store",
+    "export_slice": ".actions.export",
 }
 
 

@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.add_argument("--no-browser", action="store_true", help="only print the dashboard URL")
     commands.add_parser("sessions", help="list the sessions on this machine, with status and size")
+    export = commands.add_parser(
+        "export-slice", help="export a slice of a session's samples to CSV, Parquet or JSON",
+        description="Export a slice: a saved slice's name, 'hard' or 'mislabelled', or a slice definition "
+                    "as JSON (e.g. '{\"kind\": \"quantile_band\", \"low\": 0.9}'). Rows carry the index, "
+                    "the per-sample signals and flags, and the label; the sample's own data is added by "
+                    "the dashboard's export or onthefly.export_slice(..., dataset=...), which can read the dataset.")
+    export.add_argument("session", help="a session id (see `onthefly sessions`) or folder")
+    export.add_argument("slice", help="saved slice name, 'hard', 'mislabelled', or a JSON definition")
+    export.add_argument("out", help="the file to write (.csv, .parquet or .json)")
+    export.add_argument("--format", choices=("csv", "parquet", "json"), default=None,
+                        help="default: from the file name's suffix")
+    export.add_argument("--run", type=_positive, default=None, help="run id (default: the session's only run)")
+    export.add_argument("--epoch", type=int, default=None, help="epoch (default: the latest complete one)")
     return parser
 
 
@@ -78,6 +91,31 @@ def _sessions(console: Console) -> int:
         table.add_row(s.id, s.project, s.status, "alive" if s.alive else "gone", _size(s.size_bytes),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)))
     console.print(table)
+    return 0
+
+
+def _export_slice(console: Console, args: argparse.Namespace) -> int:
+    import json
+
+    from .actions.export import export_slice
+    from .errors import ConfigError, NotFoundError
+    from .store import open_session
+
+    session = open_session(args.session)
+    slice_: str | dict[str, object] = args.slice
+    if args.slice.lstrip().startswith("{"):
+        try:
+            slice_ = json.loads(args.slice)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"the slice definition is not valid JSON: {exc}") from exc
+    elif args.slice in ("hard", "mislabelled"):
+        try:
+            session.slice(args.slice)
+        except NotFoundError:  # no saved slice of that name: the flag itself
+            slice_ = {"kind": "flag", "flag": args.slice}
+    with console.status(f"exporting {args.slice} ..."):
+        result = export_slice(session, slice_, args.out, format=args.format, run_id=args.run, epoch=args.epoch)
+    console.print(f"wrote {result['rows']:,} rows ({len(result['columns'])} columns) to {result['path']}")
     return 0
 
 
@@ -119,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_script(args.script, args.args, open_browser=not args.no_browser)
         if args.command == "sessions":
             return _sessions(console)
+        if args.command == "export-slice":
+            return _export_slice(console, args)
         parser.print_help()
         return 0
     except OnTheFlyError as exc:

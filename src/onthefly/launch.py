@@ -43,6 +43,7 @@ def attach_dashboard(run: Run, *, port: int | None = None, open_browser: bool = 
     """Serve ``run``'s session on 127.0.0.1 and print the URL. Returns the DashboardServer."""
     from .server import DashboardServer
 
+    cluster.attach(run)  # the dashboard's "Cluster" button sends a command this carries out
     server = DashboardServer.for_run(run, port=port)
     try:
         server.start()
@@ -97,7 +98,6 @@ def quickstart(
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
         val_loader=val_loader, test_loader=test_loader, project=project, run_name=run_name, **options,
     )
-    cluster.attach(trainer.run)
     server = None
     if _dashboard_wanted(dashboard) and _is_rank_zero():
         open_browser = open_browser or _env_flag("ONTHEFLY_OPEN_BROWSER")
@@ -119,7 +119,6 @@ def start_run(*, project: str, run_name: str, model: nn.Module, optimizer: torch
     """Start a tracked run for a loop you write yourself (see :mod:`onthefly.engine.run`), with
     the dashboard like ``quickstart``. The dashboard stops when the run is closed."""
     run = _start_engine_run(project=project, run_name=run_name, model=model, optimizer=optimizer, **options)
-    cluster.attach(run)
     if _dashboard_wanted(dashboard) and _is_rank_zero():
         server = attach_dashboard(run, port=port, open_browser=_env_flag("ONTHEFLY_OPEN_BROWSER"))
         run.keep_alive = _keep_alive(keep_alive, server)

@@ -107,6 +107,18 @@ class SessionReader:
         epochs = sorted({int(p.name[6:11]) for p in part_files(self.dir, run_id, split)})
         return epochs[-1] if epochs else None
 
+    def sample_stats(self, run_id: int, epoch: int | None = None, *, hard_quantile: float = 0.9,
+                     aum_threshold: float = 0.0) -> pa.Table:
+        """One row per sample at ``epoch`` (default: the latest complete one): loss, margin,
+        confidence, grad norm, AUM, forgetting events, cartography, and the hard / likely
+        mislabelled flags (see :mod:`onthefly.signals.dynamics`)."""
+        from ..signals.dynamics import FlagRule, sample_stats
+
+        if epoch is None:
+            epoch = self.default_epoch(run_id)
+        rule = FlagRule(hard_quantile=hard_quantile, aum_threshold=aum_threshold)
+        return sample_stats(self.dir, run_id, epoch, rule=rule)[1]
+
     # ---- slices and clusterings ---------------------------------------------------------------
     def slices(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM slices ORDER BY id")
