@@ -242,7 +242,7 @@ def test_the_distribution_of_the_epoch_in_progress_is_live(tmp_path: Path) -> No
         session.status_event("paused")
         expected = session.run.global_step * 32  # the pause flushed every recorded row to the host
         assert 0 < expected < 2048
-        session.wait_until(lambda: session.get("/api/runs/1/distribution")["count"] == expected,
+        session.wait_until(lambda s=session, n=expected: s.get("/api/runs/1/distribution")["count"] == n,
                            "the live distribution has every sample so far")
         dist = session.get("/api/runs/1/distribution")
         assert dist["live"] is True and dist["epoch"] == 0 and dist["exact"] is True  # all kept so far
