@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import onthefly
+from conftest import toy_data, toy_model
 from onthefly.signals.dynamics import FlagRule, sample_stats
 from onthefly.signals.quantiles import Reservoir, robust_summary
 from onthefly.store.samples import SampleChunk, SampleSink
@@ -118,3 +119,38 @@ def test_likely_mislabelled_finds_flipped_digits_labels(capsys: pytest.CaptureFi
     assert recall >= 0.5
     hard = table.filter(table.column("hard"))
     assert hard.num_rows == pytest.approx(0.1 * table.num_rows, abs=2)
+
+
+def test_validation_samples_are_recorded_on_request() -> None:
+    import torch.nn.functional as F
+
+    train, val = toy_data(n=64), toy_data(n=48, seed=3)
+    model = nn.Sequential(nn.Linear(20, 3))
+    # lr=0: the model never changes, so each stored validation loss can be recomputed by index.
+    summary = onthefly.Trainer(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss_fn=nn.CrossEntropyLoss(),
+        train_loader=DataLoader(train, batch_size=16), project="val", run_name="r", progress=False,
+        val_loader=DataLoader(val, batch_size=10, shuffle=True), val_samples=True,  # shuffled on purpose
+    ).fit(2)
+    session = onthefly.open_session(summary.session_dir)
+    table = session.samples(summary.run_id, split="val")
+    assert sorted(set(table.column("epoch").to_pylist())) == [0, 1] and table.num_rows == 96
+    x, y = val.tensors
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y, reduction="none")
+    for index, loss, label in zip(table.column("index").to_pylist(), table.column("loss").to_pylist(),
+                                  table.column("label").to_pylist(), strict=True):
+        assert loss == pytest.approx(expected[index].item(), rel=1e-5) and label == int(y[index])
+    stats = session.sample_stats(summary.run_id)  # the training split is unchanged by it
+    assert stats.num_rows == 64
+    assert sample_stats(summary.session_dir, summary.run_id, split="val")[1].num_rows == 48
+
+
+def test_validation_samples_are_off_by_default() -> None:
+    model = toy_model()
+    summary = onthefly.Trainer(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss(),
+        train_loader=DataLoader(toy_data(n=32), batch_size=16), val_loader=DataLoader(toy_data(n=16), batch_size=8),
+        project="val", run_name="off", progress=False,
+    ).fit(1)
+    assert onthefly.open_session(summary.session_dir).samples(summary.run_id, split="val").num_rows == 0

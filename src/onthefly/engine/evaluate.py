@@ -10,23 +10,32 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..signals.per_sample import PerSampleLoss, is_classification
+from ..signals.per_sample import PerSampleLoss, classification_signals, is_classification
+from ..signals.recorder import rows_of
 from .batch import BatchSpec, batch_size_of, to_device
+from .loader import TrackedLoader
 from .state import capture_rng, restore_rng
 
-__all__ = ["evaluate"]
+__all__ = ["SampleRows", "evaluate"]
+
+# (indices, rows [n, COLUMNS] as in onthefly.signals.recorder, classification): per-sample values
+# of an evaluation, handed over once at its end.
+SampleRows = Callable[[np.ndarray, np.ndarray, bool], None]
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: DataLoader, loss: PerSampleLoss, spec: BatchSpec, device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]], *, per_sample: SampleRows | None = None,
 ) -> dict[str, float]:
-    """Mean per-sample loss (and accuracy for classification) over the whole loader."""
+    """Mean per-sample loss (and accuracy for classification) over the whole loader. With
+    ``per_sample``, every sample's values (with its dataset index) are kept on the device and
+    handed over in one copy at the end."""
     rng = capture_rng()
     was_training = model.training
     model.eval()
@@ -35,20 +44,33 @@ def evaluate(
         correct = torch.zeros((), dtype=torch.int64, device=device)
         samples = 0
         classification = True
-        for batch in loader:
+        kept: list[torch.Tensor] = []
+        indices: list[np.ndarray] = []
+        batches = TrackedLoader(loader, name="loader").begin() if per_sample is not None else (
+            (batch, None) for batch in loader)
+        for batch, index in batches:
             batch = to_device(batch, device, non_blocking=loader.pin_memory)
             with autocast():
                 outputs, targets = spec.forward(model, batch)
                 per = loss.per_sample(outputs, targets, batch_size_of(outputs, targets))
             total += per.double().sum()
-            samples += per.shape[0]
             if classification and is_classification(outputs, targets):
                 correct += (outputs.argmax(dim=1) == targets).sum()
             else:
                 classification = False
+            if per_sample is not None:
+                signals = classification_signals(outputs, targets) if classification else None
+                kept.append(rows_of(per, signals, targets if classification else None))
+                indices.append(index if index is not None else np.arange(samples, samples + per.shape[0]))
+            samples += per.shape[0]
         result = {"loss": float(total) / max(samples, 1), "samples": float(samples)}  # one sync
         if classification and samples:
             result["accuracy"] = float(correct) / samples
+        if per_sample is not None and kept:
+            rows = torch.cat(kept).cpu().numpy()  # one copy for the whole evaluation
+            if not classification:
+                rows[:, 1:] = np.nan  # a batch that looked like classification in a regression set
+            per_sample(np.concatenate(indices), rows, classification)
         return result
     finally:
         model.train(was_training)

@@ -43,7 +43,7 @@ class ProgressDisplay:
         elif kind == "progress" and self._task is not None:
             self._progress.update(self._task, completed=event.payload.get("batch_in_epoch", 0),
                                   loss=f"{event.payload['loss']:.4f}")
-        elif kind == "epoch_summary" and self._task is not None:
+        elif kind == "epoch_summary" and self._task is not None and event.payload.get("split") == "train":
             self._progress.update(self._task, completed=self._progress.tasks[-1].total or 0,
                                   loss=f"{event.payload['loss']:.4f}")
         elif kind == "eval":

@@ -341,6 +341,24 @@ class Run:
         self.bus.publish("eval", {"split": split, **result}, **self._where())
         return result
 
+    def record_rows_for(self, split: str) -> Callable[[np.ndarray, np.ndarray, bool], None]:
+        """A sink for an evaluation's per-sample rows: stored as ``split`` at the current epoch."""
+        def store(indices: np.ndarray, rows: np.ndarray, classification: bool) -> None:
+            minus_one = np.full(len(indices), -1, dtype=np.int64)
+            self.session.samples(SampleChunk(
+                run_id=self.run_id, split=split, epoch=self.epoch,
+                step=np.full(len(indices), self.global_step, dtype=np.int64), index=indices,
+                loss=rows[:, LOSS], margin=rows[:, MARGIN],
+                pred=rows[:, PRED].astype(np.int64) if classification else minus_one,
+                label=rows[:, LABEL].astype(np.int64) if classification else minus_one,
+                confidence=rows[:, CONFIDENCE], grad_norm=rows[:, GRAD_NORM],
+            ))
+            self.session.close_epoch(self.run_id, split, self.epoch)
+            self.bus.publish("epoch_summary", {"split": split, "loss": float(np.nanmean(rows[:, LOSS])),
+                                               "samples": len(indices)}, **self._where())
+
+        return store
+
     def log_metric(self, name: str, value: float, *, step: int | None = None) -> None:
         """Log a scalar of your own (host value) at ``step`` (default: the current step)."""
         self.session.metrics([(self.run_id, name, self.global_step if step is None else step,

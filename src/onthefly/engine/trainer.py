@@ -93,6 +93,7 @@ class Trainer:
         resume_from: str | Path | None = None,
         progress: bool = True,
         grad_norm: bool = False,
+        val_samples: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -124,6 +125,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if amp and self.device.type == "cuda" else None
         self.non_blocking = train_loader.pin_memory and self.device.type == "cuda"
         self.show_progress = progress
+        self.val_samples = val_samples  # per-sample values of every validation, as for training
         self.run = Run(
             project=project, run_name=run_name, model=self.model, optimizer=optimizer,
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
@@ -278,7 +280,8 @@ class Trainer:
         loader = {"val": self.val_loader, "test": self.test_loader}.get(split)
         if loader is None:
             return None
-        return evaluate(self.model, loader, self.loss, self.spec, self.device, self._autocast)
+        record = self.run.record_rows_for(split) if split == "val" and self.val_samples else None
+        return evaluate(self.model, loader, self.loss, self.spec, self.device, self._autocast, per_sample=record)
 
     def _embed(self, indices: np.ndarray, layer: str | None) -> tuple[str, np.ndarray]:
         return embeddings(self.model, self.train_loader.original, indices, self.spec, self.device, layer,

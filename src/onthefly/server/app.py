@@ -10,7 +10,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
@@ -110,17 +110,17 @@ class Backend:
                                loss=None, lr=None, commands=[])
         raise HTTPException(404, f"no run {run_id} in this session")
 
-    def distribution(self, run_id: int, epoch: int | None, bins: int) -> dict[str, Any]:
+    def distribution(self, run_id: int, epoch: int | None, bins: int, split: str = "train") -> dict[str, Any]:
         """The live epoch's (approximate, from a uniform sample) or a stored epoch's (exact)."""
         run = self.runs.get(run_id)
-        live = run.live_losses() if run is not None and not run.closed else None
+        live = run.live_losses() if run is not None and not run.closed and split == "train" else None
         if live is not None and (epoch is None or epoch == live[0]):
             live_epoch, reservoir = live
             values = reservoir.values()
             epochs = sorted(set(sample_epochs(self.session_dir, run_id)) | {live_epoch})
             return histogram(values, epoch=live_epoch, epochs=epochs, bins=bins, count=reservoir.seen,
                              exact=values.size == reservoir.seen, live=True)
-        return loss_distribution(self.session_dir, run_id, epoch, bins=bins)
+        return loss_distribution(self.session_dir, run_id, epoch, bins=bins, split=split)
 
     def events_after(self, seq: int, limit: int) -> list[dict[str, Any]]:
         events, oldest = self.events.after(seq, limit)
@@ -236,9 +236,10 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
              summary="Per-sample loss histogram, quantiles, median and MAD for an epoch "
                      "(the epoch in progress: approximate and live)")
     async def distribution(run_id: int, epoch: Annotated[int | None, Query(ge=0)] = None,
-                           bins: Annotated[int, Query(ge=1, le=1000)] = 50) -> Distribution:
+                           bins: Annotated[int, Query(ge=1, le=1000)] = 50,
+                           split: Annotated[Literal["train", "val"], Query()] = "train") -> Distribution:
         backend.run_info(run_id)
-        result = await asyncio.to_thread(backend.distribution, run_id, epoch, bins)
+        result = await asyncio.to_thread(backend.distribution, run_id, epoch, bins, split)
         return Distribution.model_validate(result)
 
     @app.get("/api/runs/{run_id}/hard-samples", response_model=HardSamples, responses=NO_RUN,

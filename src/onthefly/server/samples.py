@@ -81,13 +81,14 @@ def evidence_routes(backend: Any) -> APIRouter:
         offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
         hard_quantile: Annotated[float, Query(gt=0, lt=1)] = 0.9,
         aum_threshold: Annotated[float, Query(ge=-1e6, le=1e6)] = 0.0,
+        split: Annotated[Literal["train", "val"], Query(description="val: with Trainer(val_samples=True)")] = "train",
     ) -> SampleTable:
         backend.run_info(run_id)
         rule = FlagRule(hard_quantile=hard_quantile, aum_threshold=aum_threshold)
 
         def read() -> dict[str, Any]:
-            chosen = backend.reader.default_epoch(run_id) if epoch is None else epoch
-            shown, table = sample_stats(backend.session_dir, run_id, chosen, rule=rule)
+            chosen = backend.reader.default_epoch(run_id, split) if epoch is None else epoch
+            shown, table = sample_stats(backend.session_dir, run_id, chosen, rule=rule, split=split)
             counts = flag_counts(table)
             if flag is not None:
                 table = table.filter(table.column(flag))
@@ -95,7 +96,8 @@ def evidence_routes(backend: Any) -> APIRouter:
                 table = table.filter(np.asarray(table.column("label").to_numpy(zero_copy_only=False) == label))
             order_ = _sorted(table, sort, order == "desc")[offset : offset + limit]
             rows = [{k: _json_value(v) for k, v in row.items()} for row in table.take(pa.array(order_)).to_pylist()]
-            return {"epoch": shown, "epochs": available_epochs(backend.session_dir, run_id), "total": table.num_rows,
+            return {"epoch": shown, "epochs": available_epochs(backend.session_dir, run_id, split),
+                    "total": table.num_rows,
                     "offset": offset, "rows": rows, "flags": counts, "rule": rule.describe(),
                     "grad_norm_method": info_config(run_id).get("grad_norm")}
 
