@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ConfigError
+from ..store.duck import cursor
 from ..store.samples import part_files
 
 __all__ = ["STATS_SCHEMA", "STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "iter_sample_stats", "sample_stats"]
@@ -130,9 +130,8 @@ def iter_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, 
 
 def _stream(files: list[str], this_epoch: list[str], epoch: int, rule: FlagRule, indices: np.ndarray | None,
             batch_rows: int) -> Iterator[pa.RecordBatch]:
-    conn = duckdb.connect()
+    conn = cursor()
     try:
-        conn.execute("SET threads TO 2")
         # The "hard" cut is the quantile over every sample of the epoch, not only those asked for.
         cut = conn.execute(_HARD_CUT, {"files": this_epoch, "q": rule.hard_quantile}).fetchall()
         hard_cut = np.inf if not cut or cut[0][0] is None else float(cut[0][0])

@@ -146,11 +146,18 @@ class SampleSink:
         )
 
 
+# Dictionary encoding only where values repeat: on losses and indices it made parts larger and
+# writing 2.6x slower (measured with benchmarks/samples.py).
+DICTIONARY_COLUMNS = ("run_id", "split", "epoch", "step", "pred", "label", "correct")
+
+
 def write_table(path: Path, table: pa.Table) -> None:
     """Write a Parquet file under a temporary name, then rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd")
+    dictionary = [c for c in DICTIONARY_COLUMNS if c in table.column_names]
+    pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd",
+                   use_dictionary=dictionary)
     os.replace(tmp, path)
 
 
