@@ -2,22 +2,29 @@
 
 One `onthefly demo` process trains with the dashboard attached; the test opens the page with its
 token and acts as a person would: watches the loss curve grow, pauses, tests, changes the
-learning rate, resumes, reloads mid-run, and stops. A screenshot is saved to test-artifacts/.
+learning rate, resumes, reloads mid-run, and stops. Another acts on per-sample evidence: drags a
+loss range on the distribution, saves it as a slice and exports it (checked against the stored
+per-sample rows), clusters the samples, sorts and filters the per-sample table. Screenshots are
+saved to test-artifacts/.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+import onthefly
 from conftest import REPO
 
 CHROMIUM = "/usr/bin/chromium"
@@ -157,6 +164,137 @@ def test_dashboard_controls_a_live_training_run(demo: Demo, page: Page) -> None:
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_test_id("status")).to_have_text("stopped")
     assert demo.process.wait(60) == 0
+
+
+def column_values(page: Page, table_id: str, column: int) -> list[str]:
+    """The text of one column (0-based) in every data row of a table."""
+    rows = page.get_by_test_id(table_id).locator("tbody tr:not(.empty)")
+    return [text.strip() for text in rows.locator(f"td:nth-child({column + 1})").all_inner_texts()]
+
+
+def as_number(text: str) -> float:
+    return float("nan") if text == "—" else float(text.replace(",", ""))
+
+
+def expected_band(session_dir: str, run_id: int, epoch: int, low: float, high: float) -> set[int]:
+    """The samples whose loss at `epoch` lies in [low, high], from the stored per-sample rows (the
+    mean per index: a sampler may draw an index more than once in an epoch)."""
+    rows = onthefly.open_session(session_dir).samples(run_id, epoch=epoch)
+    means = rows.group_by("index").aggregate([("loss", "mean")])
+    loss = means.column("loss_mean").to_numpy(zero_copy_only=False)
+    index = means.column("index").to_numpy()
+    return {int(i) for i in index[(loss >= low) & (loss <= high)]}
+
+
+def test_dashboard_turns_per_sample_evidence_into_slices(demo: Demo, page: Page, tmp_path: Path) -> None:
+    page.set_default_timeout(DEADLINE_MS)
+    expect.set_options(timeout=DEADLINE_MS)
+    page.goto(demo.url)
+    expect(page.get_by_test_id("status")).to_have_text("running")
+    # A few epochs, so the training dynamics (AUM, forgetting) have something to say.
+    wait_until(lambda: demo.api("/api/runs/1")["epoch"] >= 3, "three epochs end")
+
+    # Pause, so the histogram holds still under the mouse.
+    page.get_by_role("button", name="Pause").click()
+    expect(page.get_by_test_id("status")).to_have_text("paused")
+    quantiles = page.get_by_test_id("quantiles")
+    for text in ("p50", "p90", "p95", "p99", "median", "MAD"):
+        expect(quantiles).to_contain_text(text)
+    expect(page.get_by_test_id("distribution-mode")).to_have_text(re.compile(r"^(exact|live · (exact|approximate))$"))
+
+    # Drag across the left part of the histogram (where the mass is): the range and a form appear.
+    plot = page.get_by_test_id("distribution").locator(".u-over")
+    plot.evaluate("node => node.scrollIntoView({ block: 'center' })")  # the mouse acts in the viewport, below the sticky header
+    box = plot.bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.02, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.45, y, steps=8)
+    page.mouse.up()
+    expect(page.get_by_test_id("selection")).to_contain_text("loss")
+    page.get_by_label("Slice name").fill("low loss")
+    page.get_by_role("button", name="Save slice").click()
+    message = page.get_by_test_id("message")
+    expect(message).to_contain_text("Saved slice 'low loss'")
+
+    saved = demo.api("/api/slices/low loss")
+    definition = saved["definition"]
+    assert definition["kind"] == "loss_band"
+    assert definition["low"] == pytest.approx(float(page.get_by_test_id("selection").get_attribute("data-low") or "nan"))
+    assert definition["high"] == pytest.approx(float(page.get_by_test_id("selection").get_attribute("data-high") or "nan"))
+    expect(message).to_have_text(f"Saved slice 'low loss': {saved['count']:,} samples at epoch {saved['epoch']}")
+    slices = page.get_by_test_id("slices")
+    expect(slices.locator("tr", has_text="low loss")).to_contain_text(f"{saved['count']:,}")
+
+    # Export it as Parquet: exactly the samples whose stored loss at that epoch lies in the band.
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export low loss as Parquet").click()
+    assert download.value.suggested_filename == "low-loss.parquet"  # the server's file name
+    path = tmp_path / "low-loss.parquet"
+    download.value.save_as(path)
+    exported = pq.read_table(path)
+    session_dir = demo.api("/api/session")["dir"]
+    expected = expected_band(session_dir, saved["run_id"], saved["epoch"], definition["low"], definition["high"])
+    assert expected, "the dragged band should hold samples"
+    assert exported.num_rows == saved["count"] == len(expected)
+    assert set(exported.column("index").to_pylist()) == expected
+    assert {"x_0", "x_783", "y", "loss", "hard", "mislabelled"} <= set(exported.column_names)
+
+    # Cluster on signals: the scatter draws the points, the table lists the clusters.
+    page.get_by_role("button", name="Cluster", exact=True).click()
+    scatter = page.get_by_test_id("clusters")
+    # The caption names the new clustering (or, on failure, says why there is none).
+    expect(page.get_by_test_id("clusters-caption")).to_have_text(re.compile(r"^clustering \d+ · "))
+    wait_until(lambda: int(scatter.get_attribute("data-points") or 0) > 0, "the scatter shows points")
+    clustering = demo.api(f"/api/clusterings/{scatter.get_attribute('data-clustering')}")
+    assert int(scatter.get_attribute("data-points") or 0) == len(clustering["points"]["index"])
+    expect(page.get_by_test_id("cluster-table").locator("tbody tr:not(.empty)")).to_have_count(clustering["k"])
+    expect(page.get_by_test_id("clusters-caption")).to_contain_text(f"clustering {clustering['id']} · ")
+
+    # The per-sample table: sort by AUM both ways, then show only the hard samples.
+    table = page.get_by_test_id("hard-samples")
+    aum = table.get_by_role("columnheader", name="AUM")
+    expect(aum).to_have_attribute("aria-sort", "none")
+    aum.get_by_role("button").click()
+    expect(aum).to_have_attribute("aria-sort", "descending")
+    expect(table.get_by_role("columnheader", name="loss")).to_have_attribute("aria-sort", "none")
+    aum_column = 6
+
+    def aum_sorted(descending: bool) -> bool:
+        if table.get_attribute("aria-busy") is not None:
+            return False
+        values = [as_number(v) for v in column_values(page, "hard-samples", aum_column)]
+        finite = [v for v in values if v == v]
+        return len(finite) > 1 and finite == sorted(finite, reverse=descending)
+
+    wait_until(lambda: aum_sorted(True), "the table is sorted by AUM, largest first")
+    aum.get_by_role("button").click()
+    expect(aum).to_have_attribute("aria-sort", "ascending")
+    wait_until(lambda: aum_sorted(False), "the table is sorted by AUM, smallest first")
+
+    page.get_by_label("Show").select_option("hard")
+    hard = demo.api("/api/runs/1/samples?flag=hard&limit=1")
+    expect(table).to_have_attribute("data-total", str(hard["total"]))
+    flags = column_values(page, "hard-samples", 11)
+    assert flags and all("hard" in flag for flag in flags)
+    expect(page.get_by_test_id("samples-caption")).to_contain_text(f"{hard['flags']['hard']:,} hard")
+    expect(page.get_by_test_id("samples-caption")).to_contain_text("grad norm: off")
+
+    # A row's history: the sample's loss and margin epoch by epoch.
+    table.locator("tbody tr:not(.empty)").first.click()
+    history = page.get_by_test_id("sample-history")
+    expect(history).to_be_visible()
+    wait_until(lambda: int(history.get_attribute("data-points") or 0) >= 3, "the history has an epoch each")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")  # the sticky header at the top of the picture
+    page.screenshot(path=str(ARTIFACTS / "dashboard-evidence.png"), full_page=True)
+
+    # Delete the slice: it leaves the list.
+    page.get_by_role("button", name="Delete low loss").click()
+    expect(message).to_contain_text("Deleted slice 'low loss'")
+    expect(slices.locator("tr", has_text="low loss")).to_have_count(0)
 
 
 def test_dashboard_page_needs_the_token(demo: Demo, page: Page) -> None:

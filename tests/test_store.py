@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -524,3 +525,50 @@ def test_saving_a_checkpoint_after_the_run_has_ended_says_why() -> None:
     trainer.fit(1)
     with pytest.raises(StateError, match="the session store is closed"):
         trainer.run.save_checkpoint()
+
+
+def test_a_saved_slice_or_clustering_is_readable_as_soon_as_the_call_returns() -> None:
+    """The writer releases a task's caller only after the commit, so reading back never misses it."""
+    import pyarrow as pa
+
+    from onthefly.store import SessionReader
+
+    store = SessionStore("p")
+    try:
+        run_id = store.new_run("r")
+        reader = SessionReader(store.dir)
+        for i in range(25):
+            # Metrics queued first make the slice's task share a transaction with other records.
+            store.metrics([(run_id, "m", i, 0, 0.0, 1.0)] * 50)
+            record = store.save_slice(name=f"s{i}", run_id=run_id, epoch=0, split="train",
+                                      definition={"kind": "label", "label": i}, indices=np.arange(i + 1))
+            assert reader.slice(f"s{i}")["id"] == record["id"]
+            assert reader.slice_indices(record).tolist() == list(range(i + 1))
+            clustering = store.save_clustering(
+                run_id=run_id, epoch=0, features="signals", k=2, silhouette=0.5, details={},
+                points=pa.table({"index": [0, 1], "cluster": [0, 1], "x": [0.0, 1.0], "y": [0.0, 1.0]}))
+            assert reader.clustering(clustering)["k"] == 2
+    finally:
+        store.close()
+
+
+def test_sample_stats_of_a_finished_epoch_are_computed_once(tmp_path: Path) -> None:
+    from onthefly.signals.dynamics import sample_stats
+    from onthefly.store.samples import SampleChunk, SampleSink
+
+    sink = SampleSink(tmp_path)
+
+    def add(epoch: int) -> None:
+        n = 4
+        sink.add(SampleChunk(run_id=1, split="train", epoch=epoch, step=np.arange(n), index=np.arange(n),
+                             loss=np.arange(n, dtype=np.float32), margin=np.zeros(n, np.float32),
+                             pred=np.zeros(n, np.int64), label=np.zeros(n, np.int64)))
+        sink.close_epoch(1, "train", epoch)
+
+    add(0)
+    first = sample_stats(tmp_path, 1)
+    assert sample_stats(tmp_path, 1)[1] is first[1]  # cached
+    add(1)  # a new part: a new answer
+    second = sample_stats(tmp_path, 1)
+    assert second[0] == 1 and second[1] is not first[1] and second[1].column("epochs").to_pylist() == [2] * 4
+    assert sample_stats(tmp_path, 1, epoch=0)[1].column("epochs").to_pylist() == [1] * 4

@@ -9,7 +9,8 @@ export type CommandKind =
   | "test"
   | "train_more"
   | "set_lr"
-  | "set_weight_decay";
+  | "set_weight_decay"
+  | "cluster";
 
 export interface RunInfo {
   id: number;
@@ -74,30 +75,188 @@ export interface MetricsQuery {
 export interface Quantiles {
   p50: number;
   p90: number;
+  p95: number;
   p99: number;
 }
 
 export interface Distribution {
   epoch: number | null;
   epochs: number[];
+  /** The epoch in progress (counts scaled from a uniform sample of its losses so far). */
+  live: boolean;
+  /** False: the counts and quantiles are estimated from that sample. */
+  exact: boolean;
   count: number;
   edges: number[];
   counts: number[];
   quantiles: Quantiles | null;
+  mean: number | null;
+  median: number | null;
+  /** Median absolute deviation from the median. */
+  mad: number | null;
 }
 
-export interface HardSample {
+/** Columns the per-sample table can be sorted by. */
+export type SampleSort =
+  | "index"
+  | "label"
+  | "pred"
+  | "loss"
+  | "margin"
+  | "confidence"
+  | "grad_norm"
+  | "epochs"
+  | "aum"
+  | "forgetting"
+  | "confidence_mean"
+  | "variability";
+
+export type SampleFlag = "hard" | "mislabelled";
+
+/** One sample at one epoch, with its training dynamics over the epochs so far. */
+export interface SampleRow {
   index: number;
-  loss: number | null;
   label: number | null;
   pred: number | null;
-  margin: number | null;
   correct: boolean | null;
+  loss: number | null;
+  margin: number | null;
+  /** Probability given to the labelled class. */
+  confidence: number | null;
+  grad_norm: number | null;
+  epochs: number;
+  /** Area under the margin: the mean margin over epochs. */
+  aum: number | null;
+  forgetting: number;
+  confidence_mean: number | null;
+  variability: number | null;
+  hard: boolean;
+  mislabelled: boolean;
 }
 
-export interface HardSamples {
+export interface SampleQuery {
+  /** null: the latest complete epoch. */
   epoch: number | null;
-  rows: HardSample[];
+  sort: SampleSort;
+  order: "desc" | "asc";
+  flag: SampleFlag | null;
+  label: number | null;
+  limit: number;
+  offset: number;
+}
+
+export interface SampleTable {
+  epoch: number | null;
+  epochs: number[];
+  /** Rows that pass the filters. */
+  total: number;
+  offset: number;
+  rows: SampleRow[];
+  /** How many samples carry each flag at this epoch. */
+  flags: Partial<Record<SampleFlag, number>>;
+  /** How each flag is decided, in words. */
+  rule: Partial<Record<SampleFlag, string>>;
+  grad_norm_method: string | null;
+}
+
+export interface SampleHistoryRow {
+  epoch: number;
+  step: number;
+  loss: number | null;
+  margin: number | null;
+  pred: number | null;
+  label: number | null;
+  correct: boolean | null;
+  confidence: number | null;
+  grad_norm: number | null;
+}
+
+export interface SampleHistory {
+  index: number;
+  rows: SampleHistoryRow[];
+}
+
+export interface ClusterRequest {
+  features: "signals" | "embeddings";
+  /** null: chosen by silhouette. */
+  k: number | null;
+  subset: "all" | "hard";
+}
+
+export interface ClusterSummary {
+  cluster: number;
+  size: number;
+  mean_loss: number | null;
+  /** Label -> how many of the cluster's samples carry it, most frequent first. */
+  labels: Record<string, number>;
+}
+
+/** The 2-D projection of (at most 5,000 of) a clustering's samples, as columns. */
+export interface ClusterPoints {
+  index: number[];
+  cluster: number[];
+  x: number[];
+  y: number[];
+}
+
+export interface Clustering {
+  id: number;
+  run_id: number;
+  epoch: number | null;
+  features: string;
+  k: number;
+  silhouette: number | null;
+  layer: string | null;
+  subset: string | null;
+  chosen_by: string | null;
+  method: string | null;
+  clusters: ClusterSummary[];
+  created: number;
+  /** Null in the run's list of clusterings; set when one clustering is read. */
+  points: ClusterPoints | null;
+}
+
+export interface FilterCondition {
+  signal: string;
+  op: ">" | ">=" | "<" | "<=" | "==" | "!=";
+  /** A number, or that quantile of the signal at the epoch. */
+  value: number | "p50" | "p90" | "p95" | "p99";
+}
+
+export type SliceDefinition =
+  | { kind: "loss_band"; low: number | null; high: number | null }
+  | { kind: "quantile_band"; low: number; high: number }
+  | { kind: "cluster"; clustering: number; cluster: number }
+  | { kind: "label"; label: number }
+  | { kind: "indices"; indices: number[] }
+  | { kind: "flag"; flag: SampleFlag }
+  | { kind: "filter"; where: FilterCondition[] };
+
+export interface SliceCreate {
+  name: string;
+  run_id: number;
+  /** Left out: the latest complete epoch (the answer says which). */
+  epoch?: number;
+  definition: SliceDefinition;
+}
+
+export interface SliceInfo {
+  id: number;
+  name: string;
+  run_id: number;
+  epoch: number | null;
+  split: string;
+  definition: SliceDefinition;
+  count: number;
+  created: number;
+}
+
+export type ExportFormat = "csv" | "parquet" | "json";
+
+/** A file the server sent as an attachment. */
+export interface Download {
+  blob: Blob;
+  filename: string;
 }
 
 export interface CommandAccepted {
@@ -111,6 +270,9 @@ export type CommandRequest =
   | { kind: "train_more"; epochs: number }
   | { kind: "set_lr"; lr: number }
   | { kind: "set_weight_decay"; weight_decay: number };
+
+type Params = Record<string, string | number | undefined>;
+type Method = "GET" | "POST" | "DELETE";
 
 /** A request the server answered with an error status, carrying its `detail` as readable text. */
 export class ApiError extends Error {
@@ -147,7 +309,7 @@ export class ApiClient {
   }
 
   metrics(runId: number, query: MetricsQuery): Promise<MetricsResponse> {
-    const params: Record<string, string | number | undefined> = {
+    const params: Params = {
       names: query.names.join(","),
       start_step: query.startStep,
       end_step: query.endStep,
@@ -164,12 +326,58 @@ export class ApiClient {
     return this.get<Distribution>(`/api/runs/${runId}/distribution`, { epoch: epoch ?? undefined, bins });
   }
 
-  hardSamples(runId: number, epoch: number | null, k = 20): Promise<HardSamples> {
-    return this.get<HardSamples>(`/api/runs/${runId}/hard-samples`, { epoch: epoch ?? undefined, k });
-  }
-
   command(runId: number, command: CommandRequest): Promise<CommandAccepted> {
     return this.request<CommandAccepted>("POST", `/api/runs/${runId}/commands`, undefined, command);
+  }
+
+  samples(runId: number, query: SampleQuery): Promise<SampleTable> {
+    return this.get<SampleTable>(`/api/runs/${runId}/samples`, {
+      epoch: query.epoch ?? undefined,
+      sort: query.sort,
+      order: query.order,
+      flag: query.flag ?? undefined,
+      label: query.label ?? undefined,
+      limit: query.limit,
+      offset: query.offset,
+    });
+  }
+
+  sampleHistory(runId: number, index: number): Promise<SampleHistory> {
+    return this.get<SampleHistory>(`/api/runs/${runId}/samples/${index}/history`);
+  }
+
+  /** Ask the run to cluster its samples: a command, applied at the next step boundary, whose
+   *  result (the clustering's id) comes as a `command_applied` event. */
+  cluster(runId: number, request: ClusterRequest): Promise<CommandAccepted> {
+    return this.request<CommandAccepted>("POST", `/api/runs/${runId}/clusters`, undefined, request);
+  }
+
+  /** The run's clusterings, oldest first, without their points. */
+  clusterings(runId: number): Promise<Clustering[]> {
+    return this.get<Clustering[]>(`/api/runs/${runId}/clusters`);
+  }
+
+  clustering(id: number): Promise<Clustering> {
+    return this.get<Clustering>(`/api/clusterings/${id}`);
+  }
+
+  slices(): Promise<SliceInfo[]> {
+    return this.get<SliceInfo[]>("/api/slices");
+  }
+
+  createSlice(slice: SliceCreate): Promise<SliceInfo> {
+    return this.request<SliceInfo>("POST", "/api/slices", undefined, slice);
+  }
+
+  async deleteSlice(name: string): Promise<void> {
+    await this.send("DELETE", `/api/slices/${encodeURIComponent(name)}`);
+  }
+
+  /** A slice's rows, with the samples' data, as a file. Read with the token in a header, so the
+   *  token never appears in a URL (a download's URL lands in the browser's history). */
+  async exportSlice(name: string, format: ExportFormat): Promise<Download> {
+    const response = await this.send("GET", `/api/slices/${encodeURIComponent(name)}/export`, { format, data: "true" });
+    return { blob: await response.blob(), filename: attachmentName(response) ?? `${name}.${format}` };
   }
 
   /** The WebSocket URL of the event stream, resuming after `afterSeq`. */
@@ -180,16 +388,17 @@ export class ApiClient {
     return url.toString();
   }
 
-  private get<T>(path: string, params?: Record<string, string | number | undefined>): Promise<T> {
+  private get<T>(path: string, params?: Params): Promise<T> {
     return this.request<T>("GET", path, params);
   }
 
-  private async request<T>(
-    method: "GET" | "POST",
-    path: string,
-    params?: Record<string, string | number | undefined>,
-    body?: unknown,
-  ): Promise<T> {
+  private async request<T>(method: Method, path: string, params?: Params, body?: unknown): Promise<T> {
+    const response = await this.send(method, path, params, body);
+    return (await response.json()) as T;
+  }
+
+  /** One authorised request; an error status becomes an ApiError carrying the server's `detail`. */
+  private async send(method: Method, path: string, params?: Params, body?: unknown): Promise<Response> {
     const url = new URL(path, this.base);
     for (const [name, value] of Object.entries(params ?? {})) {
       if (value !== undefined) url.searchParams.set(name, String(value));
@@ -205,8 +414,17 @@ export class ApiClient {
     if (!response.ok) {
       throw new ApiError(response.status, await errorMessage(response));
     }
-    return (await response.json()) as T;
+    return response;
   }
+}
+
+/** The file name in a `Content-Disposition: attachment; filename="..."` header, if any. */
+function attachmentName(response: Response): string | null {
+  const header = response.headers.get("Content-Disposition") ?? "";
+  const encoded = /filename\*=UTF-8''([^;]+)/i.exec(header);
+  if (encoded?.[1] !== undefined) return decodeURIComponent(encoded[1]);
+  const plain = /filename="?([^";]+)"?/i.exec(header);
+  return plain?.[1] ?? null;
 }
 
 /** The server's `detail` as one line: a string as is, a pydantic error list as "field: message; ...". */

@@ -1,11 +1,15 @@
 // The dashboard: reads the session's state from the REST API, then keeps it current from the event
 // stream. Each event goes to the views that show it; a status or command event re-reads the run
-// (and so which commands are possible); the end of an epoch refreshes the distribution.
+// (and so which commands are possible); the end of an epoch refreshes the distribution (and with it
+// the per-sample table); a command's outcome reaches whoever waits for it.
 
 import type { ApiClient, ApiEvent, MetricsResponse, RunInfo } from "./api";
 import type { Columns, StepChart, StepRange } from "./charts";
+import type { ClusterView } from "./clusters";
 import type { DistributionView } from "./distribution";
 import { STATE_CHANGING, logEntry, numberField, stringField, testResult } from "./events";
+import { CommandOutcomes } from "./outcomes";
+import type { SliceList } from "./slices";
 import { EventStream, type Delivery } from "./socket";
 import type { LogEntry, Store, TestResult } from "./state";
 
@@ -27,11 +31,15 @@ export interface Charts {
 export interface Views {
   charts: Charts;
   distribution: DistributionView;
+  clusters: ClusterView;
+  slices: SliceList;
 }
 
 export class Dashboard {
   private readonly api: ApiClient;
   private readonly store: Store;
+  /** Outcomes of the commands views sent and wait for (a clustering's id, a rejection). */
+  readonly outcomes = new CommandOutcomes();
   private views: Views | null = null;
   private stream: EventStream | null = null;
   private runId: number | null = null;
@@ -72,6 +80,7 @@ export class Dashboard {
     // after it, so no point and no event falls between them.
     const afterSeq = await this.readEventLog(0);
     if (run !== undefined) this.show(run);
+    void views.slices.refresh();
     this.stream = new EventStream(
       {
         url: (seq) => this.api.streamUrl(seq),
@@ -116,6 +125,7 @@ export class Dashboard {
     if (switching) this.store.clearRun();
     for (const chart of Object.values(views.charts)) void chart.reload();
     views.distribution.setRun(run.id);
+    void views.clusters.setRun(run.id);
   }
 
   private async switchTo(runId: number): Promise<void> {
@@ -140,6 +150,7 @@ export class Dashboard {
       for (const event of events) {
         const entry = logEntry(event);
         if (entry !== null) entries.push(entry);
+        this.outcomes.receive(event); // after a gap in the stream, an outcome may be here only
         const result = this.runId === null || event.run_id === this.runId ? testResult(event) : null;
         if (result !== null) tests.push(result);
       }
@@ -164,10 +175,11 @@ export class Dashboard {
     const entries: LogEntry[] = [];
     const tests: TestResult[] = [];
     let readRun = false;
-    let epochEnded = false;
+    let endedEpoch: number | null = null;
     for (const event of delivery.events) {
       const entry = logEntry(event);
       if (entry !== null) entries.push(entry);
+      this.outcomes.receive(event);
       if (event.run_id !== null && event.run_id !== this.runId) {
         // The page follows the newest run of the session.
         if (event.run_id > (this.runId ?? 0) && event.run_id !== this.switchingTo) {
@@ -190,7 +202,7 @@ export class Dashboard {
           if (event.epoch !== null) this.store.patchRun({ epoch: event.epoch });
           break;
         case "epoch_summary":
-          epochEnded = true;
+          if ((stringField(event, "split") ?? "train") === "train") endedEpoch = Math.max(endedEpoch ?? -1, event.epoch ?? -1);
           break;
         case "command_rejected":
           this.store.showMessage(`${stringField(event, "command") ?? "command"} rejected: ${stringField(event, "reason") ?? "not possible now"}`);
@@ -208,7 +220,7 @@ export class Dashboard {
     this.store.addLog(entries);
     this.store.addTests(tests);
     if (readRun) this.refreshRun();
-    if (epochEnded) views.distribution.refresh();
+    if (endedEpoch !== null) views.distribution.refresh(endedEpoch >= 0 ? endedEpoch : undefined);
   }
 
   private onProgress(event: ApiEvent, charts: Charts): void {

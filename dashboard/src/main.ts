@@ -5,13 +5,17 @@ import "./style.css";
 import { ApiClient, tokenFromLocation } from "./api";
 import { Dashboard, type Charts } from "./app";
 import { StepChart } from "./charts";
+import { ClusterView } from "./clusters";
 import { Controls, type ButtonName } from "./controls";
 import { DistributionView } from "./distribution";
 import { byId, byTestId, setText } from "./dom";
 import { formatCompact, formatCount, formatPercent, formatRate } from "./format";
 import { Header } from "./header";
+import { SampleHistoryView } from "./history";
+import { SamplesTable } from "./samples";
+import { SliceForm, SliceList } from "./slices";
 import { Store } from "./state";
-import { HardSamplesTable, renderEventLog, renderTestResults } from "./tables";
+import { renderEventLog, renderTestResults } from "./tables";
 
 const COLORS = { loss: "#2f6fdf", val: "#d0603b", accuracy: "#2e9e5b", lr: "#8a4fd0", speed: "#0f8a8a" };
 
@@ -73,14 +77,62 @@ function main(): void {
     () => dashboard.refreshRun(),
   );
 
-  const hardSamples = new HardSamplesTable(api, byTestId<HTMLTableElement>("hard-samples"), byId("hard-caption"));
+  const history = new SampleHistoryView(api, byTestId("sample-history"));
+  const samples = new SamplesTable(
+    api,
+    {
+      table: byTestId<HTMLTableElement>("hard-samples"),
+      caption: byTestId("samples-caption"),
+      show: byId("select-sample-flag"),
+      label: byId("input-sample-label"),
+      previous: byId("button-samples-previous"),
+      next: byId("button-samples-next"),
+      range: byId("samples-range"),
+    },
+    { onPick: (runId, row) => void history.show(runId, row) },
+  );
+  const slices = new SliceList(api, store, byId<HTMLTableElement>("slices-table"));
   const distribution = new DistributionView(
     api,
-    { select: byId("select-epoch"), logScale: byId("input-log-counts"), plot: byTestId("distribution"), quantiles: byTestId("quantiles") },
-    (epoch) => {
-      if (store.run !== null) void hardSamples.show(store.run.id, epoch);
+    {
+      select: byId("select-epoch"),
+      logScale: byId("input-log-counts"),
+      plot: byTestId("distribution"),
+      quantiles: byTestId("quantiles"),
+      mode: byTestId("distribution-mode"),
+    },
+    {
+      // The table shows the same epoch; following the newest, the newest complete one (an epoch
+      // in progress has no dynamics yet).
+      onEpoch: (epoch, live, following) => {
+        const newestComplete = epoch === null ? null : live ? epoch - 1 : epoch;
+        if (store.run !== null) samples.show(store.run.id, following || live ? null : epoch, newestComplete);
+      },
+      onSelect: (selection) => sliceForm.show(selection), // only after a drag: sliceForm exists
     },
   );
+  const sliceForm = new SliceForm(
+    {
+      form: byTestId("slice-form"),
+      range: byTestId("selection"),
+      name: byId("input-slice-name"),
+      save: byId("button-save-slice"),
+      clear: byId("button-clear-selection"),
+      hint: byId("selection-hint"),
+    },
+    slices,
+    () => store.run?.id ?? null,
+    () => distribution.clearSelection(),
+  );
+  const clusters = new ClusterView(api, store, dashboard.outcomes, slices, {
+    features: byId("select-cluster-features"),
+    subset: byId("select-cluster-subset"),
+    k: byId("input-cluster-k"),
+    button: byId("button-cluster"),
+    plot: byTestId("clusters"),
+    caption: byTestId("clusters-caption"),
+    table: byTestId<HTMLTableElement>("cluster-table"),
+  });
 
   const header = new Header();
   const message = byTestId("message");
@@ -93,7 +145,10 @@ function main(): void {
   let messageTimer: number | undefined;
   store.subscribe((changed) => {
     if (changed.has("session") || changed.has("run")) header.render(store);
-    if (changed.has("run")) controls.update(store.run);
+    if (changed.has("run")) {
+      controls.update(store.run);
+      clusters.update(store.run);
+    }
     if (changed.has("connection")) header.renderConnection(store.connection);
     if (changed.has("tests")) renderTestResults(testResults, store.tests);
     if (changed.has("log")) renderEventLog(eventLog, store.log);
@@ -110,7 +165,7 @@ function main(): void {
     }
   });
 
-  dashboard.start({ charts, distribution }).catch((error: unknown) => {
+  dashboard.start({ charts, distribution, clusters, slices }).catch((error: unknown) => {
     store.setConnection("stopped");
     const reason = error instanceof Error ? error.message : String(error);
     store.showMessage(

@@ -1,8 +1,7 @@
-// The page's tables and lists: hard samples, test results, the event log. Each renders from data
-// it is given; none fetches on its own except the hard-sample table, which reads one epoch's rows.
+// The page's simple tables and lists: test results, the event log. Each renders from data it is
+// given and fetches nothing (the per-sample table, with its sorting and paging, is samples.ts).
 
-import type { ApiClient, HardSample } from "./api";
-import { element, setText } from "./dom";
+import { element } from "./dom";
 import { formatClock, formatCount, formatPercent, formatValue } from "./format";
 import type { LogEntry, TestResult } from "./state";
 
@@ -38,49 +37,6 @@ export function renderRows<Row>(table: HTMLTableElement, columns: Column<Row>[],
       return tr;
     }),
   );
-}
-
-const optional = (value: number | null): string => (value === null ? "—" : String(value));
-
-const HARD_SAMPLE_COLUMNS: Column<HardSample>[] = [
-  { title: "index", cell: (row) => String(row.index), numeric: true },
-  { title: "label", cell: (row) => optional(row.label), numeric: true },
-  { title: "prediction", cell: (row) => optional(row.pred), numeric: true },
-  { title: "margin", cell: (row) => formatValue(row.margin), numeric: true },
-  { title: "loss", cell: (row) => formatValue(row.loss), numeric: true },
-];
-
-/** The k samples with the highest loss in one epoch. */
-export class HardSamplesTable {
-  private readonly api: ApiClient;
-  private readonly table: HTMLTableElement;
-  private readonly caption: HTMLElement;
-  private readonly k: number;
-  private generation = 0;
-
-  constructor(api: ApiClient, table: HTMLTableElement, caption: HTMLElement, k = 20) {
-    this.api = api;
-    this.table = table;
-    this.caption = caption;
-    this.k = k;
-    renderRows(table, HARD_SAMPLE_COLUMNS, [], "No per-sample losses recorded yet.");
-  }
-
-  async show(runId: number, epoch: number | null): Promise<void> {
-    const generation = ++this.generation;
-    try {
-      const result = await this.api.hardSamples(runId, epoch, this.k);
-      if (generation !== this.generation) return;
-      renderRows(this.table, HARD_SAMPLE_COLUMNS, result.rows, "No per-sample losses recorded yet.");
-      setText(this.caption, result.epoch === null ? "" : `epoch ${result.epoch} · top ${this.k} by loss`);
-      this.table.querySelectorAll("tbody tr").forEach((tr, i) => {
-        const row = result.rows[i];
-        if (row?.correct === false) tr.classList.add("wrong");
-      });
-    } catch (error) {
-      if (generation === this.generation) setText(this.caption, `Could not load hard samples: ${String(error)}`);
-    }
-  }
 }
 
 const TEST_COLUMNS: Column<TestResult>[] = [

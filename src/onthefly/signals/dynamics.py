@@ -23,6 +23,8 @@ Flags, kept apart because they call for different actions:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,10 @@ ORDER BY idx
 """
 
 
+CACHED_TABLES = 8
+_cache: OrderedDict[Any, tuple[int | None, pa.Table]] = OrderedDict()
+_cache_lock = threading.Lock()
+
 _HARD_CUT = """
 SELECT quantile_cont(loss, $q) FROM (
     SELECT avg(loss) AS loss FROM read_parquet($files) GROUP BY "index"
@@ -108,8 +114,25 @@ def sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, sp
                  rule: FlagRule | None = None, indices: np.ndarray | None = None) -> tuple[int | None, pa.Table]:
     """(epoch, table): one row per sample seen at ``epoch`` (default: the latest with data), with
     the columns in ``STAT_COLUMNS``, sorted by index; only ``indices`` when given."""
+    rule = rule or FlagRule()
+    key = None
+    if indices is None:
+        # A finished epoch's table never changes: the dashboard re-reads it for free. The key holds
+        # every part file's name and size, so a part written since is a new key.
+        files = tuple((p.name, p.stat().st_size) for p in part_files(session_dir, run_id, split))
+        key = (str(session_dir), run_id, epoch, split, rule, files)
+        with _cache_lock:
+            if key in _cache:
+                _cache.move_to_end(key)
+                return _cache[key]
     epoch, batches = iter_sample_stats(session_dir, run_id, epoch, split=split, rule=rule, indices=indices)
-    return epoch, pa.Table.from_batches(list(batches), schema=STATS_SCHEMA)
+    result = epoch, pa.Table.from_batches(list(batches), schema=STATS_SCHEMA)
+    if key is not None:
+        with _cache_lock:
+            _cache[key] = result
+            while len(_cache) > CACHED_TABLES:
+                _cache.popitem(last=False)
+    return result
 
 
 def iter_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, split: str = "train",

@@ -165,6 +165,7 @@ class StoreWriter:
 
     def _write(self, conn: sqlite3.Connection, items: list[Any]) -> None:
         barriers: list[_Barrier] = []
+        tasks: list[_Task] = []
         for item in items:
             try:
                 if isinstance(item, _Sql):
@@ -174,13 +175,12 @@ class StoreWriter:
                 elif isinstance(item, _CloseEpoch):
                     self._write_parts(conn, self._sink.close_epoch(item.run_id, item.split, item.epoch))
                 elif isinstance(item, _Task):
+                    tasks.append(item)  # its caller is released after the commit, not before
                     try:
                         for statement in item.fn():
                             conn.executemany(statement.sql, statement.rows)
                     except Exception as exc:  # handed back to the waiting caller
                         item.error = exc
-                    finally:
-                        item.done.set()
                 elif isinstance(item, _Barrier):
                     barriers.append(item)
             except Exception as exc:
@@ -194,6 +194,11 @@ class StoreWriter:
         except sqlite3.Error as exc:
             self.error = exc
             print(f"onthefly: could not commit to the session store: {exc}", file=sys.stderr)
+            for task in tasks:
+                task.error = task.error or exc
+        # Only now may a caller read back what it asked for: it is committed (or failed, and says so).
+        for task in tasks:
+            task.done.set()
         for barrier in barriers:
             barrier.done.set()
 
