@@ -253,12 +253,6 @@ export interface SliceInfo {
 
 export type ExportFormat = "csv" | "parquet" | "json";
 
-/** A file the server sent as an attachment. */
-export interface Download {
-  blob: Blob;
-  filename: string;
-}
-
 export interface CommandAccepted {
   id: number;
   kind: string;
@@ -373,11 +367,13 @@ export class ApiClient {
     await this.send("DELETE", `/api/slices/${encodeURIComponent(name)}`);
   }
 
-  /** A slice's rows, with the samples' data, as a file. Read with the token in a header, so the
-   *  token never appears in a URL (a download's URL lands in the browser's history). */
-  async exportSlice(name: string, format: ExportFormat): Promise<Download> {
-    const response = await this.send("GET", `/api/slices/${encodeURIComponent(name)}/export`, { format, data: "true" });
-    return { blob: await response.blob(), filename: attachmentName(response) ?? `${name}.${format}` };
+  /** Where a slice's rows (with the samples' data) download from. The URL carries no token: the
+   *  browser sends the HttpOnly cookie the page was served with, and saves the streamed file to
+   *  disk itself, so an export of millions of rows never sits in the page's memory. */
+  exportUrl(name: string, format: ExportFormat): string {
+    const url = new URL(`/api/slices/${encodeURIComponent(name)}/export`, this.base);
+    url.search = new URLSearchParams({ format, data: "true" }).toString();
+    return url.toString();
   }
 
   /** The WebSocket URL of the event stream, resuming after `afterSeq`. */
@@ -416,15 +412,6 @@ export class ApiClient {
     }
     return response;
   }
-}
-
-/** The file name in a `Content-Disposition: attachment; filename="..."` header, if any. */
-function attachmentName(response: Response): string | null {
-  const header = response.headers.get("Content-Disposition") ?? "";
-  const encoded = /filename\*=UTF-8''([^;]+)/i.exec(header);
-  if (encoded?.[1] !== undefined) return decodeURIComponent(encoded[1]);
-  const plain = /filename="?([^";]+)"?/i.exec(header);
-  return plain?.[1] ?? null;
 }
 
 /** The server's `detail` as one line: a string as is, a pydantic error list as "field: message; ...". */

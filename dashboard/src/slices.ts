@@ -2,8 +2,8 @@
 // definition in words, and exports it (CSV, Parquet or JSON, with the samples' data) or deletes
 // it. The form under the distribution saves a dragged loss range as a slice.
 //
-// An export is read with the token in a header and handed to the browser as a Blob through an
-// <a download>, so the token never appears in a URL that could be stored or leak.
+// An export is a native browser download of the server's streamed file, authorised by the page's
+// HttpOnly cookie: no token in the URL, and no file held in the page's memory.
 
 import { ApiError, type ApiClient, type ExportFormat, type SliceCreate, type SliceDefinition, type SliceInfo } from "./api";
 import type { LossSelection } from "./distribution";
@@ -18,8 +18,6 @@ const EXPORTS: readonly [ExportFormat, string][] = [
   ["parquet", "Parquet"],
   ["json", "JSON"],
 ];
-/** How long an exported file's object URL lives: long enough for the browser to save it. */
-const OBJECT_URL_MS = 60_000;
 
 /** A definition in words: "loss 0.52 – 1.3", "cluster 1 of clustering 3", "label 7". */
 export function describeDefinition(definition: SliceDefinition): string {
@@ -129,7 +127,7 @@ export class SliceList {
     );
     const actions = element("td", "actions");
     for (const [format, title] of EXPORTS) {
-      actions.append(this.button(title, `Export ${slice.name} as ${title}`, (button) => this.export(slice, format, button)));
+      actions.append(this.button(title, `Export ${slice.name} as ${title}`, () => this.export(slice, format)));
     }
     const remove = this.button("Delete", `Delete ${slice.name}`, () => this.remove(slice));
     remove.classList.add("danger");
@@ -150,25 +148,15 @@ export class SliceList {
     return button;
   }
 
-  private async export(slice: SliceInfo, format: ExportFormat, button: HTMLButtonElement): Promise<void> {
-    const text = button.textContent;
-    button.textContent = "…";
-    try {
-      const { blob, filename } = await this.api.exportSlice(slice.name, format);
-      const url = URL.createObjectURL(blob);
-      const link = element("a");
-      link.href = url;
-      link.download = filename;
-      link.hidden = true;
-      document.body.append(link);
-      link.click();
-      link.remove();
-      window.setTimeout(() => URL.revokeObjectURL(url), OBJECT_URL_MS);
-    } catch (error) {
-      this.store.showMessage(error instanceof ApiError ? error.message : `Could not export '${slice.name}': ${String(error)}`);
-    } finally {
-      button.textContent = text;
-    }
+  private async export(slice: SliceInfo, format: ExportFormat): Promise<void> {
+    const link = element("a");
+    link.href = this.api.exportUrl(slice.name, format);
+    link.download = `${slice.name}.${format}`;
+    link.hidden = true;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    this.store.showMessage(`Exporting '${slice.name}' as ${format.toUpperCase()}: the browser saves the file.`, "info");
   }
 
   private async remove(slice: SliceInfo): Promise<void> {
