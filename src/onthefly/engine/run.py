@@ -61,7 +61,10 @@ from .state import capture_rng, generator_states, restore_generators, restore_rn
 __all__ = ["Run", "start_run"]
 
 # Per-sample values reach the host at least this often (seconds) while training, for live views.
-FLUSH_SECONDS = 0.25
+# Each flush has a fixed cost on the transfer and store threads: 0.25 s measured ~0.5 % more of
+# the training time in their CPU than 0.5 s (benchmarks/overhead_accounting.py); 2 updates a
+# second keep the dashboard live.
+FLUSH_SECONDS = 0.5
 
 Evaluator = Callable[[str], "dict[str, float] | None"]
 
