@@ -166,8 +166,10 @@ export class SamplesTable {
     this.elements.table.setAttribute("aria-busy", "true");
     try {
       const result = await this.api.samples(runId, query);
-      // A query changed meanwhile has its own read coming: this answer is already stale.
-      if (generation === this.generation && runId === this.runId && query === this.query) this.render(runId, result);
+      // A query changed meanwhile has its own read coming: this answer is stale. Compared by
+      // value: while following the newest epoch, new epochs re-issue the same query, and on a busy
+      // machine every answer would otherwise be dropped for the next one, and nothing shown.
+      if (runId === this.runId && sameQuery(query, this.query)) this.render(runId, result);
     } catch (error) {
       if (generation === this.generation) setText(this.elements.caption, `Could not load the samples: ${String(error)}`);
     } finally {
@@ -291,4 +293,8 @@ function ruleText(flag: string, rule: string): HTMLElement {
   const item = element("span", "rule");
   item.append(element("strong", "", `${flag}:`), ` ${rule}`);
   return item;
+}
+
+function sameQuery(a: SampleQuery, b: SampleQuery): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
 }
