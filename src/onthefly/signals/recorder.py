@@ -306,10 +306,10 @@ def _concat(kept: list[_Kept]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _to_host(values: torch.Tensor) -> torch.Tensor:
-    if values.device.type == "cpu":
-        return values.clone()  # the device buffer is reused: the packet needs its own copy
+    """Start copying an accelerator tensor to the host (CPU tensors are handed over as they are)."""
     if values.device.type != "cuda":  # e.g. MPS: no event to wait on, so copy synchronously
         return values.to("cpu")
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)  # ordered on the stream before later writes to the buffer
+    # Asynchronous; the caching allocator reuses ``values``' memory only for work queued after it.
+    host.copy_(values, non_blocking=True)
     return host
