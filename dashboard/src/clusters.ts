@@ -10,6 +10,7 @@ import type { CommandOutcomes } from "./outcomes";
 import { ScatterPlot, groupColor } from "./scatter";
 import type { SliceList } from "./slices";
 import type { Store } from "./state";
+import { showEmpty } from "./tables";
 
 export interface ClusterElements {
   features: HTMLSelectElement;
@@ -147,11 +148,7 @@ export class ClusterView {
   private renderTable(clustering: Clustering | null): void {
     const body = this.elements.table.tBodies[0] ?? this.elements.table.createTBody();
     if (clustering === null || clustering.clusters.length === 0) {
-      const cell = element("td", "muted", "No clusters yet.");
-      cell.colSpan = 5;
-      const tr = element("tr", "empty");
-      tr.append(cell);
-      body.replaceChildren(tr);
+      showEmpty(body, "No clusters yet.", 5);
       return;
     }
     body.replaceChildren(

@@ -10,6 +10,7 @@
 import type { ApiClient, SampleQuery, SampleRow, SampleSort, SampleTable } from "./api";
 import { element, setText } from "./dom";
 import { formatCount, formatValue } from "./format";
+import { showEmpty } from "./tables";
 
 export interface SampleTableElements {
   table: HTMLTableElement;
@@ -229,11 +230,7 @@ export class SamplesTable {
   private renderBody(rows: readonly SampleRow[], empty: string, runId: number | null = null): void {
     const body = this.elements.table.tBodies[0] ?? this.elements.table.createTBody();
     if (rows.length === 0) {
-      const cell = element("td", "muted", empty);
-      cell.colSpan = COLUMNS.length + 1;
-      const tr = element("tr", "empty"); // tests can tell "no rows yet" from a row: tr:not(.empty)
-      tr.append(cell);
-      body.replaceChildren(tr);
+      showEmpty(body, empty, COLUMNS.length + 1);
       return;
     }
     body.replaceChildren(...rows.map((row) => this.rowElement(row, runId)));

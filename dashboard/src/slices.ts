@@ -10,6 +10,7 @@ import type { LossSelection } from "./distribution";
 import { element, setText } from "./dom";
 import { formatCount, formatValue } from "./format";
 import type { Store } from "./state";
+import { showEmpty } from "./tables";
 
 /** The server's rule for names, checked here too so a typo gets a plain answer at once. */
 const SLICE_NAME = /^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$/;
@@ -104,11 +105,7 @@ export class SliceList {
     const body = this.table.tBodies[0] ?? this.table.createTBody();
     this.table.dataset["count"] = String(slices.length);
     if (slices.length === 0) {
-      const cell = element("td", "muted", "No slices yet: drag a loss range on the distribution, or save a cluster.");
-      cell.colSpan = 6;
-      const tr = element("tr", "empty");
-      tr.append(cell);
-      body.replaceChildren(tr);
+      showEmpty(body, "No slices yet: drag a loss range on the distribution, or save a cluster.", 6);
       return;
     }
     body.replaceChildren(...slices.map((slice) => this.row(slice)));

@@ -12,6 +12,15 @@ export interface Column<Row> {
 }
 
 /** Replace a table's body with one row per item; an empty list shows `empty` across the table. */
+/** One muted row across `columns` columns saying there is nothing to show. */
+export function showEmpty(body: HTMLTableSectionElement, text: string, columns: number): void {
+  const cell = element("td", "muted", text);
+  cell.colSpan = columns;
+  const tr = element("tr", "empty"); // tests can tell "no rows yet" from a row: tr:not(.empty)
+  tr.append(cell);
+  body.replaceChildren(tr);
+}
+
 export function renderRows<Row>(table: HTMLTableElement, columns: Column<Row>[], rows: readonly Row[], empty: string): void {
   if (table.tHead === null) {
     const head = table.createTHead().insertRow();
@@ -23,11 +32,7 @@ export function renderRows<Row>(table: HTMLTableElement, columns: Column<Row>[],
   }
   const body = table.tBodies[0] ?? table.createTBody();
   if (rows.length === 0) {
-    const cell = element("td", "muted", empty);
-    cell.colSpan = columns.length;
-    const tr = element("tr", "empty"); // tests can tell "no rows yet" from a row: tr:not(.empty)
-    tr.append(cell);
-    body.replaceChildren(tr);
+    showEmpty(body, empty, columns.length);
     return;
   }
   body.replaceChildren(

@@ -7,7 +7,6 @@ puts validated commands in a run's queue. It never touches a running model's ten
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,9 +26,9 @@ from ..store.queries import (
     histogram,
     loss_distribution,
     metric_series,
-    sample_epochs,
 )
 from ..store.reader import SessionReader
+from ..store.samples import sample_epochs
 from ..store.session import SessionStore
 from .auth import COOKIE
 from .models import (
@@ -42,6 +41,7 @@ from .models import (
     Problem,
     RunInfo,
     SessionOut,
+    jsonable,
 )
 from .samples import evidence_routes
 from .stream import EventLog
@@ -53,17 +53,6 @@ STREAM_INTERVAL = 0.1  # seconds between WebSocket messages: at most 10 updates 
 STREAM_BATCH = 2000  # events per message at most
 SQL_INT_MAX = 2**63 - 1  # steps and sequence numbers are SQLite integers: larger ones are refused (422)
 NO_RUN: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such run in this session"}}
-
-
-def jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: they become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 class Backend:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -28,6 +29,7 @@ __all__ = [
     "SessionOut",
     "SliceCreate",
     "SliceOut",
+    "jsonable",
 ]
 
 
@@ -85,6 +87,17 @@ CommandBody = Annotated[
 from pydantic import TypeAdapter  # noqa: E402
 
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(CommandBody)
+
+
+def jsonable(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 class Problem(BaseModel):

@@ -22,8 +22,9 @@ from starlette.background import BackgroundTask
 from ..actions import export as exporting
 from ..actions import slices as slicing
 from ..actions.cluster import scatter_points
-from ..signals.dynamics import STAT_COLUMNS, FlagRule, available_epochs, flag_counts, sample_stats
+from ..signals.dynamics import STAT_COLUMNS, FlagRule, flag_counts, sample_stats
 from ..store.queries import sample_history
+from ..store.samples import sample_epochs
 from .models import (
     ClusteringOut,
     ClusterRequest,
@@ -33,6 +34,7 @@ from .models import (
     SampleTable,
     SliceCreate,
     SliceOut,
+    jsonable,
 )
 
 __all__ = ["evidence_routes"]
@@ -43,12 +45,6 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "descripti
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "not possible now"}}
 BAD_BODY: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "the body cannot be read, or the request cannot be carried out"}}
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def _sorted(table: pa.Table, column: str, descending: bool) -> np.ndarray:
@@ -95,8 +91,8 @@ def evidence_routes(backend: Any) -> APIRouter:
             if label is not None:
                 table = table.filter(np.asarray(table.column("label").to_numpy(zero_copy_only=False) == label))
             order_ = _sorted(table, sort, order == "desc")[offset : offset + limit]
-            rows = [{k: _json_value(v) for k, v in row.items()} for row in table.take(pa.array(order_)).to_pylist()]
-            return {"epoch": shown, "epochs": available_epochs(backend.session_dir, run_id, split),
+            rows = jsonable(table.take(pa.array(order_)).to_pylist())
+            return {"epoch": shown, "epochs": sample_epochs(backend.session_dir, run_id, split),
                     "total": table.num_rows,
                     "offset": offset, "rows": rows, "flags": counts, "rule": rule.describe(),
                     "grad_norm_method": info_config(run_id).get("grad_norm")}

@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError
 from ..store.duck import cursor
-from ..store.samples import part_files
+from ..store.samples import epoch_of, part_files, sample_epochs
 
-__all__ = ["STATS_SCHEMA", "STAT_COLUMNS", "FlagRule", "available_epochs", "flag_counts", "iter_sample_stats", "sample_stats"]
+__all__ = ["STATS_SCHEMA", "STAT_COLUMNS", "FlagRule", "flag_counts", "iter_sample_stats", "sample_stats"]
 
 MIN_EPOCHS_FOR_MISLABELLED = 2
 
@@ -61,10 +61,6 @@ class FlagRule:
             "mislabelled": f"area under the margin (mean margin over epochs) below {self.aum_threshold:g}, "
                            f"after at least {MIN_EPOCHS_FOR_MISLABELLED} epochs",
         }
-
-
-def available_epochs(session_dir: Path, run_id: int, split: str = "train") -> list[int]:
-    return sorted({int(p.name[6:11]) for p in part_files(session_dir, run_id, split)})
 
 
 _QUERY = """
@@ -141,13 +137,14 @@ def iter_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, 
     """Like :func:`sample_stats`, streamed in record batches (DuckDB never hands over the whole
     result at once): for exports of large slices."""
     rule = rule or FlagRule()
-    epochs = available_epochs(session_dir, run_id, split)
+    epochs = sample_epochs(session_dir, run_id, split)
     if epoch is None:
         epoch = epochs[-1] if epochs else None
     if epoch is None or epoch not in epochs:
         return epoch, iter(())
-    files = [str(p) for p in part_files(session_dir, run_id, split) if int(p.name[6:11]) <= epoch]
-    this_epoch = [f for f in files if Path(f).name.startswith(f"epoch-{epoch:05d}-")]
+    parts = [p for p in part_files(session_dir, run_id, split) if epoch_of(p) <= epoch]
+    files = [str(p) for p in parts]
+    this_epoch = [str(p) for p in parts if epoch_of(p) == epoch]
     return epoch, _stream(files, this_epoch, epoch, rule, indices, batch_rows)
 
 

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 from ..signals.quantiles import robust_summary
 from .db import connect
 from .duck import cursor
-from .samples import part_files
+from .samples import epoch_files, part_files, sample_epochs
 
-__all__ = ["hardest_samples", "histogram", "loss_distribution", "metric_series", "quantile_band", "sample_epochs",
+__all__ = ["hardest_samples", "histogram", "loss_distribution", "metric_series", "quantile_band",
            "sample_history", "top_k"]
 
 
@@ -63,15 +63,6 @@ def metric_series(db_path: Path, run_id: int, name: str, *, start_step: int | No
     }
 
 
-def sample_epochs(session_dir: Path, run_id: int, split: str = "train") -> list[int]:
-    epochs = {int(p.name[6:11]) for p in part_files(session_dir, run_id, split)}
-    return sorted(epochs)
-
-
-def _epoch_files(session_dir: Path, run_id: int, epoch: int, split: str) -> list[Path]:
-    return [p for p in part_files(session_dir, run_id, split) if p.name.startswith(f"epoch-{epoch:05d}-")]
-
-
 def loss_distribution(session_dir: Path, run_id: int, epoch: int | None = None, *, bins: int = 50,
                       split: str = "train") -> dict[str, Any]:
     """Histogram, quantiles p50/p90/p95/p99, median and MAD of per-sample loss for one epoch
@@ -79,7 +70,7 @@ def loss_distribution(session_dir: Path, run_id: int, epoch: int | None = None, 
     epochs = sample_epochs(session_dir, run_id, split)
     if epoch is None and epochs:
         epoch = epochs[-1]
-    files = _epoch_files(session_dir, run_id, epoch, split) if epoch is not None else []
+    files = epoch_files(session_dir, run_id, epoch, split) if epoch is not None else []
     losses = (np.concatenate([pq.read_table(f, columns=["loss"]).column("loss").to_numpy() for f in files])
               if files else np.empty(0, dtype=np.float32))
     return histogram(losses, epoch=epoch, epochs=epochs, bins=bins)
@@ -151,6 +142,6 @@ def hardest_samples(session_dir: Path, run_id: int, epoch: int | None = None, *,
         epoch = epochs[-1] if epochs else None
     if epoch is None:
         return {"epoch": None, "rows": []}
-    rows = top_k(_epoch_files(session_dir, run_id, epoch, split), k)
+    rows = top_k(epoch_files(session_dir, run_id, epoch, split), k)
     return {"epoch": epoch, "rows": [{**r, "loss": _finite(r["loss"]), "margin": _finite(r["margin"])}
                                      for r in rows]}

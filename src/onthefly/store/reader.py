@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import NotFoundError, StoreError
 from .db import connect
-from .samples import part_files, read_samples
+from .samples import read_samples, sample_epochs
 from .session import DB_FILE, sessions_root
 
 __all__ = ["SessionReader", "open_session"]
@@ -104,7 +104,7 @@ class SessionReader:
         complete = self.complete_epochs(run_id, split)
         if complete:
             return complete[-1]
-        epochs = sorted({int(p.name[6:11]) for p in part_files(self.dir, run_id, split)})
+        epochs = sample_epochs(self.dir, run_id, split)
         return epochs[-1] if epochs else None
 
     def sample_stats(self, run_id: int, epoch: int | None = None, *, hard_quantile: float = 0.9,

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "part_files", "read_samples", "write_table"]
+__all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "epoch_files", "epoch_of", "part_files", "read_samples",
+           "sample_epochs", "write_table"]
 
 # Rows per Parquet file: large enough for efficient scans, small enough to bound memory.
 ROWS_PER_PART = 65_536
@@ -169,13 +170,27 @@ def part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Pa
         yield from sorted((run_dir / split).glob("epoch-*.parquet"))
 
 
+def epoch_of(part: Path) -> int:
+    """The epoch a part file belongs to (its name is epoch-EEEEE-part-PPPPP.parquet)."""
+    return int(part.name[6:11])
+
+
+def sample_epochs(session_dir: Path, run_id: int, split: str = "train") -> list[int]:
+    """The epochs of a run that have per-sample rows on disk, in order."""
+    return sorted({epoch_of(p) for p in part_files(session_dir, run_id, split)})
+
+
+def epoch_files(session_dir: Path, run_id: int, epoch: int, split: str = "train") -> list[Path]:
+    return [p for p in part_files(session_dir, run_id, split) if epoch_of(p) == epoch]
+
+
 def read_samples(
     session_dir: Path, run_id: int | None = None, *, epoch: int | None = None, split: str = "train"
 ) -> pa.Table:
     """All per-sample rows of a run (optionally one epoch), as one Arrow table."""
     tables = []
     for path in part_files(session_dir, run_id, split):
-        if epoch is not None and not path.name.startswith(f"epoch-{epoch:05d}-"):
+        if epoch is not None and epoch_of(path) != epoch:
             continue
         tables.append(pq.read_table(path))
     if not tables:
