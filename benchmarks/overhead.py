@@ -1,11 +1,13 @@
 """Training-time overhead of On The Fly against a plain PyTorch loop.
 
-An MLP on 60k synthetic samples, trained for a few epochs as a plain hand-written loop and
-through On The Fly (per-sample loss, margin, prediction recorded for every sample; store writer
-running), alternated several times in one process. Prints the median ratio On The Fly / plain
-as the last line: ``ratio: X.XXX``.
+An MLP on 60k synthetic samples, trained as a plain hand-written loop and through On The Fly
+(per-sample loss, margin, prediction recorded for every sample; store writer running), in one
+process. The runs are sandwiched, plain first and last: P O P O ... O P. Each On The Fly run is
+compared with the mean of the plain runs just before and after it, which cancels a machine whose
+speed drifts steadily; the ratio of neighbouring plain runs shows the drift that remains (the
+noise floor). Prints the median ratio On The Fly / plain as the last line: ``ratio: X.XXX``.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 2] [--dashboard]
+    .venv/bin/python benchmarks/overhead.py [--repeats 10] [--epochs 1] [--dashboard] [--threads N]
 
 ``--dashboard`` attaches the dashboard server and a WebSocket client that streams every update
 while On The Fly trains.
@@ -20,6 +22,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -101,8 +104,8 @@ def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = Fal
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="On The Fly runs (plain runs: one more)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dashboard", action="store_true", help="with a dashboard client streaming")
@@ -113,20 +116,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     data = make_data(args.samples)
     plain(data, 1, args.batch)  # warm-up: allocator, kernels, imports
-    onthefly(data, 1, args.batch)
-    wall, cpu = [], []
+    onthefly(data, 1, args.batch, args.dashboard)
+    before = plain(data, args.epochs, args.batch)
+    wall, cpu, drift = [], [], []
     for i in range(args.repeats):
-        # Alternate the order so a drift in machine speed does not favour either side.
-        if i % 2 == 0:
-            base, ours = plain(data, args.epochs, args.batch), onthefly(data, args.epochs, args.batch, args.dashboard)
-        else:
-            ours, base = onthefly(data, args.epochs, args.batch, args.dashboard), plain(data, args.epochs, args.batch)
-        wall.append(ours[0] / base[0])
-        cpu.append(ours[1] / base[1])
-        print(f"repeat {i + 1}: plain {base[0]:.3f} s (cpu {base[1]:.3f} s)  onthefly {ours[0]:.3f} s "
-              f"(cpu {ours[1]:.3f} s)  wall ratio {wall[-1]:.3f}  cpu ratio {cpu[-1]:.3f}", flush=True)
-    print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, torch threads: {torch.get_num_threads()}")
+        ours = onthefly(data, args.epochs, args.batch, args.dashboard)
+        after = plain(data, args.epochs, args.batch)
+        wall.append(ours[0] / ((before[0] + after[0]) / 2))
+        cpu.append(ours[1] / ((before[1] + after[1]) / 2))
+        drift.append(after[0] / before[0])
+        print(f"repeat {i + 1}: plain {before[0]:.3f} s, onthefly {ours[0]:.3f} s (cpu {ours[1]:.3f} s), "
+              f"plain {after[0]:.3f} s  wall ratio {wall[-1]:.3f}  cpu ratio {cpu[-1]:.3f}", flush=True)
+        before = after
+    q1, q3 = np.percentile(wall, [25, 75])
+    d1, d3 = np.percentile(drift, [25, 75])
+    print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, epochs per run: {args.epochs}, "
+          f"torch threads: {torch.get_num_threads()}{', dashboard client streaming' if args.dashboard else ''}")
+    print(f"noise floor, plain / the plain run before it: median {statistics.median(drift):.3f}, "
+          f"interquartile range {d1:.3f}-{d3:.3f}")
     print(f"median cpu-time ratio (all threads, background work included): {statistics.median(cpu):.3f}")
+    print(f"wall ratio interquartile range: {q1:.3f}-{q3:.3f}")
     print(f"ratio: {statistics.median(wall):.3f}")
 
 

@@ -5,13 +5,17 @@ On a shared VM whose speed drifts by tens of percent within seconds (a plain-vs-
 benchmark measures the engine's own work directly, in the same run as the training it observes:
 
 * on the training thread: the time spent inside the engine's per-step calls (``Run.step_outputs``:
-  copying outputs and targets into the device buffers, bookkeeping, flushing, command checks;
-  and moving the batch), measured around each call;
-* on the engine's threads: their CPU time (``onthefly-transfer`` derives per-sample values,
+  keeping references to outputs and targets, bookkeeping, command checks, and at each flush
+  deriving the per-sample values of every kept row; and moving the batch), measured around each
+  call;
+* on the engine's threads: their CPU time (``onthefly-transfer`` hands NumPy arrays on,
   ``onthefly-store`` writes Parquet and SQLite), read from /proc per thread.
 
 It prints both as a share of the training time, and their sum as an upper bound of the overhead
-(upper: background work only slows training when it competes for a core). Last line:
+(upper: background work only slows training when it competes for a core). It cannot see
+contention that costs nobody CPU time - e.g. a torch operation on a second thread, which once made
+OpenMP's workers sleep between parallel regions and training 1.28x slower while this bound read
+1.025 - so `overhead.py` remains the measurement of record. Last line:
 ``ratio: X.XXX`` = 1 + that bound. Linux only (/proc).
 
     .venv/bin/python benchmarks/overhead_accounting.py [--epochs 3] [--threads 2]

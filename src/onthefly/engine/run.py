@@ -270,6 +270,11 @@ class Run:
                 f"{'?' if indices is None else indices.shape[0]} samples; pass one loss per sample "
                 "(a 1-D tensor, reduction='none')."
             )
+        if loss is not None and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
+            raise LossError(  # numel is host metadata: no sync
+                f"step(loss=...) must be the scalar loss you backpropagated, got "
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}."
+            )
         per = per_sample_loss.detach()
         if lr is None:
             lr = self.optimizer.param_groups[0]["lr"]

@@ -10,13 +10,18 @@ Two ways in:
 
 * :meth:`SampleRecorder.record_outputs` (the fast path): the batch's model outputs and targets
   are kept, and the per-sample values (loss, margin, prediction, confidence) are derived once
-  per flush, for thousands of rows at a time, by ``derive`` - on the device for CUDA (launched
-  asynchronously), or on the transfer thread for the CPU. Used when outputs and targets are small
-  tensors and the loss is computed row by row (a loss with ``reduction="none"``).
+  per flush, for thousands of rows at a time, by ``derive``. Used when outputs and targets are
+  small tensors and the loss is computed row by row (a loss with ``reduction="none"``).
 * :meth:`SampleRecorder.record` : per-sample values computed by the caller, one batch at a time.
 
-:meth:`flush` concatenates what was kept and starts the device-to-host copy (CUDA), or hands the
-tensors themselves over (CPU), to the transfer thread, which passes plain NumPy arrays on.
+:meth:`flush` runs on the training thread: it concatenates what was kept, derives the rows and
+starts the device-to-host copy (asynchronous on CUDA). The transfer thread waits for the copy and
+passes plain NumPy arrays on; it runs no torch operation. That is deliberate: the first parallel
+torch operation on a second thread gives that thread its own OpenMP team, and once a process has
+more OpenMP threads than cores, GNU OpenMP stops spinning between parallel regions - every region
+of the training thread then pays a futex wake-up. Deriving on the transfer thread measured a
+1.28x slower CPU training run (benchmarks/overhead.py); deriving here costs the training thread
+about a millisecond per flush.
 """
 
 from __future__ import annotations
@@ -78,14 +83,13 @@ class _Pending:
     steps: list[int]
     lrs: list[float]
     first_position: int
-    rows: list[torch.Tensor]  # derived rows: one host tensor (CUDA, maybe still being copied) or
-    # the kept CPU rows of each step, concatenated on the transfer thread
-    raw: list[_Kept]  # CPU: each step's outputs, targets, grad norms, still to derive from
-    step_losses: list[torch.Tensor]  # one host tensor (CUDA) or each step's CPU loss
+    # NumPy views of host tensors (on CUDA their copies may still be running until ``ready``)
+    rows: np.ndarray  # float32 [n, COLUMNS]
+    step_losses: np.ndarray  # float32, one per recorded micro-batch
     samples_per_second: float
     ready: torch.cuda.Event | None
     closes_epoch: bool
-    classification: bool  # for ``raw``: decided when the rows are derived
+    classification: bool
 
 
 @dataclass
@@ -198,23 +202,22 @@ class SampleRecorder:
             return
         elapsed = time.perf_counter() - self._started
         n = self._n_rows
-        rows: list[torch.Tensor] = self._rows
-        raw: list[_Kept] = []
         classification = self._classification
-        step_losses = self._losses
         if self._kept and self.derive is None:
             raise RuntimeError("record_outputs needs SampleRecorder.derive to be set")
-        if self.device.type == "cpu":
-            raw = self._kept  # concatenated and derived on the transfer thread, not here
-        else:
-            with torch.no_grad():  # launched on the device's stream; no host sync
-                if self._kept:
-                    outputs, targets, grad_norms = _concat(self._kept)
-                    per, signals = self.derive(outputs, targets)  # type: ignore[misc]
-                    rows = [rows_of(per, signals, targets, grad_norms)]
-                    classification = signals is not None
-                rows = [_to_host(torch.cat(rows))] if rows else []
-                step_losses = [_to_host(torch.stack(self._losses).float())] if self._losses else []
+        rows = np.empty((0, COLUMNS), dtype=np.float32)
+        step_losses = np.empty(0, dtype=np.float32)
+        with torch.no_grad():  # on CUDA launched on the device's stream: no host sync
+            parts = self._rows
+            if self._kept:
+                outputs, targets, grad_norms = _concat(self._kept)
+                per, signals = self.derive(outputs, targets)  # type: ignore[misc]
+                parts = [rows_of(per, signals, targets, grad_norms)]
+                classification = signals is not None
+            if parts:
+                rows = _to_host(parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
+            if self._losses:
+                step_losses = _to_host(torch.stack([loss.reshape(()) for loss in self._losses]).float()).numpy()
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -222,7 +225,7 @@ class SampleRecorder:
         run_id, split, epoch = self._context
         pending = _Pending(
             run_id, split, epoch, self._indices, self._sizes, self._steps, self._lrs, self._first_position,
-            rows, raw, step_losses, n / elapsed if elapsed >= MIN_RATE_WINDOW else math.nan, ready,
+            rows, step_losses, n / elapsed if elapsed >= MIN_RATE_WINDOW else math.nan, ready,
             closes_epoch, classification,
         )
         self._reset_batch()
@@ -262,20 +265,6 @@ class SampleRecorder:
     def _to_packet(self, pending: _Pending) -> HostPacket:
         if pending.ready is not None:
             pending.ready.synchronize()  # waits here, not on the training thread
-        classification = pending.classification
-        with torch.no_grad():
-            if pending.raw and self.derive is not None:
-                outputs, targets, grad_norms = _concat(pending.raw)
-                per, signals = self.derive(outputs, targets)
-                rows = rows_of(per, signals, targets, grad_norms).numpy()
-                classification = signals is not None
-            elif pending.rows:
-                rows = torch.cat(pending.rows).numpy()
-            else:
-                rows = np.empty((0, COLUMNS), dtype=np.float32)
-            # CPU: each step's loss (0-d); CUDA: one host tensor of them all.
-            losses = torch.cat([loss.reshape(-1).float() for loss in pending.step_losses]) \
-                if pending.step_losses else torch.empty(0)
         sizes = np.asarray(pending.sizes, dtype=np.int64)
         position = pending.first_position
         indices = []
@@ -285,10 +274,11 @@ class SampleRecorder:
             position += size
         steps = np.asarray(pending.steps, dtype=np.int64)
         return HostPacket(
-            run_id=pending.run_id, split=pending.split, epoch=pending.epoch, classification=classification,
+            run_id=pending.run_id, split=pending.split, epoch=pending.epoch,
+            classification=pending.classification,
             indices=np.concatenate(indices) if indices else np.empty(0, dtype=np.int64),
-            row_steps=np.repeat(steps, sizes), rows=rows, steps=steps,
-            step_losses=losses.numpy(), lrs=np.asarray(pending.lrs, dtype=np.float64),
+            row_steps=np.repeat(steps, sizes), rows=pending.rows, steps=steps,
+            step_losses=pending.step_losses, lrs=np.asarray(pending.lrs, dtype=np.float64),
             samples_per_second=pending.samples_per_second, closes_epoch=pending.closes_epoch,
         )
 
