@@ -102,6 +102,14 @@ def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = Fal
     return elapsed
 
 
+def median_interval(values: list[float], draws: int = 10_000) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median: how far the printed median could be from the truth."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(values, size=(draws, len(values))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10, help="On The Fly runs (plain runs: one more)")
@@ -129,13 +137,15 @@ def main() -> None:
               f"plain {after[0]:.3f} s  wall ratio {wall[-1]:.3f}  cpu ratio {cpu[-1]:.3f}", flush=True)
         before = after
     q1, q3 = np.percentile(wall, [25, 75])
+    low, high = median_interval(wall)
     d1, d3 = np.percentile(drift, [25, 75])
     print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, epochs per run: {args.epochs}, "
           f"torch threads: {torch.get_num_threads()}{', dashboard client streaming' if args.dashboard else ''}")
     print(f"noise floor, plain / the plain run before it: median {statistics.median(drift):.3f}, "
           f"interquartile range {d1:.3f}-{d3:.3f}")
     print(f"median cpu-time ratio (all threads, background work included): {statistics.median(cpu):.3f}")
-    print(f"wall ratio interquartile range: {q1:.3f}-{q3:.3f}")
+    print(f"wall ratio interquartile range: {q1:.3f}-{q3:.3f}; 95 % interval of the median (bootstrap): "
+          f"{low:.3f}-{high:.3f}")
     print(f"ratio: {statistics.median(wall):.3f}")
 
 
