@@ -7,7 +7,7 @@ compared with the mean of the plain runs just before and after it, which cancels
 speed drifts steadily; the ratio of neighbouring plain runs shows the drift that remains (the
 noise floor). Prints the median ratio On The Fly / plain as the last line: ``ratio: X.XXX``.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 10] [--epochs 1] [--dashboard] [--threads N]
+    .venv/bin/python benchmarks/overhead.py [--repeats 15] [--epochs 2] [--dashboard] [--threads N]
 
 ``--dashboard`` attaches the dashboard server and a WebSocket client that streams every update
 while On The Fly trains.
@@ -112,8 +112,8 @@ def median_interval(values: list[float], draws: int = 10_000) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=10, help="On The Fly runs (plain runs: one more)")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
+    parser.add_argument("--repeats", type=int, default=15, help="On The Fly runs (plain runs: one more)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run")
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dashboard", action="store_true", help="with a dashboard client streaming")

@@ -389,3 +389,24 @@ def test_classification_signals_accept_ignored_targets_and_small_integer_labels(
     assert confidence[2].item() == pytest.approx(expected[2, 2].item())
     margin_u8, pred_u8, _ = classification_signals(logits, torch.tensor([0, 1, 2], dtype=torch.uint8))
     assert pred_u8.tolist() == [0, 1, 0] and margin_u8[1].item() == pytest.approx(2.0)
+
+
+def test_recorder_derives_steps_whose_rows_differ_in_shape_separately() -> None:
+    """Outputs kept for one flush need not concatenate (e.g. sequences padded per batch)."""
+    from onthefly.signals.recorder import LOSS, HostPacket, SampleRecorder
+
+    packets: list[HostPacket] = []
+    recorder = SampleRecorder(torch.device("cpu"), packets.append)
+    recorder.derive = lambda out, y: (((out - y) ** 2).mean(dim=1), None)
+    recorder.begin_epoch(1, "train", 0)
+    batches = [torch.randn(4, 3), torch.randn(4, 5), torch.randn(2, 5)]
+    for step, out in enumerate(batches, start=1):
+        recorder.record_outputs(step, np.arange(4 * step - 4, 4 * step - 4 + len(out)), out, torch.zeros_like(out),
+                                out.pow(2).mean(), lr=0.1)
+    recorder.close()
+
+    (packet,) = packets
+    expected = torch.cat([out.pow(2).mean(dim=1) for out in batches]).numpy()
+    np.testing.assert_allclose(packet.rows[:, LOSS], expected, rtol=1e-6)
+    np.testing.assert_array_equal(packet.row_steps, [1] * 4 + [2] * 4 + [3] * 2)
+    np.testing.assert_array_equal(packet.step_losses, [out.pow(2).mean().item() for out in batches])

@@ -101,11 +101,6 @@ class _Kept:
     grad_norm: torch.Tensor | None
 
 
-def _keep(value: torch.Tensor) -> torch.Tensor:
-    """A detached reference; a view is copied, so that a large base tensor is not kept alive."""
-    return value.detach() if value._base is None else value.detach().clone()
-
-
 def rows_of(per: torch.Tensor, signals: ClassSignals | None, labels: torch.Tensor | None,
             grad_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Stack per-sample values into [n, COLUMNS] float32 rows (pred and label exact up to 2**24)."""
@@ -136,7 +131,6 @@ class SampleRecorder:
     def _reset_batch(self) -> None:
         self._n_rows = 0
         self._kept: list[_Kept] = []  # record_outputs
-        self._kept_shape: tuple[object, ...] | None = None
         self._rows: list[torch.Tensor] = []  # record
         self._losses: list[torch.Tensor] = []
         self._indices: list[np.ndarray | None] = []
@@ -157,13 +151,13 @@ class SampleRecorder:
                        targets: torch.Tensor, loss: torch.Tensor, lr: float,
                        grad_norm: torch.Tensor | None = None) -> None:
         """Record one batch by its outputs and targets (per-sample values derived at flush)."""
-        batch = outputs.shape[0]  # shapes and dtypes are host metadata: no sync
-        shape = (outputs.shape[1:], outputs.dtype, targets.shape[1:], targets.dtype)
-        if self._rows or (self._kept and shape != self._kept_shape) or self._n_rows + batch > MIN_ROWS \
-                or len(self._losses) == MAX_STEPS:
-            self.flush()  # what is kept must concatenate: one mode, one row shape per flush
-        self._kept_shape = shape
-        self._kept.append(_Kept(_keep(outputs), _keep(targets), None if grad_norm is None else grad_norm.detach()))
+        batch = outputs.shape[0]  # host metadata: no sync
+        if self._rows or self._n_rows + batch > MIN_ROWS or len(self._losses) == MAX_STEPS:
+            self.flush()  # one mode per flush; rows of differing shapes are grouped at the flush
+        # A view is copied, so that a large base tensor is not kept alive.
+        self._kept.append(_Kept(outputs.detach() if outputs._base is None else outputs.detach().clone(),
+                                targets.detach() if targets._base is None else targets.detach().clone(),
+                                None if grad_norm is None else grad_norm.detach()))
         self._append(step, indices, batch, loss, lr)
 
     def record(
@@ -210,10 +204,12 @@ class SampleRecorder:
         with torch.no_grad():  # on CUDA launched on the device's stream: no host sync
             parts = self._rows
             if self._kept:
-                outputs, targets, grad_norms = _concat(self._kept)
-                per, signals = self.derive(outputs, targets)  # type: ignore[misc]
-                parts = [rows_of(per, signals, targets, grad_norms)]
-                classification = signals is not None
+                parts = []
+                for group in _same_shapes(self._kept):
+                    outputs, targets, grad_norms = _concat(group)
+                    per, signals = self.derive(outputs, targets)  # type: ignore[misc]
+                    parts.append(rows_of(per, signals, targets, grad_norms))
+                    classification = signals is not None
             if parts:
                 rows = _to_host(parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
             if self._losses:
@@ -281,6 +277,19 @@ class SampleRecorder:
             step_losses=pending.step_losses, lrs=np.asarray(pending.lrs, dtype=np.float64),
             samples_per_second=pending.samples_per_second, closes_epoch=pending.closes_epoch,
         )
+
+
+def _same_shapes(kept: list[_Kept]) -> list[list[_Kept]]:
+    """Consecutive steps whose outputs and targets concatenate (same per-row shapes and dtypes)."""
+    groups: list[list[_Kept]] = []
+    key: tuple[object, ...] | None = None
+    for k in kept:
+        shape = (k.outputs.shape[1:], k.outputs.dtype, k.targets.shape[1:], k.targets.dtype)
+        if shape != key:
+            groups.append([])
+            key = shape
+        groups[-1].append(k)
+    return groups
 
 
 def _concat(kept: list[_Kept]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
