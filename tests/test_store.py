@@ -572,3 +572,24 @@ def test_sample_stats_of_a_finished_epoch_are_computed_once(tmp_path: Path) -> N
     second = sample_stats(tmp_path, 1)
     assert second[0] == 1 and second[1] is not first[1] and second[1].column("epochs").to_pylist() == [2] * 4
     assert sample_stats(tmp_path, 1, epoch=0)[1].column("epochs").to_pylist() == [1] * 4
+
+
+def test_chunks_of_an_epoch_become_one_part_with_every_row_and_column(tmp_path: Path) -> None:
+    from onthefly.store.samples import SampleChunk, SampleSink, read_samples
+
+    sink = SampleSink(tmp_path)
+    sink.add(SampleChunk(run_id=1, split="train", epoch=0, step=np.array([1, 1]), index=np.array([5, 3]),
+                         loss=np.array([0.5, 1.5], np.float32), margin=np.array([1.0, -1.0], np.float32),
+                         pred=np.array([2, 0]), label=np.array([2, 1])))  # no confidence, no grad norm
+    sink.add(SampleChunk(run_id=1, split="train", epoch=0, step=np.array([2]), index=np.array([4]),
+                         loss=np.array([0.25], np.float32), margin=np.array([2.0], np.float32),
+                         pred=np.array([1]), label=np.array([1]), confidence=np.array([0.9], np.float32),
+                         grad_norm=np.array([3.0], np.float32)))
+    (part,) = sink.close_epoch(1, "train", 0)
+
+    rows = read_samples(tmp_path, 1).to_pydict()
+    assert (part.rows, part.first_step, part.last_step) == (3, 1, 2)
+    assert rows["index"] == [5, 3, 4] and rows["step"] == [1, 1, 2]
+    assert rows["loss"] == [0.5, 1.5, 0.25] and rows["correct"] == [True, False, True]
+    assert np.isnan(rows["confidence"][:2]).all() and rows["confidence"][2] == pytest.approx(0.9)
+    assert np.isnan(rows["grad_norm"][:2]).all() and rows["grad_norm"][2] == 3.0

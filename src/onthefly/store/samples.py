@@ -64,6 +64,26 @@ class SampleChunk:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
+    @staticmethod
+    def merged(chunks: list[SampleChunk]) -> SampleChunk:
+        """Chunks of one (run, split, epoch) as one: a single Arrow conversion instead of one per
+        chunk (each conversion has a fixed cost of a dozen array builds, paid on the store thread)."""
+        if len(chunks) == 1:
+            return chunks[0]
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(c, name) for c in chunks])
+
+        def cat_optional(name: str) -> np.ndarray | None:
+            if all(getattr(c, name) is None for c in chunks):
+                return None
+            return np.concatenate([_or_nan(getattr(c, name), len(c)) for c in chunks])
+
+        first = chunks[0]
+        return SampleChunk(first.run_id, first.split, first.epoch, cat("step"), cat("index"), cat("loss"),
+                           cat("margin"), cat("pred"), cat("label"), cat_optional("confidence"),
+                           cat_optional("grad_norm"))
+
     def to_arrow(self) -> pa.Table:
         n = len(self)
         has_class = self.pred >= 0
@@ -132,7 +152,7 @@ class SampleSink:
         run_id, split, epoch = key
         part = self._parts.get(key, 0)
         self._parts[key] = part + 1
-        table = pa.concat_tables([c.to_arrow() for c in chunks])
+        table = SampleChunk.merged(chunks).to_arrow()
         rel = Path("samples") / f"run-{run_id}" / split / f"epoch-{epoch:05d}-part-{part:05d}.parquet"
         write_table(self._dir / rel, table)
         steps = table.column("step")
