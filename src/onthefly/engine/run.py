@@ -109,6 +109,7 @@ class Run:
                 raise ConfigError(f"callbacks must be onthefly.Callback instances, got {type(cb).__name__}")
         self.callbacks = list(callbacks)
         self._hooks = {hook: [cb for cb in self.callbacks if overrides(cb, hook)] for hook in HOOKS}
+        self._step_end_hooks = self._hooks["on_step_end"]  # the same list, read on every step
 
         checkpoint = None
         if resume_from is not None:
@@ -324,8 +325,9 @@ class Run:
             self._check_health()
         if self.commands.pending:
             self._control()
-        for callback in self._hooks["on_step_end"]:
-            callback.on_step_end(self)
+        if self._step_end_hooks:
+            for callback in self._step_end_hooks:
+                callback.on_step_end(self)
 
     def fire(self, hook: str) -> None:
         """Call ``hook`` on every callback that overrides it."""
