@@ -101,6 +101,22 @@ class EpochBatches(Sampler[list[int]]):
         return iter(batches)
 
 
+class ReusedList:
+    """A batch sampler that refills and yields one list object (some hand-written ones do)."""
+
+    def __init__(self, n: int, batch: int = 8) -> None:
+        self.n, self.batch = n, batch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buffer: list[int] = []
+        for start in range(0, self.n, self.batch):
+            buffer[:] = [self.n - 1 - i for i in range(start, min(start + self.batch, self.n))]
+            yield buffer
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -111,6 +127,7 @@ LOADERS: dict[str, Callable[[Any], DataLoader]] = {
                                              generator=seeded(2)),
     "custom-sampler": lambda ds: DataLoader(ds, batch_size=8, sampler=EvenReversed(len(ds))),
     "custom-batch-sampler": lambda ds: DataLoader(ds, batch_sampler=EpochBatches(len(ds))),
+    "reused-list-batch-sampler": lambda ds: DataLoader(ds, batch_sampler=ReusedList(len(ds))),
     "drop-last": lambda ds: DataLoader(ds, batch_size=8, shuffle=True, drop_last=True,
                                        generator=seeded(3)),
 }

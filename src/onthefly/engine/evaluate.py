@@ -61,7 +61,8 @@ def evaluate(
             if per_sample is not None:
                 signals = classification_signals(outputs, targets) if classification else None
                 kept.append(rows_of(per, signals, targets if classification else None))
-                indices.append(index if index is not None else np.arange(samples, samples + per.shape[0]))
+                indices.append(np.asarray(index, dtype=np.int64) if index is not None
+                               else np.arange(samples, samples + per.shape[0]))
             samples += per.shape[0]
         result = {"loss": float(total) / max(samples, 1), "samples": float(samples)}  # one sync
         if classification and samples:

@@ -19,11 +19,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import DataError
 
-__all__ = ["TrackedLoader"]
+__all__ = ["Indices", "TrackedLoader"]
+
+# The dataset indices of one batch: an int64 array, or the list of ints the batch sampler gave.
+Indices = np.ndarray | list[int]
 
 
 class _RecordingIterator:
-    def __init__(self, inner: Iterable[Any], pending: deque[np.ndarray], skip: int, batched: bool) -> None:
+    def __init__(self, inner: Iterable[Any], pending: deque[Indices], skip: int, batched: bool) -> None:
         self._inner = iter(inner)
         self._pending = pending
         self._skip = skip
@@ -57,7 +60,13 @@ class _RecordingIterator:
             item, self._primed = self._primed, None  # handed over once, then pulled as usual
         else:
             item = self._pull()
-        self._pending.append(np.asarray(item if self._batched else [item], dtype=np.int64))
+        ids = item if self._batched else [item]
+        # A list of ints (what a BatchSampler yields) is kept - copied, in case a sampler reuses
+        # its list - and converted to an array on the engine's transfer thread, not here on every
+        # step; anything else (tensors, arrays) is converted now, so that no torch operation runs
+        # on another thread.
+        self._pending.append(ids.copy() if type(ids) is list and (not ids or type(ids[0]) is int)
+                             else np.asarray(ids, dtype=np.int64))
         return item
 
 
@@ -67,7 +76,7 @@ class _RecordingSampler:
     def __init__(self, inner: Any, batched: bool) -> None:
         self.inner = inner
         self.batched = batched
-        self.pending: deque[np.ndarray] = deque()
+        self.pending: deque[Indices] = deque()
         self.skip_next = 0
         self.current: _RecordingIterator | None = None
 
@@ -141,7 +150,7 @@ class TrackedLoader:
                 found.append(gen)
         return found
 
-    def begin(self, skip: int = 0) -> Iterator[tuple[Any, np.ndarray | None]]:
+    def begin(self, skip: int = 0) -> Iterator[tuple[Any, Indices | None]]:
         """Start one epoch; iterate the result for (batch, dataset indices).
 
         The DataLoader iterator is created and the sampler's first indices drawn right here, so

@@ -55,7 +55,7 @@ from .callbacks import HOOKS, Callback, overrides
 from .control import Command, CommandQueue, RunStatus
 from .evaluate import evaluate
 from .events import Event, EventBus
-from .loader import TrackedLoader
+from .loader import Indices, TrackedLoader
 from .state import capture_rng, generator_states, restore_generators, restore_rng, to_cpu
 
 __all__ = ["Run", "start_run"]
@@ -150,7 +150,7 @@ class Run:
         self.batches_per_epoch: int | None = None
         self._wait_for_run = wait_for_run
         self._stop = False
-        self._indices: np.ndarray | None = None
+        self._indices: Indices | None = None
         self._first_step = True
         self._classification: bool | None = None
         self._last_flush = time.perf_counter()
@@ -264,11 +264,11 @@ class Run:
         self._indices = None
         if self._first_step:
             self._check_first_step(per_sample_loss, indices, logits, targets)
-        elif per_sample_loss.ndim != 1 or (indices is not None and indices.shape[0] != per_sample_loss.shape[0]):
+        elif per_sample_loss.ndim != 1 or (indices is not None and len(indices) != per_sample_loss.shape[0]):
             # Shapes are host metadata: this check costs no sync.
             raise LossError(
                 f"step() got per-sample losses of shape {tuple(per_sample_loss.shape)} for a batch of "
-                f"{'?' if indices is None else indices.shape[0]} samples; pass one loss per sample "
+                f"{'?' if indices is None else len(indices)} samples; pass one loss per sample "
                 "(a 1-D tensor, reduction='none')."
             )
         if loss is not None and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
@@ -298,9 +298,9 @@ class Run:
             per = per_sample_loss.per_sample(outputs, targets, batch)
             self._check_first_step(per, indices, outputs, targets)
             self.recorder.derive = _derive(per_sample_loss, bool(self._classification))
-        elif indices is not None and (outputs.shape[0] != indices.shape[0] or targets.shape[0] != indices.shape[0]):
+        elif indices is not None and (outputs.shape[0] != len(indices) or targets.shape[0] != len(indices)):
             raise DataError(  # shapes are host metadata: no sync
-                f"a batch of {indices.shape[0]} sampled indices gave {outputs.shape[0]} outputs and "
+                f"a batch of {len(indices)} sampled indices gave {outputs.shape[0]} outputs and "
                 f"{targets.shape[0]} targets; a collate_fn must keep every sample of its batch."
             )
         self.recorder.record_outputs(self.global_step + 1, indices, outputs, targets, loss,
@@ -626,7 +626,7 @@ class Run:
         if self.recorder.error is not None:
             raise RuntimeError(f"per-sample transfer failed: {self.recorder.error}") from self.recorder.error
 
-    def _check_first_step(self, per: torch.Tensor, indices: np.ndarray | None, logits: Any, targets: Any) -> None:
+    def _check_first_step(self, per: torch.Tensor, indices: Indices | None, logits: Any, targets: Any) -> None:
         self._first_step = False
         if not isinstance(per, torch.Tensor) or per.ndim != 1:
             shape = tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
@@ -634,9 +634,9 @@ class Run:
                 f"step() needs one loss per sample (a 1-D tensor), got {shape}. Compute the loss with "
                 "reduction='none', e.g. F.cross_entropy(logits, y, reduction='none')."
             )
-        if indices is not None and indices.shape[0] != per.shape[0]:
+        if indices is not None and len(indices) != per.shape[0]:
             raise LossError(
-                f"step() got {per.shape[0]} per-sample losses for a batch of {indices.shape[0]} samples; "
+                f"step() got {per.shape[0]} per-sample losses for a batch of {len(indices)} samples; "
                 "pass one loss per sample (reduction='none')."
             )
         self._classification = logits is not None and is_classification(logits, targets)

@@ -195,11 +195,12 @@ class Trainer:
             self._zero_grad_next = False
         if self._move_batches:
             batch = to_device(batch, self.device, self.non_blocking)
-        with self._autocast():
-            if self._checked_first_step:
-                outputs, targets, loss, per_sample = self._forward_and_loss(batch)
-            else:
-                outputs, targets, loss, per_sample = self._first_forward(batch)
+        forward = self._forward_and_loss if self._checked_first_step else self._first_forward
+        if self.amp:
+            with self._autocast():
+                outputs, targets, loss, per_sample = forward(batch)
+        else:
+            outputs, targets, loss, per_sample = forward(batch)
         scaled = loss / self.accumulate if self.accumulate > 1 else loss
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()

@@ -78,7 +78,7 @@ class _Pending:
     run_id: int
     split: str
     epoch: int
-    indices: list[np.ndarray | None]
+    indices: list[np.ndarray | list[int] | None]
     sizes: list[int]
     steps: list[int]
     lrs: list[float]
@@ -133,7 +133,7 @@ class SampleRecorder:
         self._kept: list[_Kept] = []  # record_outputs
         self._rows: list[torch.Tensor] = []  # record
         self._losses: list[torch.Tensor] = []
-        self._indices: list[np.ndarray | None] = []
+        self._indices: list[np.ndarray | list[int] | None] = []
         self._sizes: list[int] = []
         self._steps: list[int] = []
         self._lrs: list[float] = []
@@ -147,7 +147,7 @@ class SampleRecorder:
         self._first_position = 0
 
     # ---- hot path ------------------------------------------------------------------------
-    def record_outputs(self, step: int, indices: np.ndarray | None, outputs: torch.Tensor,
+    def record_outputs(self, step: int, indices: np.ndarray | list[int] | None, outputs: torch.Tensor,
                        targets: torch.Tensor, loss: torch.Tensor, lr: float,
                        grad_norm: torch.Tensor | None = None) -> None:
         """Record one batch by its outputs and targets (per-sample values derived at flush)."""
@@ -161,7 +161,7 @@ class SampleRecorder:
         self._append(step, indices, batch, loss, lr)
 
     def record(
-        self, step: int, indices: np.ndarray | None, per_sample: torch.Tensor, loss: torch.Tensor,
+        self, step: int, indices: np.ndarray | list[int] | None, per_sample: torch.Tensor, loss: torch.Tensor,
         lr: float, signals: ClassSignals | None = None, labels: torch.Tensor | None = None,
         grad_norm: torch.Tensor | None = None,
     ) -> None:
@@ -175,7 +175,8 @@ class SampleRecorder:
         self._rows.append(rows_of(per_sample.detach(), signals, labels, grad_norm))  # one stack kernel
         self._append(step, indices, batch, loss, lr)
 
-    def _append(self, step: int, indices: np.ndarray | None, batch: int, loss: torch.Tensor, lr: float) -> None:
+    def _append(self, step: int, indices: np.ndarray | list[int] | None, batch: int, loss: torch.Tensor,
+                lr: float) -> None:
         self._losses.append(loss.detach())
         self._n_rows += batch
         self._position_in_epoch += batch
@@ -266,7 +267,8 @@ class SampleRecorder:
         indices = []
         for size, idx in zip(pending.sizes, pending.indices, strict=True):
             # An iterable dataset has no sampler indices: number samples by position in the epoch.
-            indices.append(idx if idx is not None else np.arange(position, position + size, dtype=np.int64))
+            indices.append(np.asarray(idx, dtype=np.int64) if idx is not None
+                           else np.arange(position, position + size, dtype=np.int64))
             position += size
         steps = np.asarray(pending.steps, dtype=np.int64)
         return HostPacket(
