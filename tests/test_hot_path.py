@@ -12,13 +12,13 @@ import threading
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 import onthefly
 from conftest import toy_data, toy_model
 from onthefly.store.reader import SessionReader
+from test_custom_loop import loader, new_run, train_step
 
 
 def _threads_running_torch(work: Any) -> dict[int, set[str]]:
@@ -64,20 +64,12 @@ def test_trainer_runs_every_torch_operation_on_the_training_thread() -> None:
 
 
 def test_custom_loop_runs_every_torch_operation_on_the_training_thread() -> None:
-    model = toy_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = DataLoader(toy_data(), batch_size=32, shuffle=True)
-
     def loop() -> None:
-        with onthefly.start_run(project="hot", run_name="custom", model=model, optimizer=opt) as run:
+        run, model, opt = new_run()
+        with run:
             for _ in run.epochs(2):
-                for x, y in run.batches(loader):
-                    logits = model(x)
-                    losses = F.cross_entropy(logits, y, reduction="none")
-                    opt.zero_grad()
-                    losses.mean().backward()
-                    opt.step()
-                    run.step(losses, logits=logits, targets=y)
+                for batch in run.batches(loader()):
+                    train_step(run, model, opt, batch)
 
     threads = _threads_running_torch(loop)
 

@@ -109,7 +109,6 @@ class Run:
                 raise ConfigError(f"callbacks must be onthefly.Callback instances, got {type(cb).__name__}")
         self.callbacks = list(callbacks)
         self._hooks = {hook: [cb for cb in self.callbacks if overrides(cb, hook)] for hook in HOOKS}
-        self._step_end_hooks = self._hooks["on_step_end"]  # the same list, read on every step
 
         checkpoint = None
         if resume_from is not None:
@@ -325,9 +324,8 @@ class Run:
             self._check_health()
         if self.commands.pending:
             self._control()
-        if self._step_end_hooks:
-            for callback in self._step_end_hooks:
-                callback.on_step_end(self)
+        for callback in self._hooks["on_step_end"]:
+            callback.on_step_end(self)
 
     def fire(self, hook: str) -> None:
         """Call ``hook`` on every callback that overrides it."""
@@ -354,15 +352,8 @@ class Run:
     def record_rows_for(self, split: str) -> Callable[[np.ndarray, np.ndarray, bool], None]:
         """A sink for an evaluation's per-sample rows: stored as ``split`` at the current epoch."""
         def store(indices: np.ndarray, rows: np.ndarray, classification: bool) -> None:
-            minus_one = np.full(len(indices), -1, dtype=np.int64)
-            self.session.samples(SampleChunk(
-                run_id=self.run_id, split=split, epoch=self.epoch,
-                step=np.full(len(indices), self.global_step, dtype=np.int64), index=indices,
-                loss=rows[:, LOSS], margin=rows[:, MARGIN],
-                pred=rows[:, PRED].astype(np.int64) if classification else minus_one,
-                label=rows[:, LABEL].astype(np.int64) if classification else minus_one,
-                confidence=rows[:, CONFIDENCE], grad_norm=rows[:, GRAD_NORM],
-            ))
+            steps = np.full(len(indices), self.global_step, dtype=np.int64)
+            self.session.samples(_chunk(self.run_id, split, self.epoch, steps, indices, rows, classification))
             self.session.close_epoch(self.run_id, split, self.epoch)
             self.bus.publish("epoch_summary", {"split": split, "loss": float(np.nanmean(rows[:, LOSS])),
                                                "samples": len(indices)}, **self._where())
@@ -554,15 +545,8 @@ class Run:
     def _on_packet(self, packet: HostPacket) -> None:
         if len(packet.indices):
             rows = packet.rows
-            no_class = not packet.classification
-            minus_one = np.full(len(packet.indices), -1, dtype=np.int64)
-            self.session.samples(SampleChunk(
-                run_id=packet.run_id, split=packet.split, epoch=packet.epoch, step=packet.row_steps,
-                index=packet.indices, loss=rows[:, LOSS], margin=rows[:, MARGIN],
-                pred=minus_one if no_class else rows[:, PRED].astype(np.int64),
-                label=minus_one if no_class else rows[:, LABEL].astype(np.int64),
-                confidence=rows[:, CONFIDENCE], grad_norm=rows[:, GRAD_NORM],
-            ))
+            self.session.samples(_chunk(packet.run_id, packet.split, packet.epoch, packet.row_steps,
+                                        packet.indices, rows, packet.classification))
             bad = ~np.isfinite(rows[:, LOSS])
             if bad.any() and self._nonfinite is None:
                 self._nonfinite = (int(packet.row_steps[bad][0]), int(bad.sum()))
@@ -729,6 +713,19 @@ def start_run(
         run.evaluator = evaluator
         run.eval_splits = {split for split, loader in loaders.items() if loader is not None}
     return run
+
+
+def _chunk(run_id: int, split: str, epoch: int, steps: np.ndarray, indices: np.ndarray, rows: np.ndarray,
+           classification: bool) -> SampleChunk:
+    """Recorder rows ([n, COLUMNS]) as the store's per-sample chunk (pred and label -1 when the
+    task is not classification)."""
+    minus_one = np.full(len(indices), -1, dtype=np.int64)
+    return SampleChunk(
+        run_id=run_id, split=split, epoch=epoch, step=steps, index=indices, loss=rows[:, LOSS],
+        margin=rows[:, MARGIN], pred=rows[:, PRED].astype(np.int64) if classification else minus_one,
+        label=rows[:, LABEL].astype(np.int64) if classification else minus_one,
+        confidence=rows[:, CONFIDENCE], grad_norm=rows[:, GRAD_NORM],
+    )
 
 
 def _derive(per_sample_loss: PerSampleLoss, classification: bool) -> Derive:

@@ -124,8 +124,6 @@ class Trainer:
         self.amp = amp
         self.scaler = torch.amp.GradScaler("cuda") if amp and self.device.type == "cuda" else None
         self.non_blocking = train_loader.pin_memory and self.device.type == "cuda"
-        # On the CPU, moving a CPU batch returns the same tensors: skip the walk over the batch.
-        self._move_batches = self.device.type != "cpu"
         self.show_progress = progress
         self.val_samples = val_samples  # per-sample values of every validation, as for training
         self.run = Run(
@@ -193,13 +191,9 @@ class Trainer:
             # slower on CPU (the allocator then re-faults their memory every step).
             self.optimizer.zero_grad(set_to_none=True)
             self._zero_grad_next = False
-        if self._move_batches:
-            batch = to_device(batch, self.device, self.non_blocking)
+        batch = to_device(batch, self.device, self.non_blocking)
         forward = self._forward_and_loss if self._checked_first_step else self._first_forward
-        if self.amp:
-            with self._autocast():
-                outputs, targets, loss, per_sample = forward(batch)
-        else:
+        with self._autocast():
             outputs, targets, loss, per_sample = forward(batch)
         scaled = loss / self.accumulate if self.accumulate > 1 else loss
         if self.scaler is not None:
