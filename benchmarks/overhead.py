@@ -7,7 +7,17 @@ compared with the mean of the plain runs just before and after it, which cancels
 speed drifts steadily; the ratio of neighbouring plain runs shows the drift that remains (the
 noise floor). Prints the median ratio On The Fly / plain as the last line: ``ratio: X.XXX``.
 
+The allocator is pinned first (``--default-malloc`` leaves it alone). glibc's malloc adapts its
+trim and mmap thresholds to the allocations it has seen, and whether a loop then returns its
+heap to the kernel and faults it back in every step depends on that history: a 2-epoch run here
+took anywhere from 0 to 450,000 page faults (about 4 us each on this VM, up to 1.8 s of a 6 s
+run), plain and On The Fly alike, varying from run to run and process to process. Pinned
+thresholds (what ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` set, and what PyTorch's
+advice to use jemalloc or tcmalloc for CPU training achieves) take that lottery out of both
+loops. Each run prints its page faults.
+
     .venv/bin/python benchmarks/overhead.py [--repeats 15] [--epochs 2] [--dashboard] [--threads N]
+                                            [--default-malloc]
 
 ``--dashboard`` attaches the dashboard server and a WebSocket client that streams every update
 while On The Fly trains.
@@ -16,8 +26,10 @@ while On The Fly trains.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
+import resource
 import statistics
 import tempfile
 import threading
@@ -41,8 +53,23 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
+def pin_allocator() -> bool:
+    """Fix glibc malloc's trim and mmap thresholds (see the module docstring); False elsewhere."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Timing:
-    """Wall-clock seconds and CPU seconds of the whole process (every thread, ours included).
+    """Wall-clock seconds and CPU seconds of the whole process (every thread, ours included),
+    and the page faults it took.
 
     Each timed run starts from a collected heap: a full garbage collection (~0.3 s here, with
     torch, numpy and pyarrow loaded) would otherwise land in whichever run happened to trigger it.
@@ -50,14 +77,16 @@ class Timing:
 
     def __init__(self) -> None:
         gc.collect()
+        self.faults = page_faults()
         self.wall = time.perf_counter()
         self.cpu = time.process_time()
 
-    def stop(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+    def stop(self) -> tuple[float, float, int]:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return wall, cpu, page_faults() - self.faults
 
 
-def plain(data: TensorDataset, epochs: int, batch: int) -> tuple[float, float]:
+def plain(data: TensorDataset, epochs: int, batch: int) -> tuple[float, float, int]:
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -84,7 +113,7 @@ def _stream(url: str, stop: threading.Event) -> None:
                 continue
 
 
-def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = False) -> tuple[float, float]:
+def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = False) -> tuple[float, float, int]:
     from onthefly import Trainer
     from onthefly.launch import attach_dashboard
 
@@ -124,7 +153,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dashboard", action="store_true", help="with a dashboard client streaming")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's adaptive thresholds on")
     args = parser.parse_args()
+    pinned = not args.default_malloc and pin_allocator()
     os.environ.setdefault("ONTHEFLY_HOME", tempfile.mkdtemp(prefix="otf-bench-"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,13 +173,15 @@ def main() -> None:
         cpu.append(ours[1] / ((before[1] + after[1]) / 2))
         drift.append(after[0] / before[0])
         print(f"repeat {i + 1}: plain {before[0]:.3f} s, onthefly {ours[0]:.3f} s (cpu {ours[1]:.3f} s), "
-              f"plain {after[0]:.3f} s  wall ratio {wall[-1]:.3f}  cpu ratio {cpu[-1]:.3f}", flush=True)
+              f"plain {after[0]:.3f} s  wall ratio {wall[-1]:.3f}  cpu ratio {cpu[-1]:.3f}  "
+              f"page faults {ours[2]} / {after[2]}", flush=True)
         before = after
     q1, q3 = np.percentile(wall, [25, 75])
     low, high = median_interval(wall)
     d1, d3 = np.percentile(drift, [25, 75])
     print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, epochs per run: {args.epochs}, "
-          f"torch threads: {torch.get_num_threads()}{', dashboard client streaming' if args.dashboard else ''}")
+          f"torch threads: {torch.get_num_threads()}{', dashboard client streaming' if args.dashboard else ''}, "
+          f"allocator: {'glibc thresholds pinned' if pinned else 'as it is'}")
     print(f"noise floor, plain / the plain run before it: median {statistics.median(drift):.3f}, "
           f"interquartile range {d1:.3f}-{d3:.3f}")
     print(f"median cpu-time ratio (all threads, background work included): {statistics.median(cpu):.3f}")
