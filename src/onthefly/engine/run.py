@@ -60,10 +60,10 @@ from .state import capture_rng, generator_states, restore_generators, restore_rn
 __all__ = ["Run", "start_run"]
 
 # Per-sample values reach the host at least this often (seconds) while training, for live views.
-# Each flush has a fixed cost on the transfer and store threads: 0.25 s measured ~0.5 % more of
-# the training time in their CPU than 0.5 s (benchmarks/overhead_accounting.py); 2 updates a
-# second keep the dashboard live.
-FLUSH_SECONDS = 0.5
+# Each flush has a fixed cost on every thread of the engine (and the GIL they share): 0.5 s read
+# 1.032 and 1.043 in benchmarks/step_overhead.py where 1.0 s read 1.012 and 1.021; 0.25 s had
+# measured ~0.5 % more background CPU than 0.5 s. One update a second keeps the dashboard live.
+FLUSH_SECONDS = 1.0
 
 Evaluator = Callable[[str], "dict[str, float] | None"]
 

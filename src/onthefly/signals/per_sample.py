@@ -135,7 +135,7 @@ def classification_signals_host(logits: np.ndarray, targets: np.ndarray
     The margin is taken on the logits: the log-softmax shifts every logit of a row by the same
     amount, so it is the same margin as on log-probabilities, up to rounding.
     """
-    n, classes = logits.shape
+    classes = logits.shape[1]
     targets = targets.astype(np.int64, copy=False)
     valid = (targets >= 0) & (targets < classes)  # e.g. ignore_index=-100 has no true logit
     safe = np.where(valid, targets, 0)[None, :]

@@ -4,7 +4,7 @@ Hot-path contract: a ``record*`` call keeps references to the step's (detached) 
 and appends host-side numbers (indices, step) to lists. It launches no kernel and never reads a
 device value, so it never waits for the GPU. (Copying into preallocated buffers instead measured
 ~50 us a step on CPU - three kernel calls, each releasing and re-taking the GIL - against ~3 us
-for keeping references.) At most ``MIN_ROWS`` rows are held before a flush.
+for keeping references.) At most ``MAX_ROWS`` rows are held before a flush.
 
 Two ways in:
 
@@ -42,7 +42,7 @@ from .per_sample import classification_signals, classification_signals_host
 
 __all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "SampleRecorder", "rows_of"]
 
-MIN_ROWS = 16_384  # rows held before a flush at most; the store writes Parquet parts of >= this size
+MAX_ROWS = 32_768  # rows held before a flush at most (outputs of <= 256 values a row: <= 32 MB)
 MAX_STEPS = 4_096  # per-step loss values per flush at most
 TRANSFER_QUEUE = 64
 MIN_RATE_WINDOW = 0.1  # seconds: a shorter window gives no meaningful samples/s
@@ -180,7 +180,7 @@ class SampleRecorder:
                        grad_norm: torch.Tensor | None = None) -> None:
         """Record one batch by its outputs and targets (per-sample values derived at flush)."""
         batch = outputs.shape[0]  # host metadata: no sync
-        if self._rows or self._n_rows + batch > MIN_ROWS or len(self._losses) == MAX_STEPS:
+        if self._rows or self._n_rows + batch > MAX_ROWS or len(self._losses) == MAX_STEPS:
             self.flush()  # one mode per flush; rows of differing shapes are grouped at the flush
         # A view is copied, so that a large base tensor is not kept alive.
         self._kept.append(_Kept(outputs.detach() if outputs._base is None else outputs.detach().clone(),
@@ -196,7 +196,7 @@ class SampleRecorder:
         """Record one batch whose per-sample values are already computed."""
         batch = per_sample.shape[0]
         classification = signals is not None
-        if self._kept or self._n_rows + batch > MIN_ROWS or len(self._losses) == MAX_STEPS or (
+        if self._kept or self._n_rows + batch > MAX_ROWS or len(self._losses) == MAX_STEPS or (
                 classification != self._classification and self._rows):
             self.flush()
         self._classification = classification
