@@ -200,3 +200,25 @@ def test_tuple_of_three_without_inputs_says_which_items_to_name(onthefly_home: P
         fit(TwoInputs(), collate_tuple_three)
     (run,) = only_session(onthefly_home).runs()
     assert run["status"] == "failed"
+
+
+class WholeBatches(Dataset):
+    """A dataset that returns whole batches, read with batch_size=None."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(i)
+        return torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+
+def test_a_loader_without_automatic_batching_over_whole_batches_says_how_to_batch(onthefly_home: Path) -> None:
+    model = nn.Linear(4, 3)
+    trainer = onthefly.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               loss_fn=nn.CrossEntropyLoss(), train_loader=DataLoader(WholeBatches(), batch_size=None),
+                               progress=False, device="cpu")
+    with pytest.raises(DataError, match=r"one dataset index for a batch of 8 samples.*batch_size=None.*__getitems__"):
+        trainer.fit(1)
+    (run,) = only_session(onthefly_home).runs()
+    assert run["status"] == "failed"

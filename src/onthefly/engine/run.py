@@ -618,6 +618,14 @@ class Run:
                 f"step() needs one loss per sample (a 1-D tensor), got {shape}. Compute the loss with "
                 "reduction='none', e.g. F.cross_entropy(logits, y, reduction='none')."
             )
+        if indices is not None and len(indices) == 1 and per.shape[0] > 1:
+            raise DataError(
+                f"the DataLoader drew one dataset index for a batch of {per.shape[0]} samples: with "
+                "batch_size=None (automatic batching off) each index must give one sample, so On The Fly "
+                "cannot tell which samples a batch returned whole by the dataset holds. Let the DataLoader "
+                "batch (batch_size=... or batch_sampler=...); a dataset can fetch a whole batch of indices "
+                "at once with __getitems__."
+            )
         if indices is not None and len(indices) != per.shape[0]:
             raise LossError(
                 f"step() got {per.shape[0]} per-sample losses for a batch of {len(indices)} samples; "
