@@ -42,6 +42,7 @@ from ..signals.recorder import (
     LOSS,
     MARGIN,
     PRED,
+    ClassSignals,
     Derive,
     HostPacket,
     SampleRecorder,
@@ -295,8 +296,7 @@ class Run:
             batch = outputs.shape[0]
             per = per_sample_loss.per_sample(outputs, targets, batch)
             self._check_first_step(per, indices, outputs, targets)
-            self.recorder.derive = _derive(per_sample_loss)
-            self.recorder.classify = bool(self._classification)
+            self.recorder.derive = _derive(per_sample_loss, bool(self._classification))
         elif indices is not None and (outputs.shape[0] != len(indices) or targets.shape[0] != len(indices)):
             raise DataError(  # shapes are host metadata: no sync
                 f"a batch of {len(indices)} sampled indices gave {outputs.shape[0]} outputs and "
@@ -736,9 +736,10 @@ def _chunk(run_id: int, split: str, epoch: int, steps: np.ndarray, indices: np.n
     )
 
 
-def _derive(per_sample_loss: PerSampleLoss) -> Derive:
-    def derive(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return per_sample_loss.per_sample(outputs, targets, outputs.shape[0])
+def _derive(per_sample_loss: PerSampleLoss, classification: bool) -> Derive:
+    def derive(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ClassSignals | None]:
+        per = per_sample_loss.per_sample(outputs, targets, outputs.shape[0])
+        return per, classification_signals(outputs, targets) if classification else None
 
     return derive
 

@@ -11,12 +11,11 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import LossError
 
-__all__ = ["PerSampleLoss", "classification_signals", "classification_signals_host", "is_classification"]
+__all__ = ["PerSampleLoss", "classification_signals", "is_classification"]
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -124,30 +123,3 @@ def classification_signals(logits: torch.Tensor, targets: torch.Tensor
     margin = torch.where(valid, true - best_other, nan)
     confidence = torch.where(valid, true.exp(), nan)
     return margin, pred, confidence
-
-
-def classification_signals_host(logits: np.ndarray, targets: np.ndarray
-                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`classification_signals` for host arrays, with NumPy: margin (float32), prediction
-    (int64), confidence (float32). For the CPU, where the engine's transfer thread computes them
-    (a torch operation there would start a second OpenMP team; see signals/recorder.py).
-
-    The margin is taken on the logits: the log-softmax shifts every logit of a row by the same
-    amount, so it is the same margin as on log-probabilities, up to rounding.
-    """
-    classes = logits.shape[1]
-    targets = targets.astype(np.int64, copy=False)
-    valid = (targets >= 0) & (targets < classes)  # e.g. ignore_index=-100 has no true logit
-    safe = np.where(valid, targets, 0)[None, :]
-    # One row per class: the reductions across classes then run along whole arrays (1.4x faster).
-    scores = np.ascontiguousarray(logits.T)
-    true = np.take_along_axis(scores, safe, axis=0)[0]
-    top = scores.max(axis=0)
-    others = scores.copy()
-    np.put_along_axis(others, safe, -np.inf, axis=0)
-    best_other = others.max(axis=0)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf or NaN logits give NaN, as on the device
-        log_sum_exp = top + np.log(np.exp(scores - top).sum(axis=0))
-        margin = np.where(valid & np.isfinite(log_sum_exp), true - best_other, np.nan).astype(np.float32)
-        confidence = np.where(valid, np.exp(true - log_sum_exp), np.nan).astype(np.float32)
-    return margin, scores.argmax(axis=0), confidence

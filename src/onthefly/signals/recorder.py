@@ -14,16 +14,14 @@ Two ways in:
   small tensors and the loss is computed row by row (a loss with ``reduction="none"``).
 * :meth:`SampleRecorder.record` : per-sample values computed by the caller, one batch at a time.
 
-:meth:`flush` runs on the training thread: it concatenates what was kept, derives the per-sample
-loss and hands it over. On an accelerator it also derives margin, prediction and confidence there
-and starts one asynchronous device-to-host copy; on the CPU it hands the logits over as NumPy
-views and the transfer thread computes those with NumPy. The transfer thread runs no torch
-operation. That is deliberate: the first parallel torch operation on a second thread gives that
-thread its own OpenMP team, and once a process has more OpenMP threads than cores, GNU OpenMP
-stops spinning between parallel regions - every region of the training thread then pays a futex
-wake-up. Deriving on the transfer thread with torch measured a 1.28x slower CPU training run
-(benchmarks/overhead.py); with NumPy it costs the training thread nothing, and NumPy releases the
-GIL for most of it.
+:meth:`flush` runs on the training thread: it concatenates what was kept, derives the rows and
+starts the device-to-host copy (asynchronous on CUDA). The transfer thread waits for the copy and
+passes plain NumPy arrays on; it runs no torch operation. That is deliberate: the first parallel
+torch operation on a second thread gives that thread its own OpenMP team, and once a process has
+more OpenMP threads than cores, GNU OpenMP stops spinning between parallel regions - every region
+of the training thread then pays a futex wake-up. Deriving on the transfer thread measured a
+1.28x slower CPU training run (benchmarks/overhead.py); deriving here costs the training thread
+about a millisecond per flush.
 """
 
 from __future__ import annotations
@@ -38,8 +36,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .per_sample import classification_signals, classification_signals_host
-
 __all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "SampleRecorder", "rows_of"]
 
 MAX_ROWS = 32_768  # rows held before a flush at most (outputs of <= 256 values a row: <= 32 MB)
@@ -49,8 +45,8 @@ MIN_RATE_WINDOW = 0.1  # seconds: a shorter window gives no meaningful samples/s
 
 # Classification signals of n rows: (margin, prediction, confidence), each [n].
 ClassSignals = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-# (outputs, targets) -> per-sample loss [n].
-Derive = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (outputs, targets) -> (per-sample loss [n], classification signals or None).
+Derive = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ClassSignals | None]]
 
 # Columns of a packet's rows.
 LOSS, MARGIN, PRED, LABEL, CONFIDENCE, GRAD_NORM = range(6)
@@ -87,9 +83,8 @@ class _Pending:
     steps: list[int]
     lrs: list[float]
     first_position: int
-    # NumPy views of host tensors (on CUDA their copies may still be running until ``ready``):
-    # rows (float32 [n, COLUMNS]), or kept outputs the transfer thread finishes into rows
-    rows: list[np.ndarray | _HostOutputs]
+    # NumPy views of host tensors (on CUDA their copies may still be running until ``ready``)
+    rows: np.ndarray  # float32 [n, COLUMNS]
     step_losses: np.ndarray  # float32, one per recorded micro-batch
     samples_per_second: float
     ready: torch.cuda.Event | None
@@ -104,28 +99,6 @@ class _Kept:
     outputs: torch.Tensor
     targets: torch.Tensor
     grad_norm: torch.Tensor | None
-
-
-@dataclass
-class _HostOutputs:
-    """A CPU flush's kept rows as NumPy views: per-sample loss, and for classification the logits
-    and targets that margin, prediction and confidence come from (on the transfer thread)."""
-
-    per: np.ndarray
-    logits: np.ndarray | None
-    targets: np.ndarray | None
-    grad_norm: np.ndarray | None
-
-    def rows(self) -> np.ndarray:
-        rows = np.full((len(self.per), COLUMNS), np.nan, dtype=np.float32)
-        rows[:, LOSS] = self.per
-        if self.logits is not None and self.targets is not None:
-            rows[:, MARGIN], rows[:, PRED], rows[:, CONFIDENCE] = classification_signals_host(self.logits,
-                                                                                              self.targets)
-            rows[:, LABEL] = self.targets
-        if self.grad_norm is not None:
-            rows[:, GRAD_NORM] = self.grad_norm
-        return rows
 
 
 def rows_of(per: torch.Tensor, signals: ClassSignals | None, labels: torch.Tensor | None,
@@ -145,7 +118,6 @@ class SampleRecorder:
         self.device = device
         self._consumer = consumer
         self.derive: Derive | None = None  # set before the first record_outputs
-        self.classify = False  # record_outputs: derive margin, prediction, confidence from the outputs
         self._context: tuple[int, str, int] | None = None
         self._classification = False
         self._position_in_epoch = 0  # rows recorded so far in this epoch
@@ -228,7 +200,7 @@ class SampleRecorder:
         classification = self._classification
         if self._kept and self.derive is None:
             raise RuntimeError("record_outputs needs SampleRecorder.derive to be set")
-        rows: list[np.ndarray | _HostOutputs] = []
+        rows = np.empty((0, COLUMNS), dtype=np.float32)
         step_losses = np.empty(0, dtype=np.float32)
         with torch.no_grad():  # on CUDA launched on the device's stream: no host sync
             parts = self._rows
@@ -236,18 +208,11 @@ class SampleRecorder:
                 parts = []
                 for group in _same_shapes(self._kept):
                     outputs, targets, grad_norms = _concat(group)
-                    per = self.derive(outputs, targets)  # type: ignore[misc]
-                    if self.device.type == "cpu":  # finished with NumPy on the transfer thread
-                        rows.append(_HostOutputs(
-                            per.float().numpy(), outputs.numpy() if self.classify else None,
-                            targets.numpy() if self.classify else None,
-                            None if grad_norms is None else grad_norms.numpy()))
-                    else:
-                        signals = classification_signals(outputs, targets) if self.classify else None
-                        parts.append(rows_of(per, signals, targets, grad_norms))
-                classification = self.classify
+                    per, signals = self.derive(outputs, targets)  # type: ignore[misc]
+                    parts.append(rows_of(per, signals, targets, grad_norms))
+                    classification = signals is not None
             if parts:
-                rows.append(_to_host(parts[0] if len(parts) == 1 else torch.cat(parts)).numpy())
+                rows = _to_host(parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
             if self._losses:
                 step_losses = _to_host(_stack_scalars(self._losses).float()).numpy()
         ready = None
@@ -310,7 +275,7 @@ class SampleRecorder:
             run_id=pending.run_id, split=pending.split, epoch=pending.epoch,
             classification=pending.classification,
             indices=np.concatenate(indices) if indices else np.empty(0, dtype=np.int64),
-            row_steps=np.repeat(steps, sizes), rows=_finish(pending.rows), steps=steps,
+            row_steps=np.repeat(steps, sizes), rows=pending.rows, steps=steps,
             step_losses=pending.step_losses, lrs=np.asarray(pending.lrs, dtype=np.float64),
             samples_per_second=pending.samples_per_second, closes_epoch=pending.closes_epoch,
         )
@@ -347,14 +312,6 @@ def _stack_scalars(losses: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(losses).reshape(-1)
     except RuntimeError:  # shapes () and (1,) mixed
         return torch.stack([loss.reshape(()) for loss in losses])
-
-
-def _finish(parts: list[np.ndarray | _HostOutputs]) -> np.ndarray:
-    """A flush's rows as one float32 [n, COLUMNS] array (transfer thread: NumPy only)."""
-    rows = [part if isinstance(part, np.ndarray) else part.rows() for part in parts]
-    if not rows:
-        return np.empty((0, COLUMNS), dtype=np.float32)
-    return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
 def _to_host(values: torch.Tensor) -> torch.Tensor:
