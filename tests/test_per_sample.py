@@ -439,3 +439,19 @@ def test_recorder_derives_steps_whose_rows_differ_in_shape_separately() -> None:
     np.testing.assert_allclose(packet.rows[:, LOSS], expected, rtol=1e-6)
     np.testing.assert_array_equal(packet.row_steps, [1] * 4 + [2] * 4 + [3] * 2)
     np.testing.assert_array_equal(packet.step_losses, [out.pow(2).mean().item() for out in batches])
+
+
+def test_recorder_step_losses_of_mixed_scalar_shapes() -> None:
+    """Step losses are stacked in one kernel; a loop whose loss is sometimes (1,) still gets one value a step."""
+    from onthefly.signals.recorder import HostPacket, SampleRecorder
+
+    packets: list[HostPacket] = []
+    recorder = SampleRecorder(torch.device("cpu"), packets.append)
+    recorder.begin_epoch(1, "train", 0)
+    losses = [torch.tensor(0.5), torch.tensor([1.5]), torch.tensor(2.5)]
+    for step, loss in enumerate(losses, start=1):
+        recorder.record(step, np.arange(2), torch.ones(2), loss, lr=0.1)
+    recorder.close()
+    (packet,) = packets
+    np.testing.assert_array_equal(packet.step_losses, [0.5, 1.5, 2.5])
+    np.testing.assert_array_equal(packet.steps, [1, 2, 3])
