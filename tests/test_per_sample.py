@@ -393,7 +393,6 @@ def test_custom_loop_step_rejects_values_that_are_not_one_per_sample(bad: str, a
     assert run.global_step == at_step - 1
 
 
-
 def test_custom_loop_step_rejects_a_loss_that_is_not_one_value() -> None:
     model = classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -404,6 +403,7 @@ def test_custom_loop_step_rejects_a_loss_that_is_not_one_value() -> None:
                 losses = F.cross_entropy(model(x), y, reduction="none")
                 run.step(losses, loss=losses)  # the per-sample values again, not their mean
     assert onthefly.open_session(run.session.dir).runs()[0]["status"] == "failed"
+
 
 def test_classification_signals_accept_ignored_targets_and_small_integer_labels() -> None:
     from onthefly.signals.per_sample import classification_signals

@@ -18,11 +18,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import DataError
+from ..signals.recorder import Indices
 
-__all__ = ["Indices", "TrackedLoader"]
-
-# The dataset indices of one batch: an int64 array, or the list of ints the batch sampler gave.
-Indices = np.ndarray | list[int]
+__all__ = ["TrackedLoader"]
 
 
 class _RecordingIterator:

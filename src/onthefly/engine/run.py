@@ -45,6 +45,7 @@ from ..signals.recorder import (
     ClassSignals,
     Derive,
     HostPacket,
+    Indices,
     SampleRecorder,
 )
 from ..store.checkpoints import read_checkpoint
@@ -55,7 +56,7 @@ from .callbacks import HOOKS, Callback, overrides
 from .control import Command, CommandQueue, RunStatus
 from .evaluate import evaluate
 from .events import Event, EventBus
-from .loader import Indices, TrackedLoader
+from .loader import TrackedLoader
 from .state import capture_rng, generator_states, restore_generators, restore_rng, to_cpu
 
 __all__ = ["Run", "start_run"]

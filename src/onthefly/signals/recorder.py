@@ -36,7 +36,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "SampleRecorder", "rows_of"]
+__all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "Indices", "SampleRecorder", "rows_of"]
+
+# The dataset indices of one batch: an int64 array, or the list of ints a batch sampler gave
+# (converted to an array on the transfer thread).
+Indices = np.ndarray | list[int]
 
 MAX_ROWS = 32_768  # rows held before a flush at most (outputs of <= 256 values a row: <= 32 MB)
 MAX_STEPS = 4_096  # per-step loss values per flush at most
@@ -78,7 +82,7 @@ class _Pending:
     run_id: int
     split: str
     epoch: int
-    indices: list[np.ndarray | list[int] | None]
+    indices: list[Indices | None]
     sizes: list[int]
     steps: list[int]
     lrs: list[float]
@@ -99,6 +103,11 @@ class _Kept:
     outputs: torch.Tensor
     targets: torch.Tensor
     grad_norm: torch.Tensor | None
+
+
+def _keep(value: torch.Tensor) -> torch.Tensor:
+    """A detached reference; a view is copied, so that a large base tensor is not kept alive."""
+    return value.detach() if value._base is None else value.detach().clone()
 
 
 def rows_of(per: torch.Tensor, signals: ClassSignals | None, labels: torch.Tensor | None,
@@ -133,7 +142,7 @@ class SampleRecorder:
         self._kept: list[_Kept] = []  # record_outputs
         self._rows: list[torch.Tensor] = []  # record
         self._losses: list[torch.Tensor] = []
-        self._indices: list[np.ndarray | list[int] | None] = []
+        self._indices: list[Indices | None] = []
         self._sizes: list[int] = []
         self._steps: list[int] = []
         self._lrs: list[float] = []
@@ -147,21 +156,18 @@ class SampleRecorder:
         self._first_position = 0
 
     # ---- hot path ------------------------------------------------------------------------
-    def record_outputs(self, step: int, indices: np.ndarray | list[int] | None, outputs: torch.Tensor,
+    def record_outputs(self, step: int, indices: Indices | None, outputs: torch.Tensor,
                        targets: torch.Tensor, loss: torch.Tensor, lr: float,
                        grad_norm: torch.Tensor | None = None) -> None:
         """Record one batch by its outputs and targets (per-sample values derived at flush)."""
         batch = outputs.shape[0]  # host metadata: no sync
         if self._rows or self._n_rows + batch > MAX_ROWS or len(self._losses) == MAX_STEPS:
             self.flush()  # one mode per flush; rows of differing shapes are grouped at the flush
-        # A view is copied, so that a large base tensor is not kept alive.
-        self._kept.append(_Kept(outputs.detach() if outputs._base is None else outputs.detach().clone(),
-                                targets.detach() if targets._base is None else targets.detach().clone(),
-                                None if grad_norm is None else grad_norm.detach()))
+        self._kept.append(_Kept(_keep(outputs), _keep(targets), None if grad_norm is None else grad_norm.detach()))
         self._append(step, indices, batch, loss, lr)
 
     def record(
-        self, step: int, indices: np.ndarray | list[int] | None, per_sample: torch.Tensor, loss: torch.Tensor,
+        self, step: int, indices: Indices | None, per_sample: torch.Tensor, loss: torch.Tensor,
         lr: float, signals: ClassSignals | None = None, labels: torch.Tensor | None = None,
         grad_norm: torch.Tensor | None = None,
     ) -> None:
@@ -175,8 +181,7 @@ class SampleRecorder:
         self._rows.append(rows_of(per_sample.detach(), signals, labels, grad_norm))  # one stack kernel
         self._append(step, indices, batch, loss, lr)
 
-    def _append(self, step: int, indices: np.ndarray | list[int] | None, batch: int, loss: torch.Tensor,
-                lr: float) -> None:
+    def _append(self, step: int, indices: Indices | None, batch: int, loss: torch.Tensor, lr: float) -> None:
         self._losses.append(loss.detach())
         self._n_rows += batch
         self._position_in_epoch += batch
