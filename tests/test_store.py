@@ -216,10 +216,12 @@ def test_overflow_report_does_not_displace_the_sessions_own_events(
     monkeypatch.setattr(writer_module, "QUEUE_SIZE", 8)
     store = SessionStore("p")
     release = block(store._writer)
-    for _ in range(1, 9):  # fills the queue
+    for step in range(8):  # fills the queue
+        store.metrics([(1, "loss", step, 0, 0.0, 0.0)])
+    store.metrics([(1, "loss", step, 0, 0.0, 0.0) for step in range(8, 11)])  # dropped
+    for _ in range(1, 9):  # the session's log is never dropped, not even now
         seq = store.next_seq()
         store.event(seq, None, seq, 0, "tick", {}, 0.0)
-    store.metrics([(1, "loss", step, 0, 0.0, 0.0) for step in range(3)])  # dropped
     release.set()
     assert store.flush(DEADLINE)
     for _ in range(9, 12):  # the session's numbering goes on

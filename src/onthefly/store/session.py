@@ -212,6 +212,11 @@ class SessionStore:
         )
         return run_id
 
+    def set_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
+        """Replace a run's recorded configuration (e.g. once its training loader is known)."""
+        self._writer.sql("UPDATE runs SET config = ? WHERE id = ?",
+                         [(json.dumps(dict(config), default=str), run_id)], block=True)
+
     def set_run_status(self, run_id: int, status: str) -> None:
         ended = time.time() if status in ("finished", "failed", "stopped") else None
         self._writer.sql("UPDATE runs SET status = ?, ended = ? WHERE id = ?", [(status, ended, run_id)])
@@ -232,9 +237,10 @@ class SessionStore:
 
     def event(self, seq: int, run_id: int | None, step: int | None, epoch: int | None, kind: str,
               payload: Mapping[str, Any], when: float) -> None:
+        """The session's log (commands, status, epoch summaries readers rely on): never dropped."""
         self._writer.sql(
             "INSERT INTO events (seq, run_id, time, step, epoch, kind, payload) VALUES (?,?,?,?,?,?,?)",
-            [(seq, run_id, when, step, epoch, kind, json.dumps(dict(payload), default=str))],
+            [(seq, run_id, when, step, epoch, kind, json.dumps(dict(payload), default=str))], block=True,
         )
 
     def metrics(self, rows: list[tuple[int, str, int, int, float, float]]) -> None:

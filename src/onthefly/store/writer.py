@@ -1,9 +1,13 @@
 """The store's writer thread: the only place that writes the session's database and tables.
 
-The training thread hands records over through a bounded queue and never waits for the disk.
-The writer drains whatever has gathered, writes it in one SQLite transaction, and repeats. If
-the queue is full the record is dropped and counted, and the count goes to ``on_overflow`` as
-soon as there is room again: a slow disk never stalls training, and never stays silent.
+The training thread and the transfer thread hand records over through one FIFO queue and never
+wait for the disk. The writer drains whatever has gathered, writes it in one SQLite transaction,
+and repeats. Only droppable records (sample chunks, SQL rows offered without ``block``) count
+against ``QUEUE_SIZE``: when that many are waiting, the next one is dropped and counted, and the
+count goes to ``on_overflow`` as soon as there is room again. Essential items (epoch-close markers,
+tasks, flush barriers, ``sql(..., block=True)``, the overflow report itself) are always queued, in
+order with the rest: they are few, so the queue stays bounded in practice, a slow disk never
+stalls training, it never stays silent, and it never loses the marker that completes an epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .samples import SampleChunk, SampleSink, WrittenPart
 
 __all__ = ["StoreWriter"]
 
+# Droppable records waiting for the writer at most; essential items do not count.
 QUEUE_SIZE = 4096
 # Records drained into one transaction at most; bounds the time a reader waits on a commit.
 BATCH_RECORDS = 512
@@ -58,16 +63,25 @@ _STOP = object()
 
 
 class StoreWriter:
+    """Owns the writer thread. The public methods run on the caller's thread (training, transfer,
+    server) and only queue work; everything under "writer thread" runs on ``onthefly-store``."""
+
     def __init__(self, session_dir: Path, db_path: Path) -> None:
         self._dir = session_dir
         self._db_path = db_path
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
+        # Unbounded: the bound is kept on droppable records only (``_waiting``), so an essential
+        # item never waits for room and never has to be dropped. Entries are (droppable, item).
+        self._queue: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         self._sink = SampleSink(session_dir)
+        self._waiting = 0  # droppable records queued and not yet taken by the writer thread
         self._dropped = 0
-        self._reporting = False
+        # Set on the thread that is reporting an overflow: the report is itself a record, and
+        # is queued as an essential one (dropping it would lose the count; offering it must not
+        # report again).
+        self._reporting = threading.local()
         # Called (on the thread that found room again) with the number of records dropped.
         self.on_overflow: Callable[[int], None] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # records come from the training and the transfer thread
         self._closed = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="onthefly-store", daemon=True)
@@ -75,28 +89,31 @@ class StoreWriter:
 
     # ---- called from any thread -------------------------------------------------------
     def sql(self, sql: str, rows: Sequence[Sequence[Any]], *, block: bool = False) -> None:
-        """Queue a statement; ``block=True`` waits for room instead of dropping (not per step)."""
-        if block and not self._closed:
-            self._queue.put(_Sql(sql, rows))
-            return
-        self._offer(_Sql(sql, rows))
+        """Queue a statement. ``block=True`` for rare records that must not be lost (a session's
+        final status): never dropped, and it does not wait for room either. Not per step."""
+        if block:
+            self._enqueue(_Sql(sql, rows))
+        else:
+            self._offer(_Sql(sql, rows))
 
     def samples(self, chunk: SampleChunk) -> None:
         self._offer(chunk)
 
     def close_epoch(self, run_id: int, split: str, epoch: int) -> None:
-        self._offer(_CloseEpoch(run_id, split, epoch))
+        """Queue the marker that writes the epoch's last Parquet part: essential, after the
+        epoch's chunks queued before it."""
+        self._enqueue(_CloseEpoch(run_id, split, epoch))
 
     def task(self, fn: Callable[[], list[_Sql]], *, wait: bool = True, timeout: float = 600) -> None:
-        """Run file work on the writer thread. Blocks on a full queue: a requested checkpoint is
-        never dropped."""
+        """Run file work on the writer thread. Never dropped: a requested checkpoint is always
+        written; with ``wait`` the caller waits for it (and for the records queued before it)."""
         if self._closed or not self._thread.is_alive():
             from ..errors import StateError
 
             raise StateError("the session store is closed (the run has ended): save checkpoints while it "
                              "runs, e.g. from a Callback or with the 'checkpoint' command")
         item = _Task(fn, threading.Event())
-        self._queue.put(item)
+        self._enqueue(item)
         if not wait:
             return
         if not item.done.wait(timeout):
@@ -109,7 +126,7 @@ class StoreWriter:
         if self._closed or not self._thread.is_alive():
             return True
         barrier = _Barrier(threading.Event())
-        self._queue.put(barrier)
+        self._enqueue(barrier)
         return barrier.done.wait(timeout)
 
     def close(self, timeout: float = 60) -> None:
@@ -119,30 +136,49 @@ class StoreWriter:
                 return
             self._closed = True
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._queue.put((False, _STOP))
             self._thread.join(timeout)
 
     @property
     def dropped(self) -> int:
+        """Records dropped and not yet reported to ``on_overflow``."""
         return self._dropped
 
+    def _enqueue(self, item: Any) -> None:
+        """Queue an essential item: never dropped, never waits."""
+        if not self._closed:
+            self._queue.put((False, item))
+            self._report_drops()
+
     def _offer(self, item: Any) -> None:
+        """Queue a droppable record, or drop and count it when ``QUEUE_SIZE`` of them wait."""
         if self._closed:
             return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            with self._lock:  # records come from the training and the transfer thread
-                self._dropped += 1
+        if getattr(self._reporting, "active", False):
+            self._enqueue(item)  # the overflow report
             return
-        if self._dropped and self.on_overflow is not None and not self._reporting:
-            with self._lock:
-                count, self._dropped = self._dropped, 0
-            self._reporting = True  # the report is itself a record: do not recurse
-            try:
-                self.on_overflow(count)
-            finally:
-                self._reporting = False
+        with self._lock:
+            if self._waiting >= QUEUE_SIZE:
+                self._dropped += 1
+                return
+            self._waiting += 1
+        self._queue.put((True, item))
+        self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Once there is room again, tell ``on_overflow`` how many records were dropped."""
+        listener = self.on_overflow
+        if listener is None or getattr(self._reporting, "active", False):
+            return
+        with self._lock:
+            if not self._dropped or self._waiting >= QUEUE_SIZE:
+                return
+            report, self._dropped = self._dropped, 0  # under the lock: never reported twice
+        self._reporting.active = True
+        try:
+            listener(report)
+        finally:
+            self._reporting.active = False
 
     # ---- writer thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -150,18 +186,28 @@ class StoreWriter:
         try:
             stop = False
             while not stop:
-                items = [self._queue.get()]
-                while len(items) < BATCH_RECORDS:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
+                items = self._take()
                 stop = any(item is _STOP for item in items)
                 self._write(conn, [i for i in items if i is not _STOP])
             self._write_parts(conn, self._sink.close_all())
             conn.commit()
         finally:
             conn.close()
+
+    def _take(self) -> list[Any]:
+        """Wait for the next item, then take what else has gathered (up to ``BATCH_RECORDS``).
+        The droppable records taken free their room in the bound."""
+        entries = [self._queue.get()]
+        while len(entries) < BATCH_RECORDS:
+            try:
+                entries.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        taken = sum(droppable for droppable, _ in entries)
+        if taken:
+            with self._lock:
+                self._waiting -= taken
+        return [item for _, item in entries]
 
     def _write(self, conn: sqlite3.Connection, items: list[Any]) -> None:
         barriers: list[_Barrier] = []
