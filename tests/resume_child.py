@@ -10,9 +10,10 @@ JOBS.json is a list of jobs, run in order, each in a new process forked from thi
 right after the imports, before any training, so every job starts from a clean process; this
 saves importing torch once per job). A job is a dict:
 
-* ``{"mode": "interrupt", "home", "checkpoint", "at_step", "workers", "scheduler"}``: train, save a
-  checkpoint to ``checkpoint`` at global step ``at_step`` and end the process with ``os._exit(0)``
-  (no flush, no close, as when a job is killed).
+* ``{"mode": "interrupt", "home", "checkpoint", "at_step" or "at_epoch_end", "workers", "scheduler"}``:
+  train, save a checkpoint to ``checkpoint`` at global step ``at_step`` (or in ``on_epoch_end`` of
+  epoch ``at_epoch_end``) and end the process with ``os._exit(0)`` (no flush, no close, as when a
+  job is killed).
 * ``{"mode": "resume", "home", "checkpoint", "out", "workers", "scheduler"}``: resume from
   ``checkpoint``, train to the end and write ``out/model.safetensors``, ``out/optimizer.pt``
   (optimizer and scheduler state, tensors-only) and ``out/result.json``.
@@ -79,18 +80,28 @@ def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler
 
 
 class StepCounter(onthefly.Callback):
-    """Counts optimizer steps (state saved in checkpoints); optionally checkpoints and dies."""
+    """Counts optimizer steps (state saved in checkpoints); optionally checkpoints and dies, at
+    global step ``at_step`` (in on_step_end) or in on_epoch_end of epoch ``at_epoch_end``."""
 
-    def __init__(self, checkpoint: str | None = None, at_step: int | None = None) -> None:
+    def __init__(self, checkpoint: str | None = None, at_step: int | None = None,
+                 at_epoch_end: int | None = None) -> None:
         self.steps = 0
         self.checkpoint = checkpoint
         self.at_step = at_step
+        self.at_epoch_end = at_epoch_end
 
     def on_step_end(self, run: onthefly.Run) -> None:
         self.steps += 1
         if self.at_step is not None and run.global_step == self.at_step:
-            run.save_checkpoint(self.checkpoint)  # returns once the files are written
-            os._exit(0)  # abrupt: no close, no flush, no atexit
+            self._checkpoint_and_die(run)
+
+    def on_epoch_end(self, run: onthefly.Run) -> None:
+        if self.at_epoch_end is not None and run.epoch == self.at_epoch_end:
+            self._checkpoint_and_die(run)
+
+    def _checkpoint_and_die(self, run: onthefly.Run) -> None:
+        run.save_checkpoint(self.checkpoint)  # returns once the files are written
+        os._exit(0)  # abrupt: no close, no flush, no atexit
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
@@ -110,14 +121,14 @@ class Trained:
 
 def train(
     *, workers: int = 0, scheduler: bool = False, checkpoint: str | None = None,
-    interrupt_at: int | None = None, resume: bool = False,
+    interrupt_at: int | None = None, interrupt_at_epoch_end: int | None = None, resume: bool = False,
     extra_callbacks: tuple[onthefly.Callback, ...] = (),
 ) -> Trained:
     """Train ``EPOCHS`` epochs with ``quickstart`` (validating on a shuffled loader every epoch)."""
     model = make_model()
     optimizer = make_optimizer(model)
     sched = make_scheduler(optimizer) if scheduler else None
-    counter = StepCounter(checkpoint, interrupt_at)
+    counter = StepCounter(checkpoint, interrupt_at, interrupt_at_epoch_end)
     torch.manual_seed(TRAIN_SEED)
     summary = onthefly.quickstart(
         project="resume", run_name="resumed" if resume else "run", model=model,
@@ -126,8 +137,8 @@ def train(
         callbacks=[counter, *extra_callbacks], progress=False, dashboard=False,
         resume_from=checkpoint if resume else None,
     )
-    if interrupt_at is not None:
-        raise RuntimeError(f"training finished without reaching step {interrupt_at}")
+    if interrupt_at is not None or interrupt_at_epoch_end is not None:
+        raise RuntimeError("training finished without reaching the interruption")
     return Trained(model, optimizer, sched, summary, counter.steps)
 
 
@@ -135,7 +146,7 @@ def run_job(job: dict[str, Any]) -> None:
     os.environ["ONTHEFLY_HOME"] = job["home"]
     if job["mode"] == "interrupt":
         train(workers=job["workers"], scheduler=job["scheduler"], checkpoint=job["checkpoint"],
-              interrupt_at=job["at_step"])
+              interrupt_at=job.get("at_step"), interrupt_at_epoch_end=job.get("at_epoch_end"))
         return
     trained = train(workers=job["workers"], scheduler=job["scheduler"],
                     checkpoint=job["checkpoint"], resume=True)

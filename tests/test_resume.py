@@ -188,7 +188,8 @@ class Case:
     id: str
     workers: int
     scheduler: bool
-    at_step: int
+    at_step: int  # the global step of the checkpoint
+    at_epoch_end: bool = False  # taken in on_epoch_end (after validation and the scheduler step)
 
 
 MID_EPOCH = child.BATCHES + 3  # epoch 1, batch 3
@@ -198,6 +199,9 @@ CASES = [
     Case("mid-epoch-2-workers", 2, False, MID_EPOCH),
     Case("mid-epoch-2-workers-steplr", 2, True, MID_EPOCH),
     Case("last-batch-of-epoch-steplr", 0, True, child.BATCHES),
+    # The ModelCheckpoint habit: resumes at the next epoch, not by running epoch 0's end again.
+    Case("on-epoch-end-steplr", 0, True, child.BATCHES, at_epoch_end=True),
+    Case("on-epoch-end-2-workers-steplr", 2, True, 2 * child.BATCHES, at_epoch_end=True),
 ]
 
 
@@ -212,8 +216,9 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         folder = root / case.id
         common = {"workers": case.workers, "scheduler": case.scheduler,
                   "checkpoint": str(folder / "checkpoint")}
-        jobs.append({"mode": "interrupt", "home": str(folder / "home-a"), "at_step": case.at_step,
-                     **common})
+        where = ({"at_epoch_end": case.at_step // child.BATCHES - 1} if case.at_epoch_end
+                 else {"at_step": case.at_step})
+        jobs.append({"mode": "interrupt", "home": str(folder / "home-a"), **where, **common})
         jobs.append({"mode": "resume", "home": str(folder / "home-b"), "out": str(folder / "b"),
                      **common})
     jobs_file = root / "jobs.json"
@@ -278,8 +283,12 @@ def test_checkpoint_then_resume_in_a_new_process_is_exact(
 
     checkpoint_weights, state = read_checkpoint(folder / "checkpoint")
     epoch, batch = divmod(case.at_step - 1, child.BATCHES)
-    assert state["progress"] == {"epoch": epoch, "batch_in_epoch": batch + 1,
-                                 "global_step": case.at_step, "target_epochs": child.EPOCHS}
+    if case.at_epoch_end:  # saved as the start of the next epoch
+        epoch, trained, samples = epoch + 1, 0, 0
+    else:
+        trained, samples = batch + 1, min((batch + 1) * child.BATCH, child.SAMPLES)
+    assert state["progress"] == {"epoch": epoch, "batch_in_epoch": trained, "global_step": case.at_step,
+                                 "target_epochs": child.EPOCHS, "samples_in_epoch": samples}
     assert differs(checkpoint_weights, reference.model)  # training went on after the checkpoint
 
     result = json.loads((folder / "b" / "result.json").read_text())

@@ -157,6 +157,8 @@ export interface SampleTable {
   /** How each flag is decided, in words. */
   rule: Partial<Record<SampleFlag, string>>;
   grad_norm_method: string | null;
+  /** "index" (the dataset's) or "position" (an IterableDataset's order within the epoch). */
+  sample_ids?: string | null;
 }
 
 export interface SampleHistoryRow {

@@ -283,6 +283,15 @@ function describe(result: SampleTable): Node[] {
   const rules = element("span", "caption-rules muted");
   if (result.rule.hard !== undefined) rules.append(ruleText("hard", result.rule.hard));
   if (result.rule.mislabelled !== undefined) rules.append(ruleText("mislabelled", result.rule.mislabelled));
+  if (result.sample_ids === "position") {
+    rules.append(
+      element(
+        "span",
+        "rule",
+        "index = position in the epoch (IterableDataset): AUM and forgetting assume the order is the same every epoch",
+      ),
+    );
+  }
   return [counts, rules];
 }
 

@@ -40,7 +40,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        # One float32 sum a batch, added up in float64 on the host at the end: MPS has no float64.
+        sums: list[torch.Tensor] = []
         correct = torch.zeros((), dtype=torch.int64, device=device)
         samples = 0
         classification = True
@@ -53,7 +54,7 @@ def evaluate(
             with autocast():
                 outputs, targets = spec.forward(model, batch)
                 per = loss.per_sample(outputs, targets, batch_size_of(outputs, targets))
-            total += per.double().sum()
+            sums.append(per.float().sum())
             if classification and is_classification(outputs, targets):
                 correct += (outputs.argmax(dim=1) == targets).sum()
             else:
@@ -64,7 +65,8 @@ def evaluate(
                 indices.append(np.asarray(index, dtype=np.int64) if index is not None
                                else np.arange(samples, samples + per.shape[0]))
             samples += per.shape[0]
-        result = {"loss": float(total) / max(samples, 1), "samples": float(samples)}  # one sync
+        total = float(torch.stack(sums).cpu().numpy().astype(np.float64).sum()) if sums else 0.0  # one sync
+        result = {"loss": total / max(samples, 1), "samples": float(samples)}
         if classification and samples:
             result["accuracy"] = float(correct) / samples
         if per_sample is not None and kept:

@@ -148,6 +148,16 @@ class TrackedLoader:
                 found.append(gen)
         return found
 
+    def stateful(self) -> dict[str, Any]:
+        """The loader's sampler, batch sampler and dataset that have ``state_dict()`` and
+        ``load_state_dict()`` (torchdata's protocol), by role."""
+        found: dict[str, Any] = {}
+        for role, obj in (("sampler", self.original.sampler), ("batch_sampler", self.original.batch_sampler),
+                          ("dataset", self.original.dataset)):
+            if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+                found[role] = obj
+        return found
+
     def begin(self, skip: int = 0) -> Iterator[tuple[Any, Indices | None]]:
         """Start one epoch; iterate the result for (batch, dataset indices).
 

@@ -57,7 +57,9 @@ from .control import Command, CommandQueue, RunStatus
 from .evaluate import evaluate
 from .events import Event, EventBus
 from .loader import TrackedLoader
-from .state import capture_rng, generator_states, restore_generators, restore_rng, to_cpu
+from .resume import STATE_FORMAT, Progress, ResumePoint
+from .schedules import set_group_lr
+from .state import to_cpu
 
 __all__ = ["Run", "start_run"]
 
@@ -126,8 +128,8 @@ class Run:
         self.commands = CommandQueue()
         # Per-sample gradient norms (optional): hooks on the model's Linear layers, none when off.
         self.grad_norms = GradNormTracker(model) if grad_norm else None
-        config = {**(config or {}), "grad_norm": self.grad_norms.method if self.grad_norms else None}
-        self.run_id = self.session.new_run(run_name, config=config)
+        self.config = {**(config or {}), "grad_norm": self.grad_norms.method if self.grad_norms else None}
+        self.run_id = self.session.new_run(run_name, config=self.config)
         self.recorder = SampleRecorder(self.device, self._on_packet)
 
         self.status = RunStatus.CREATED
@@ -154,11 +156,21 @@ class Run:
         self._first_step = True
         self._classification: bool | None = None
         self._last_flush = time.perf_counter()
-        self._epoch_rng: dict[str, Any] | None = None
-        self._resume_rng: dict[str, Any] | None = None
+        self.resume = ResumePoint()
+        self._tracked: TrackedLoader | None = None  # the loader of the epoch in progress (or last)
+        # The epoch's batches are exhausted and (for the loop that owns the epoch) its end is done:
+        # a checkpoint now continues with the next epoch.
+        self._epoch_done = False
+        self._in_batches = False  # inside run.batches(): steps get their indices from it
+        self._samples_resumed = 0  # samples of the resumed epoch trained before its checkpoint
+        self._loose_epoch: int | None = None  # epoch recorded from step(indices=...) outside batches()
         self._nonfinite: tuple[int, int] | None = None
         self._reported_drops = 0
-        self._epoch_loss: dict[int, list[float]] = {}
+        # Per-sample training losses of each open epoch (transfer thread), and the exact mean of
+        # each closed one: math.fsum is correctly rounded whatever the order or the chunks, so the
+        # mean does not depend on when flushes happened (nor on a resume in the middle).
+        self._epoch_losses: dict[int, list[np.ndarray]] = {}
+        self._epoch_means: dict[int, float] = {}
         # A uniform sample of the epoch in progress's per-sample losses: live, approximate views.
         self._live: tuple[int, Reservoir] | None = None
         self._trackers: dict[int, TrackedLoader] = {}
@@ -187,10 +199,12 @@ class Run:
         while True:
             while self.epoch < self.target_epochs and not self._stop:
                 yield self.epoch
+                self._end_loose_epoch()
                 if self._stop:
                     break
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                self._epoch_done = False
                 self._control()
             if self._stop:
                 return
@@ -204,64 +218,83 @@ class Run:
             if not keep_alive or not self._idle():
                 return
 
-    def batches(self, loader: DataLoader | TrackedLoader) -> Iterator[Any]:
-        """Iterate one epoch of ``loader``, recording the dataset indices of every batch."""
+    def batches(self, loader: DataLoader | TrackedLoader, *, ends_epoch: bool = True) -> Iterator[Any]:
+        """Iterate one epoch of ``loader``, recording the dataset indices of every batch.
+
+        Once every batch is consumed the epoch counts as ended: a checkpoint saved after the inner
+        loop resumes at the next epoch (step an epoch scheduler before saving one). A loop with
+        more to do at its epoch end passes ``ends_epoch=False`` and calls :meth:`end_epoch` when
+        that is done (``Trainer`` does, after validation and its scheduler step)."""
         if isinstance(loader, TrackedLoader):
             tracked = loader
         else:
             tracked = self._trackers.get(id(loader)) or TrackedLoader(loader)
             self._trackers[id(loader)] = tracked
-        if tracked.original.num_workers > 0:
-            # The loader is about to fork its workers. Let our transfer and writer threads finish
-            # first: a fork while one of them holds a C library lock (the first Parquet write
-            # initialises Arrow's statics under glibc's atexit lock) leaves a worker deadlocked.
-            self.recorder.wait_idle()
-            self.session.flush()
-        generators = tracked.generators()
-        if self._resume_rng is not None and self._epoch_rng is not None:
-            # Resuming inside an epoch: draw the epoch's order again from its starting RNG,
-            # skip what was trained, then put back the RNG as it was at the checkpoint.
-            torch.set_rng_state(self._epoch_rng["torch"])
-            restore_generators(generators, self._epoch_rng["generators"])
-            iterator = tracked.begin(skip=self.batch_in_epoch)
-            restore_rng(self._resume_rng)
-            restore_generators(generators, self._resume_rng["generators"])
-        else:
-            if self._resume_rng is not None:  # resuming at an epoch boundary
-                restore_rng(self._resume_rng)
-                restore_generators(generators, self._resume_rng["generators"])
+        resuming = self.resume.skip
+        iterator = self.resume.begin(tracked)
+        self.resume.skip = 0
+        if not resuming:
             self.batch_in_epoch = 0
-            self._epoch_rng = {"torch": torch.get_rng_state(), "generators": generator_states(generators)}
-            iterator = tracked.begin()
-        self._resume_rng = None
-        self._generators = generators
+        self._tracked = tracked
+        self._note_sample_ids(tracked)
         self.train_dataset = tracked.original.dataset
         self.batches_per_epoch = tracked.length
-        self.recorder.begin_epoch(self.run_id, "train", self.epoch)
+        self.recorder.begin_epoch(self.run_id, "train", self.epoch, first_position=self._samples_resumed)
+        self._samples_resumed = 0
+        if self.resume.skipped_by_loading:
+            self.bus.publish("resume_fast_forward", {
+                "batches": self.resume.skipped_by_loading,
+                "reason": "an IterableDataset without state_dict() is resumed by loading and discarding "
+                          "the batches trained before the checkpoint"}, **self._where())
+            self.resume.skipped_by_loading = 0
         self.bus.publish("epoch_started", {"batches": tracked.length}, **self._where())
         self.fire("on_epoch_start")
-        for batch, indices in iterator:
-            self._indices = indices
-            self.batch_in_epoch += 1
-            yield batch
-            if self._stop:
-                self.recorder.flush()
-                return
+        self._in_batches = True
+        try:
+            for batch, indices in iterator:
+                self._indices = indices
+                self.batch_in_epoch += 1
+                yield batch
+                if self._stop:
+                    self.recorder.flush()
+                    return
+        finally:
+            self._in_batches = False
         self.recorder.end_epoch()
+        self.resume.end()
+        self._epoch_done = ends_epoch
+
+    def _note_sample_ids(self, tracked: TrackedLoader) -> None:
+        """Say in the run's config what a recorded index is (once the loader is known)."""
+        sample_ids = "position" if tracked.iterable else "index"
+        if self.config.get("sample_ids") != sample_ids:
+            self.config["sample_ids"] = sample_ids
+            self.session.set_run_config(self.run_id, self.config)
+
+    def _end_loose_epoch(self) -> None:
+        if self._loose_epoch is not None:
+            self.recorder.end_epoch()
+            self._loose_epoch = None
+
+    def end_epoch(self) -> None:
+        """Say that the epoch's end (validation, scheduler step) is done, for a loop that iterated
+        ``batches(loader, ends_epoch=False)``: a checkpoint from now on resumes at the next epoch."""
+        self._epoch_done = True
 
     def step(
         self, per_sample_loss: torch.Tensor, *, loss: torch.Tensor | None = None, logits: Any = None,
         targets: Any = None, boundary: bool = True, lr: float | None = None,
-        grad_norm_factor: float | torch.Tensor | None = None,
+        grad_norm_factor: float | torch.Tensor | None = None, indices: Any = None,
     ) -> None:
         """Record one batch's per-sample losses, then (at an optimizer-step ``boundary``) apply
         pending commands. ``logits``/``targets`` add margin, prediction and correctness for
         classification. Call it after ``optimizer.step()``; ``lr`` is the learning rate the step
         used (default: the optimizer's current one, which a per-step scheduler has already moved).
         With ``grad_norm=True``, ``grad_norm_factor`` is what the loss you backpropagated was
-        multiplied by relative to the sum of per-sample losses (default 1/batch: a mean)."""
-        indices = self._indices
-        self._indices = None
+        multiplied by relative to the sum of per-sample losses (default 1/batch: a mean).
+        ``indices`` are the batch's dataset indices, for a loop that does not iterate
+        ``run.batches(loader)`` (which records them itself)."""
+        indices = self._take_indices(indices)
         if self._first_step:
             self._check_first_step(per_sample_loss, indices, logits, targets)
         elif per_sample_loss.ndim != 1 or (indices is not None and len(indices) != per_sample_loss.shape[0]):
@@ -291,8 +324,7 @@ class Run:
         """Like :meth:`step`, for a loss computed row by row (``per_sample_loss.deferrable``): only
         the outputs and targets are copied now; per-sample loss, margin and prediction are derived
         for thousands of rows at once when the recorder flushes (the fast path Trainer uses)."""
-        indices = self._indices
-        self._indices = None
+        indices = self._take_indices(None)
         if self._first_step:
             batch = outputs.shape[0]
             per = per_sample_loss.per_sample(outputs, targets, batch)
@@ -307,6 +339,29 @@ class Run:
                                      self.optimizer.param_groups[0]["lr"] if lr is None else lr,
                                      self._take_grad_norms(outputs.shape[0], grad_norm_factor))
         self._end_of_step(boundary)
+
+    def _take_indices(self, given: Any) -> Indices | None:
+        """The batch's dataset indices: from run.batches(), or given to step()."""
+        indices, self._indices = self._indices, None
+        if given is not None:
+            if isinstance(given, torch.Tensor) and given.device.type != "cpu":
+                raise DataError("step(indices=...) must be a CPU tensor, array or list (dataset indices are "
+                                "host values; reading a device tensor would wait for the device every step)")
+            if not self._in_batches and self._loose_epoch != self.epoch:
+                # A loop of its own: the epoch's rows begin with its first step, end with the epoch.
+                self._end_loose_epoch()
+                self.recorder.begin_epoch(self.run_id, "train", self.epoch)
+                self._loose_epoch = self.epoch
+            array = given.numpy() if isinstance(given, torch.Tensor) else given
+            return np.array(array, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its buffer
+        if indices is None and not self._in_batches:
+            raise DataError(
+                "step() was called outside run.batches(loader), so On The Fly does not know which samples "
+                "the batch holds and would record nothing. Iterate `for batch in run.batches(loader):` "
+                "instead of the loader itself, or pass the batch's dataset indices: "
+                "run.step(losses, indices=idx)."
+            )
+        return indices
 
     def _take_grad_norms(self, batch: int, factor: float | torch.Tensor | None) -> torch.Tensor | None:
         if self.grad_norms is None:
@@ -327,6 +382,11 @@ class Run:
             self._control()
         for callback in self._hooks["on_step_end"]:
             callback.on_step_end(self)
+
+    def step_boundary(self) -> None:
+        """An optimizer step after micro-batches recorded with ``step(..., boundary=False)``, when
+        the last of them could not know it was the last (an unsized loader's end)."""
+        self._end_of_step(True)
 
     def fire(self, hook: str) -> None:
         """Call ``hook`` on every callback that overrides it."""
@@ -371,26 +431,38 @@ class Run:
         """Save everything needed to continue exactly from here. Call at a step boundary."""
         model_tensors = {k: v.detach().to("cpu", copy=True).contiguous()
                          for k, v in self.model.state_dict().items()}
-        generators = getattr(self, "_generators", [])
+        progress = self._progress()
+        if progress.batch_in_epoch:
+            # The epoch's per-sample losses so far, for its exact mean after a resume.
+            self.recorder.wait_idle()
+            parts = self._epoch_losses.get(self.epoch, [])
+            losses = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0)
+        else:
+            losses = torch.empty(0)
         state = {
-            "format": 1,
+            "format": STATE_FORMAT,
             "run": {"project": self.project, "name": self.name},
             "optimizer": to_cpu(self.optimizer.state_dict()),
             "scheduler": to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else None,
-            "rng": {**capture_rng(), "generators": generator_states(generators)},
-            "epoch_rng": self._epoch_rng,
+            **self.resume.state(self._tracked, progress),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "progress": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                         "global_step": self.global_step, "target_epochs": self.target_epochs},
+            "progress": progress.as_dict(),
+            "epoch_losses": losses,
         }
         _, folder = self.session.checkpoint(
-            self.run_id, step=self.global_step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+            self.run_id, step=self.global_step, epoch=progress.epoch, batch_in_epoch=progress.batch_in_epoch,
             model_tensors=model_tensors, state=state, reason=reason,
             folder=Path(path) if path is not None else None,
         )
         self.bus.publish("checkpoint", {"path": str(folder), "reason": reason}, **self._where())
         return folder
+
+    def _progress(self) -> Progress:
+        if self._epoch_done:  # the epoch is over: what follows is the next one's start
+            return Progress(self.epoch + 1, 0, self.global_step, self.target_epochs)
+        samples = self.recorder.position_in_epoch if self.batch_in_epoch else 0
+        return Progress(self.epoch, self.batch_in_epoch, self.global_step, self.target_epochs, samples)
 
     def _restore(self, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
         try:
@@ -414,13 +486,17 @@ class Run:
             )
         for callback, cb_state in zip(self.callbacks, saved_callbacks, strict=True):
             callback.load_state_dict(cb_state)
-        progress = state["progress"]
-        self.epoch = progress["epoch"]
-        self.batch_in_epoch = progress["batch_in_epoch"]
-        self.global_step = progress["global_step"]
-        self._resume_rng = state["rng"]
-        self._epoch_rng = state["epoch_rng"] if self.batch_in_epoch else None
-        self.bus.publish("resumed_from_checkpoint", {"path": str(source), **progress}, **self._where())
+        progress = Progress(**state["progress"])
+        self.epoch = progress.epoch
+        self.batch_in_epoch = progress.batch_in_epoch
+        self.global_step = progress.global_step
+        self._samples_resumed = progress.samples_in_epoch
+        losses = state.get("epoch_losses")
+        if progress.batch_in_epoch and losses is not None and len(losses):
+            self._epoch_losses[progress.epoch] = [losses.numpy().astype(np.float32)]
+        self.resume.restore(state, progress)
+        self.bus.publish("resumed_from_checkpoint", {"path": str(source), **progress.as_dict()},
+                         **self._where())
 
     # ---- control ---------------------------------------------------------------------------
     def _control(self) -> None:
@@ -457,8 +533,8 @@ class Run:
                 rejected = f"the test failed: {type(exc).__name__}: {exc}"
         elif kind == "train_more":
             self.target_epochs = max(self.target_epochs, self.epoch) + args["epochs"]
-        elif kind == "set_lr":
-            rejected = self._set_group_value("lr", args["lr"], args["group"])
+        elif kind == "set_lr":  # rescales the scheduler's schedule, so that the change holds
+            rejected = set_group_lr(self.optimizer, self.scheduler, args["lr"], args["group"])
         elif kind == "set_weight_decay":
             rejected = self._set_group_value("weight_decay", args["weight_decay"], args["group"])
         elif kind == "checkpoint":
@@ -555,9 +631,7 @@ class Run:
                 if self._live is None or self._live[0] != packet.epoch:
                     self._live = (packet.epoch, Reservoir())
                 self._live[1].add(rows[:, LOSS])
-            sums = self._epoch_loss.setdefault(packet.epoch, [0.0, 0])
-            sums[0] += float(rows[:, LOSS].astype(np.float64).sum())
-            sums[1] += len(rows)
+            self._epoch_losses.setdefault(packet.epoch, []).append(rows[:, LOSS].copy())
         if len(packet.steps):
             steps, first = np.unique(packet.steps, return_index=True)
             sums_per_step = np.bincount(np.searchsorted(steps, packet.steps), weights=packet.step_losses)
@@ -580,14 +654,31 @@ class Run:
             if packet.split == "train" and self._live is not None and self._live[0] == packet.epoch:
                 self._live = None  # the store now has the whole epoch: exact views from here on
             self.session.close_epoch(packet.run_id, packet.split, packet.epoch)
-            total, count = self._epoch_loss.pop(packet.epoch, [0.0, 0])
+            parts = self._epoch_losses.pop(packet.epoch, [])
+            count = sum(len(part) for part in parts)
             if count:
-                mean = total / count
+                mean = _exact_mean(parts)
+                self._epoch_means[packet.epoch] = mean
                 self.session.metrics([(packet.run_id, "train_loss_epoch", int(self.latest.get("step", 0)),
                                        packet.epoch, packet.flushed_at, mean)])
                 self.bus.publish("epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
                                  run_id=packet.run_id, step=int(self.latest.get("step", 0)),
                                  epoch=packet.epoch)
+
+    def epoch_loss(self, epoch: int | None = None) -> float | None:
+        """The mean per-sample training loss of ``epoch`` (default: the last one trained; so far,
+        for an epoch still open). Waits until the epoch's rows have reached the host (the
+        transfer thread's work, not the disk's); call it at an epoch end, not every step."""
+        self.recorder.wait_idle()
+        open_epochs = [e for e, parts in self._epoch_losses.items() if parts]
+        if epoch is None:
+            candidates = [*self._epoch_means, *open_epochs]
+            if not candidates:
+                return None
+            epoch = max(candidates)
+        if self._epoch_losses.get(epoch):
+            return _exact_mean(self._epoch_losses[epoch])
+        return self._epoch_means.get(epoch)
 
     def live_losses(self) -> tuple[int, Reservoir] | None:
         """(epoch, reservoir) of the training epoch in progress, None between epochs."""
@@ -665,6 +756,7 @@ class Run:
             return
         self._closed = True
         with contextlib.suppress(Exception):
+            self._end_loose_epoch()
             self.recorder.close()
         if error is not None:
             status = RunStatus.FAILED
@@ -722,6 +814,12 @@ def start_run(
         run.evaluator = evaluator
         run.eval_splits = {split for split, loader in loaders.items() if loader is not None}
     return run
+
+
+def _exact_mean(parts: list[np.ndarray]) -> float:
+    """The correctly rounded mean of float32 values, whatever their order and chunking."""
+    values = np.concatenate(parts) if len(parts) != 1 else parts[0]
+    return math.fsum(values.astype(np.float64).tolist()) / len(values)
 
 
 def _chunk(run_id: int, split: str, epoch: int, steps: np.ndarray, indices: np.ndarray, rows: np.ndarray,

@@ -44,7 +44,7 @@ class FitSummary:
     epochs: int
     steps: int
     seconds: float
-    train_loss: float | None
+    train_loss: float | None  # mean per-sample loss of the last epoch trained (so far, if stopped in it)
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
 
@@ -57,7 +57,7 @@ class FitSummary:
             f"{self.steps} step(s), {self.seconds:.1f} s",
         ]
         if self.train_loss is not None:
-            lines.append(f"  train  loss {self.train_loss:.4f}")
+            lines.append(f"  train  loss {self.train_loss:.4f} (epoch mean)")
         if self.val:
             lines.append(f"  val    {fmt(self.val)}")
         if self.test:
@@ -200,21 +200,10 @@ class Trainer:
             self.scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        if boundary:
-            if self.grad_clip is not None:
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                # Returns the norm as a device tensor; we do not read it (that would sync).
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self._zero_grad_next = True
-            if self.scheduler is not None and self.scheduler_interval == "step":
-                self.scheduler.step()
+        # Before the optimizer step: GradScaler.update() changes the scale in place.
         factor = self._grad_norm_factor(outputs, targets) if self.run.grad_norms is not None else None
+        if boundary:
+            self._optimizer_step()
         if per_sample is None:  # the fast path: per-sample values derived at the next flush
             self.run.step_outputs(outputs, targets, self.loss, loss=loss, boundary=boundary, lr=lr,
                                   grad_norm_factor=factor)
@@ -222,12 +211,29 @@ class Trainer:
             self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr,
                           grad_norm_factor=factor)
 
+    def _optimizer_step(self) -> None:
+        """The end of an accumulation window: unscale, clip, step, step a per-step scheduler."""
+        if self.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            # Returns the norm as a device tensor; we do not read it (that would sync).
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._zero_grad_next = True
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+
     def _grad_norm_factor(self, outputs: Any, targets: Any) -> float | torch.Tensor:
         """What the backpropagated loss was multiplied by, relative to the sum of per-sample losses."""
         factor: float | torch.Tensor = 1.0 / self.accumulate
         if self.loss.reduction != "sum":
             factor = factor / batch_size_of(outputs, targets)
         scale = getattr(self.scaler, "_scale", None)  # a device tensor: reading it would sync
+        # factor * scale is a new tensor: the value now, whatever update() does to the scale later.
         return factor * scale if scale is not None else factor
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -242,14 +248,20 @@ class Trainer:
             on_plan_end = (lambda: run.evaluate("test")) if do_test_after and self.test_loader else None
             for _epoch in run.epochs(max_epochs, on_plan_end=on_plan_end):
                 self.model.train()
-                for batch in run.batches(self.train_loader):
+                for batch in run.batches(self.train_loader, ends_epoch=False):
                     at_end = n_batches is not None and run.batch_in_epoch == n_batches
                     self._train_step(batch, boundary=at_end or run.batch_in_epoch % self.accumulate == 0)
                 if run.stopping:
                     break
+                if not self._zero_grad_next:
+                    # An unsized loader ended inside an accumulation window: its gradients step
+                    # now, as at the end of a sized epoch, never leaking into the next epoch.
+                    self._optimizer_step()
+                    run.step_boundary()
                 val = run.evaluate("val") if self.val_loader is not None else None
                 if self.scheduler is not None and self.scheduler_interval == "epoch":
                     self._step_epoch_scheduler(val)
+                run.end_epoch()  # a checkpoint from here on (on_epoch_end) resumes at the next epoch
                 run.fire("on_epoch_end")
         except KeyboardInterrupt:
             run._stop = True  # Ctrl-C: a clean stop, the session keeps everything so far
@@ -268,7 +280,9 @@ class Trainer:
 
     def _step_epoch_scheduler(self, val: dict[str, float] | None) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            metric = val["loss"] if val else self.run.latest.get("loss")
+            # Without validation: the epoch's mean training loss, the same in every run (the
+            # training thread waits for the epoch's rows, not for the last flush that arrived).
+            metric = val["loss"] if val else self.run.epoch_loss(self.run.epoch)
             if metric is not None:
                 self.scheduler.step(metric)
         else:
@@ -290,7 +304,7 @@ class Trainer:
         return FitSummary(
             status=run.status, session_dir=run.session.dir, run_id=run.run_id, epochs=run.epoch,
             steps=run.global_step, seconds=time.time() - run._started,
-            train_loss=run.latest.get("loss"), val=run.last_eval.get("val", {}),
+            train_loss=run.epoch_loss(), val=run.last_eval.get("val", {}),
             test=run.last_eval.get("test", {}),
         )
 

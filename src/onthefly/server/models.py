@@ -224,6 +224,9 @@ class SampleTable(BaseModel):
     flags: dict[str, int] = Field(description="how many samples carry each flag at this epoch")
     rule: dict[str, str] = Field(description="how the flags are decided")
     grad_norm_method: str | None = Field(description="how per-sample gradient norms were measured (None: off)")
+    sample_ids: str | None = Field(
+        default=None, description="what a row's index is: 'index' (the dataset's) or 'position' (an "
+        "IterableDataset's order within the epoch; AUM and forgetting then assume that order is fixed)")
 
 
 class HistoryRow(BaseModel):

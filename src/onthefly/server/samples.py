@@ -95,7 +95,8 @@ def evidence_routes(backend: Any) -> APIRouter:
             return {"epoch": shown, "epochs": sample_epochs(backend.session_dir, run_id, split),
                     "total": table.num_rows,
                     "offset": offset, "rows": rows, "flags": counts, "rule": rule.describe(),
-                    "grad_norm_method": info_config(run_id).get("grad_norm")}
+                    "grad_norm_method": info_config(run_id).get("grad_norm"),
+                    "sample_ids": info_config(run_id).get("sample_ids")}
 
         return SampleTable.model_validate(await asyncio.to_thread(read))
 

@@ -12,12 +12,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import LossError
 
 __all__ = ["PerSampleLoss", "classification_signals", "is_classification"]
 
 LossFn = Callable[..., torch.Tensor]
+
+# torch's losses whose value for a sample depends on that sample alone: their per-sample values
+# can be derived later for thousands of rows at once. Exact types only - a subclass may add a
+# term across the batch (contrastive, mined triplets), which concatenated rows would change.
+ELEMENTWISE_LOSSES = (
+    nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss,
+    nn.BCELoss, nn.BCEWithLogitsLoss, nn.KLDivLoss, nn.PoissonNLLLoss, nn.SoftMarginLoss,
+    nn.MultiLabelSoftMarginLoss, nn.MultiMarginLoss, nn.MultiLabelMarginLoss, nn.HingeEmbeddingLoss,
+)
 
 
 def _per_row(values: torch.Tensor, batch: int) -> torch.Tensor:
@@ -55,10 +65,11 @@ class PerSampleLoss:
 
     @property
     def deferrable(self) -> bool:
-        """True when per-sample values can be computed later from outputs and targets alone
-        (a loss with a ``reduction`` of "mean" or "sum", used unchanged for backward): the engine
-        then only buffers those."""
-        return self.reduction in ("mean", "sum")
+        """True when per-sample values can be computed later from outputs and targets alone,
+        for many steps' rows at once: one of torch's elementwise losses, with a ``reduction`` of
+        "mean" or "sum" (used unchanged for backward). The engine then only buffers those. Any
+        other loss with a ``reduction`` gets its per-sample values step by step, batch by batch."""
+        return self.reduction in ("mean", "sum") and type(self.loss_fn) in ELEMENTWISE_LOSSES
 
     @property
     def method(self) -> str:

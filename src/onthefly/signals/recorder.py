@@ -149,11 +149,18 @@ class SampleRecorder:
         self._first_position = self._position_in_epoch
         self._started = time.perf_counter()
 
-    def begin_epoch(self, run_id: int, split: str, epoch: int) -> None:
+    def begin_epoch(self, run_id: int, split: str, epoch: int, *, first_position: int = 0) -> None:
+        """Rows from now on belong to ``epoch``; ``first_position`` is the number of samples of
+        the epoch trained before (a resumed epoch: positions of an IterableDataset go on)."""
         self.flush()
         self._context = (run_id, split, epoch)
-        self._position_in_epoch = 0
-        self._first_position = 0
+        self._position_in_epoch = first_position
+        self._first_position = first_position
+
+    @property
+    def position_in_epoch(self) -> int:
+        """Samples recorded so far in the epoch (training thread)."""
+        return self._position_in_epoch
 
     # ---- hot path ------------------------------------------------------------------------
     def record_outputs(self, step: int, indices: Indices | None, outputs: torch.Tensor,

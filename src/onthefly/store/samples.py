@@ -131,6 +131,7 @@ class SampleSink:
         self._dir = session_dir
         self._pending: dict[tuple[int, str, int], list[SampleChunk]] = {}
         self._parts: dict[tuple[int, str, int], int] = {}
+        _warm_up()  # on the thread that creates the sink, before the writer thread exists
 
     def add(self, chunk: SampleChunk) -> list[WrittenPart]:
         key = (chunk.run_id, chunk.split, chunk.epoch)
@@ -165,6 +166,20 @@ class SampleSink:
             first_step=int(pc.min(steps).as_py()),
             last_step=int(pc.max(steps).as_py()),
         )
+
+
+def _warm_up() -> None:
+    """Run Arrow's first-use initialisation (codecs, compute functions, memory pool) now, on the
+    thread that creates the session. Done first on the writer thread, it runs under glibc's
+    atexit lock, and a DataLoader worker forked at that moment deadlocks. Once it has run, the
+    writer's work holds no lock a forked worker needs, so an epoch start never waits for it."""
+    one = np.zeros(1, dtype=np.int64)
+    nan = np.full(1, np.nan, dtype=np.float32)
+    table = SampleChunk(0, "train", 0, one, one, nan, nan, one, one, nan, nan).to_arrow()
+    dictionary = [c for c in DICTIONARY_COLUMNS if c in table.column_names]
+    pq.write_table(table, pa.BufferOutputStream(), compression="zstd", use_dictionary=dictionary)
+    pc.min(table.column("step"))
+    pc.max(table.column("step"))
 
 
 # Dictionary encoding only where values repeat: on losses and indices it made parts larger and
