@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import onthefly
 from conftest import toy_data, toy_model
 from onthefly import Callback, FitSummary, Run, Trainer
+from onthefly.engine.control import COMMAND_KINDS, COMMANDS, CommandQueue
 from onthefly.engine.events import Event
 from onthefly.errors import ConfigError
 
@@ -369,19 +370,31 @@ def test_checkpoint_command_with_a_path(tmp_path: Path) -> None:
         ("nope", {}, "unknown command 'nope'"),
         ("set_lr", {"lr": -1}, "lr must be a finite number > 0.0, got -1"),
         ("set_lr", {"lr": 0}, "lr must be a finite number > 0.0, got 0"),
-        ("set_lr", {"lr": "abc"}, "lr must be a number, got 'abc'"),
+        ("set_lr", {"lr": "abc"}, "lr must be a finite number > 0.0, got 'abc'"),
         ("set_lr", {"lr": float("nan")}, "lr must be a finite number > 0.0, got nan"),
         ("set_lr", {"lr": float("inf")}, "lr must be a finite number > 0.0, got inf"),
-        ("set_lr", {"lr": True}, "lr must be a number, got True"),
-        ("set_lr", {}, "lr must be a number, got None"),
-        ("set_lr", {"lr": 0.1, "group": -1}, "group must be a parameter-group index >= 0"),
-        ("set_lr", {"lr": 0.1, "rate": 2}, "'rate'"),
+        ("set_lr", {"lr": True}, "lr must be a finite number > 0.0, got True"),
+        ("set_lr", {}, "set_lr needs lr: a finite number > 0.0"),
+        ("set_lr", {"lr": None}, "lr must be a finite number > 0.0, got None"),
+        ("set_lr", {"lr": 0.1, "group": -1}, "group must be a parameter-group index from 0 to 10000, got -1"),
+        ("set_lr", {"lr": 0.1, "group": 10_001}, "group must be a parameter-group index from 0 to 10000"),
+        ("set_lr", {"lr": 0.1, "group": True}, "group must be a parameter-group index from 0 to 10000, got True"),
+        ("set_lr", {"lr": 0.1, "rate": 2}, "unexpected argument(s) ['rate'] for set_lr; it takes lr, group"),
         ("set_weight_decay", {"weight_decay": -0.1}, "weight_decay must be a finite number >= 0.0"),
-        ("train_more", {"epochs": 0}, "epochs must be a whole number >= 1, got 0"),
-        ("train_more", {"epochs": 1.5}, "epochs must be a whole number >= 1, got 1.5"),
-        ("train_more", {}, "epochs must be a whole number >= 1, got None"),
+        ("train_more", {"epochs": 0}, "epochs must be a whole number from 1 to 100000, got 0"),
+        ("train_more", {"epochs": 100_001}, "epochs must be a whole number from 1 to 100000, got 100001"),
+        ("train_more", {"epochs": 1.5}, "epochs must be a whole number from 1 to 100000, got 1.5"),
+        ("train_more", {"epochs": "2"}, "epochs must be a whole number from 1 to 100000, got '2'"),
+        ("train_more", {}, "train_more needs epochs: a whole number from 1 to 100000"),
         ("pause", {"now": True}, "unexpected argument(s) ['now']"),
         ("checkpoint", {"path": 3}, "path must be a string, got 3"),
+        ("cluster", {"features": "pixels"}, "features must be 'signals' or 'embeddings', got 'pixels'"),
+        ("cluster", {"subset": "easy"}, "subset must be 'all' or 'hard', got 'easy'"),
+        ("cluster", {"k": 51}, "k must be a whole number from 2 to 50, or omitted (chosen by silhouette), got 51"),
+        ("cluster", {"epoch": -1}, "epoch must be a whole number from 0 to 2147483648, got -1"),
+        ("cluster", {"layer": "x" * 501}, "layer must be a module name (a string) of at most 500 characters"),
+        ("cluster", {"k": 1, "subset": "easy"}, "k must be a whole number from 2 to 50, or omitted (chosen by "
+                                                "silhouette), got 1; subset must be 'all' or 'hard', got 'easy'"),
     ],
 )
 def test_invalid_command_is_refused_and_nothing_is_queued(kind: str, args: dict[str, Any], message: str) -> None:
@@ -396,6 +409,46 @@ def test_invalid_command_is_refused_and_nothing_is_queued(kind: str, args: dict[
         assert run.commands.drain() == []
     finally:
         run.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "queued"),
+    [
+        ("pause", {}, {}),
+        ("set_lr", {"lr": 1}, {"lr": 1.0, "group": None}),
+        ("set_lr", {"lr": 0.5, "group": 10_000}, {"lr": 0.5, "group": 10_000}),
+        ("set_weight_decay", {"weight_decay": 0}, {"weight_decay": 0.0, "group": None}),
+        ("train_more", {"epochs": 100_000}, {"epochs": 100_000}),
+        ("train_more", {"epochs": 2.0}, {"epochs": 2}),  # JSON's integers: 2.0 is the integer 2
+        ("checkpoint", {}, {"path": None}),
+        ("checkpoint", {"path": "mine"}, {"path": "mine"}),
+        ("cluster", {}, {"features": "signals", "k": None, "subset": "all", "epoch": None, "layer": None}),
+        ("cluster", {"k": 50, "epoch": 2**31, "features": "embeddings", "layer": "fc"},
+         {"features": "embeddings", "k": 50, "subset": "all", "epoch": 2**31, "layer": "fc"}),
+    ],
+)
+def test_a_valid_command_is_queued_as_a_plain_dict_with_its_defaults(
+    kind: str, args: dict[str, Any], queued: dict[str, Any],
+) -> None:
+    queue = CommandQueue()
+    command = queue.put(kind, **args)
+    assert (command.id, command.kind, command.args) == (1, kind, queued)
+    assert {k: type(v) for k, v in command.args.items()} == {k: type(v) for k, v in queued.items()}
+    assert queue.drain() == [command]
+
+
+def test_a_refused_command_takes_no_queue_id() -> None:
+    queue = CommandQueue()
+    with pytest.raises(ConfigError):
+        queue.put("train_more", epochs=0)
+    assert queue.put("pause").id == 1
+
+
+def test_every_command_kind_has_one_model() -> None:
+    assert COMMAND_KINDS == tuple(COMMANDS) == ("run", "pause", "resume", "stop", "test", "train_more", "set_lr",
+                                                "set_weight_decay", "checkpoint", "cluster")
+    for kind in COMMAND_KINDS:
+        assert COMMANDS[kind].model_fields["kind"].annotation == Literal[kind]
 
 
 @pytest.mark.parametrize(
@@ -520,3 +573,12 @@ def test_stop_while_waiting_for_run_trains_nothing(fit_in_thread: Callable[[Trai
     summary = fit.result()
     assert (summary.status, summary.steps) == ("stopped", 0)
     assert onthefly.open_session(summary.session_dir).samples(summary.run_id).num_rows == 0
+
+
+def test_the_transition_table_covers_every_command() -> None:
+    """A command the engine validates but the controller has no rule for would always be refused."""
+    from onthefly.engine.control import COMMAND_KINDS
+    from onthefly.engine.controller import TABLE
+
+    carried_out_by_actions = {"cluster"}
+    assert set(COMMAND_KINDS) == set(TABLE) | carried_out_by_actions

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import onthefly
 from conftest import toy_data, toy_model
-from onthefly.signals.dynamics import FlagRule, sample_stats
+from onthefly.signals.dynamics import FlagRule
 from onthefly.signals.quantiles import Reservoir, robust_summary
+from onthefly.store.dynamics import sample_stats
 from onthefly.store.samples import SampleChunk, SampleSink
 
 

@@ -39,6 +39,8 @@ from live_server import (
     make_trainer,
     read_events,
 )
+from onthefly.engine.control import CommandQueue
+from onthefly.errors import ConfigError
 from onthefly.server import DashboardServer
 from onthefly.server.auth import cookie_name_for
 
@@ -362,6 +364,46 @@ def test_a_json_integer_may_be_written_as_a_whole_number_float(waiting: LiveSess
     assert waiting.applied(response.json()["id"]).payload["args"] == {"weight_decay": 0.0, "group": 0}
 
 
+# One model per command, so one bound: what the engine's queue refuses, the API refuses, and a
+# value at the bound passes both.
+BOUNDS = [
+    # (kind, a value past the bound, the value at it, the field)
+    ("train_more", {"epochs": 100_001}, {"epochs": 100_000}, "epochs"),
+    ("train_more", {"epochs": 0}, {"epochs": 1}, "epochs"),
+    ("set_lr", {"lr": 0.5, "group": 10_001}, {"lr": 0.5, "group": 10_000}, "group"),
+    ("set_weight_decay", {"weight_decay": 0.0, "group": -1}, {"weight_decay": 0.0, "group": 0}, "group"),
+    ("cluster", {"k": 51}, {"k": 50}, "k"),
+    ("cluster", {"epoch": 2**31 + 1}, {"epoch": 2**31}, "epoch"),
+    ("cluster", {"layer": "x" * 501}, {"layer": "x" * 500}, "layer"),
+]
+
+
+@pytest.mark.parametrize(("kind", "past", "at", "field"), BOUNDS,
+                         ids=[f"{kind}-{field}-{next(iter(past.values()))!s:.8}" for kind, past, _, field in BOUNDS])
+def test_a_bound_is_the_same_for_the_engine_and_the_api(
+    waiting: LiveSession, kind: str, past: dict[str, Any], at: dict[str, Any], field: str,
+) -> None:
+    doors = [("/api/runs/1/commands", {"kind": kind})]
+    if kind == "cluster":
+        doors.append(("/api/runs/1/clusters", {}))  # the same command, its own endpoint
+    before = waiting.bus.command_events()
+    with pytest.raises(ConfigError, match=f"^{field} must be "):
+        waiting.run.request(kind, **past)
+    for path, head in doors:
+        response = waiting.http.post(path, json={**head, **past})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][-1] == field
+    assert after_probe_only(waiting, before)
+
+    assert CommandQueue().put(kind, **at).args.items() >= at.items()  # a queue of its own: nothing runs
+    for path, head in doors:
+        response = waiting.http.post(path, json={**head, **at})
+        # Valid: queued (202), or refused for the run's state (409), never for the value.
+        assert response.status_code in (202, 409), response.text
+        if response.status_code == 202:
+            settled(waiting, response.json()["id"])
+
+
 @pytest.mark.parametrize(("path", "params", "field"), [
     ("/api/runs/1/metrics", {"start_step": 2**63}, "start_step"),
     ("/api/runs/1/metrics", {"end_step": 2**64}, "end_step"),
@@ -403,6 +445,12 @@ def test_unknown_runs_get_404(waiting: LiveSession) -> None:
     assert response.status_code == 404
     assert "no run 7" in response.json()["detail"]
     assert after_probe_only(waiting, before)
+
+
+def settled(session: LiveSession, command_id: int) -> Any:
+    """The event that says what became of a queued command (applied or rejected)."""
+    return session.bus.wait_for(lambda e: e.kind in ("command_applied", "command_rejected")
+                                and e.payload["id"] == command_id, f"the outcome of command {command_id}")
 
 
 def after_probe_only(session: LiveSession, before: list[Any]) -> bool:

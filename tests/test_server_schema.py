@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import httpx
 import pytest
@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, settings
 
 import onthefly
 from live_server import LiveSession, live, make_trainer
+from onthefly.engine.control import COMMAND_KINDS, COMMANDS, AnyCommand, ClusterArgs
+from onthefly.server import models
 from onthefly.server.app import create_app
 
 # The document depends on no session: build it from an app that will never serve.
@@ -82,6 +84,35 @@ def test_bounds_are_json_schema_keywords_that_clients_can_read() -> None:
     group = DOCUMENT["components"]["schemas"]["SetLrCommand"]["properties"]["group"]
     assert {"type": "integer", "minimum": 0, "maximum": 10_000} in [
         {k: v for k, v in option.items() if k in ("type", "minimum", "maximum")} for option in group["anyOf"]]
+
+
+def without_nulls(node: Any) -> Any:
+    """FastAPI writes the document without null values (so no "default": null)."""
+    if isinstance(node, dict):
+        return {key: without_nulls(value) for key, value in node.items() if value is not None}
+    if isinstance(node, list):
+        return [without_nulls(item) for item in node]
+    return node
+
+
+def request_schema(path: str) -> Any:
+    return DOCUMENT["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+
+def test_the_command_bodies_are_the_engines_models() -> None:
+    """One definition of every command: the document publishes the engine's models as they are."""
+    assert models.CommandBody is AnyCommand
+    outside = get_args(get_args(AnyCommand)[0])  # the union's models
+    mapping = request_schema("/api/runs/{run_id}/commands")["discriminator"]["mapping"]
+    assert list(mapping) == list(COMMAND_KINDS)
+    assert [ref.rsplit("/", 1)[-1] for ref in mapping.values()] == [model.__name__ for model in outside]
+    for model in (*outside, ClusterArgs):
+        engine = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        assert DOCUMENT["components"]["schemas"][model.__name__] == without_nulls(engine), model.__name__
+    assert request_schema("/api/runs/{run_id}/clusters") == {"$ref": "#/components/schemas/ClusterArgs"}
+    # Over HTTP nobody chooses where files are written: only an in-process checkpoint takes a path.
+    assert "path" not in DOCUMENT["components"]["schemas"]["CheckpointCommand"]["properties"]
+    assert "path" in COMMANDS["checkpoint"].model_fields
 
 
 @schema.parametrize()

@@ -555,7 +555,7 @@ def test_a_saved_slice_or_clustering_is_readable_as_soon_as_the_call_returns() -
 
 
 def test_sample_stats_of_a_finished_epoch_are_computed_once(tmp_path: Path) -> None:
-    from onthefly.signals.dynamics import sample_stats
+    from onthefly.store.dynamics import sample_stats
     from onthefly.store.samples import SampleChunk, SampleSink
 
     sink = SampleSink(tmp_path)
@@ -574,6 +574,33 @@ def test_sample_stats_of_a_finished_epoch_are_computed_once(tmp_path: Path) -> N
     second = sample_stats(tmp_path, 1)
     assert second[0] == 1 and second[1] is not first[1] and second[1].column("epochs").to_pylist() == [2] * 4
     assert sample_stats(tmp_path, 1, epoch=0)[1].column("epochs").to_pylist() == [1] * 4
+
+
+def test_the_reader_answers_every_per_sample_view_of_a_run() -> None:
+    import pyarrow as pa
+
+    summary = train(epochs=2)
+    reader = open_session(summary.session_dir)
+    run = summary.run_id
+    assert reader.sample_epochs(run) == [0, 1]
+    epoch, table = reader.sample_stats_at(run)  # default: the latest complete epoch
+    assert epoch == 1 and table.num_rows == 256 and set(table.column("epochs").to_pylist()) == {2}
+    finite = table.drop_columns(["grad_norm"])  # no grad norms recorded: NaN, never equal to itself
+    assert reader.sample_stats(run).drop_columns(["grad_norm"]).equals(finite)
+    shown, batches = reader.iter_sample_stats(run, 1, indices=np.array([5, 3]), batch_rows=1)
+    streamed = pa.Table.from_batches(list(batches))
+    assert shown == 1 and streamed.column("index").to_pylist() == [3, 5]
+    assert streamed.drop_columns(["grad_norm"]).equals(finite.take(pa.array([3, 5])))
+    history = reader.sample_history(run, 3)
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert history[1]["loss"] == pytest.approx(table.column("loss")[3].as_py())
+    distribution = reader.loss_distribution(run, bins=8)
+    assert distribution["epoch"] == 1 and sum(distribution["counts"]) == 256
+    hardest = reader.hardest_samples(run, k=3)
+    top = sorted(table.column("loss").to_pylist(), reverse=True)[:3]
+    assert hardest["epoch"] == 1 and [r["loss"] for r in hardest["rows"]] == pytest.approx(top)
+    series = reader.metric_series(run, "train_loss", points=4)
+    assert len(series["step"]) <= 4 and series["total"] == len(reader.metrics(run, "train_loss")) > 4
 
 
 def test_chunks_of_an_epoch_become_one_part_with_every_row_and_column(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 import onthefly
 from conftest import toy_data, toy_model
-from onthefly import Run
 from onthefly.engine import run as run_module
+from onthefly.engine.transfer import TransferSink
 from onthefly.signals import recorder as recorder_module
 from onthefly.signals.recorder import HostPacket, SampleRecorder
 from onthefly.store import SampleChunk, SessionStore, open_session
@@ -233,15 +233,15 @@ def test_dropped_transfer_packets_are_published_as_samples_dropped_events(
     monkeypatch.setattr(recorder_module, "TRANSFER_QUEUE", 2)
     monkeypatch.setattr(run_module, "FLUSH_SECONDS", -1.0)  # flush (and check health) every step
     holding, release = threading.Event(), threading.Event()
-    on_packet = Run._on_packet
+    on_packet = TransferSink.__call__
 
-    def held_on_packet(self: Run, packet: HostPacket) -> None:  # on the transfer thread
+    def held_on_packet(self: TransferSink, packet: HostPacket) -> None:  # on the transfer thread
         if not holding.is_set():
             holding.set()
             assert release.wait(DEADLINE)
         on_packet(self, packet)
 
-    monkeypatch.setattr(Run, "_on_packet", held_on_packet)
+    monkeypatch.setattr(TransferSink, "__call__", held_on_packet)
     model = toy_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     train = DataLoader(toy_data(256), batch_size=32)  # 8 steps

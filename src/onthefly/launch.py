@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .actions import cluster
+from .engine.batch import BatchSpec
+from .engine.evaluate import Evaluator
 from .engine.run import Run
-from .engine.run import start_run as _start_engine_run
 from .engine.trainer import FitSummary, Trainer
-from .signals.per_sample import LossFn
+from .signals.per_sample import LossFn, PerSampleLoss
 
 __all__ = ["attach_dashboard", "quickstart", "start_run"]
 
@@ -57,14 +58,26 @@ def attach_dashboard(run: Run, *, port: int | None = None, open_browser: bool = 
     return server
 
 
-def _keep_alive(keep_alive: bool | None, server: Any) -> bool | Callable[[], bool]:
-    if keep_alive is not None:
-        return keep_alive
-    if _env_flag("ONTHEFLY_KEEP_ALIVE"):  # `onthefly run` sets it
-        return True
-    if server is None:
-        return False
-    return lambda: bool(server.attached)  # stay up while someone is watching
+class _Dashboard:
+    """The dashboard a run gets once it exists (the server needs the run, the run how long to
+    stay up): decides whether the session stays up when planned training ends."""
+
+    def __init__(self, keep_alive: bool | None) -> None:
+        self.server: Any = None
+        self._keep_alive = keep_alive
+
+    def keep_alive(self) -> bool | Callable[[], bool]:
+        if self._keep_alive is not None:
+            return self._keep_alive
+        if _env_flag("ONTHEFLY_KEEP_ALIVE"):  # `onthefly run` sets it
+            return True
+        return lambda: self.server is not None and bool(self.server.attached)  # while someone watches
+
+    def attach(self, run: Run, *, wanted: bool | None, port: int | None, open_browser: bool) -> None:
+        if _dashboard_wanted(wanted) and _is_rank_zero():
+            open_browser = open_browser or _env_flag("ONTHEFLY_OPEN_BROWSER")
+            self.server = attach_dashboard(run, port=port, open_browser=open_browser)
+            run.add_close_callback(self.server.stop)
 
 
 def quickstart(
@@ -94,35 +107,39 @@ def quickstart(
     :class:`~onthefly.Trainer`'s (device, amp, grad_clip, accumulate_grad_batches, scheduler,
     inputs/targets/forward_fn, callbacks, wait_for_run, resume_from, progress, grad_norm).
     """
+    board = _Dashboard(keep_alive)
     trainer = Trainer(
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
-        val_loader=val_loader, test_loader=test_loader, project=project, run_name=run_name, **options,
+        val_loader=val_loader, test_loader=test_loader, project=project, run_name=run_name,
+        keep_alive=board.keep_alive(), **options,
     )
-    server = None
-    if _dashboard_wanted(dashboard) and _is_rank_zero():
-        open_browser = open_browser or _env_flag("ONTHEFLY_OPEN_BROWSER")
-        server = attach_dashboard(trainer.run, port=port, open_browser=open_browser)
-    trainer.run.keep_alive = _keep_alive(keep_alive, server)
-    try:
-        summary = trainer.fit(max_epochs, do_test_after=do_test_after)
-    finally:
-        if server is not None:
-            server.stop()
+    board.attach(trainer.run, wanted=dashboard, port=port, open_browser=open_browser)
+    summary = trainer.fit(max_epochs, do_test_after=do_test_after)  # closing the run stops the server
     if options.get("progress", True):
         print(summary, flush=True)
     return summary
 
 
-def start_run(*, project: str, run_name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-              dashboard: bool | None = None, port: int | None = None, keep_alive: bool | None = None,
-              **options: Any) -> Run:
+def start_run(
+    *, project: str, run_name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn | None = None, val_loader: DataLoader | None = None, test_loader: DataLoader | None = None,
+    inputs: Any = None, targets: Any = None, forward_fn: Any = None,
+    dashboard: bool | None = None, port: int | None = None, keep_alive: bool | None = None, **options: Any,
+) -> Run:
     """Start a tracked run for a loop you write yourself (see :mod:`onthefly.engine.run`), with
-    the dashboard like ``quickstart``. The dashboard stops when the run is closed."""
-    run = _start_engine_run(project=project, run_name=run_name, model=model, optimizer=optimizer, **options)
-    if _dashboard_wanted(dashboard) and _is_rank_zero():
-        server = attach_dashboard(run, port=port, open_browser=_env_flag("ONTHEFLY_OPEN_BROWSER"))
-        run.keep_alive = _keep_alive(keep_alive, server)
-        run.on_close.append(server.stop)
-    elif keep_alive is not None:
-        run.keep_alive = keep_alive
+    the dashboard like ``quickstart``; the dashboard stops when the run is closed.
+
+    With ``loss_fn`` and a ``val_loader``/``test_loader``, ``run.evaluate("val")`` and the "test"
+    command work as in ``quickstart`` (``inputs``/``targets``/``forward_fn`` say how a batch
+    feeds the model). Other ``options`` are :class:`~onthefly.Run`'s."""
+    evaluator = None
+    if loss_fn is not None:
+        device = options.get("device") or next((p.device for p in model.parameters()), torch.device("cpu"))
+        evaluator = Evaluator(model, PerSampleLoss(loss_fn), BatchSpec(inputs, targets, forward_fn), device,
+                              {"val": val_loader, "test": test_loader})
+    board = _Dashboard(keep_alive)
+    run = Run(project=project, run_name=run_name, model=model, optimizer=optimizer, evaluator=evaluator,
+              keep_alive=board.keep_alive(),
+              **options)
+    board.attach(run, wanted=dashboard, port=port, open_browser=False)
     return run

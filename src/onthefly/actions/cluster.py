@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, StateError
-from ..signals.dynamics import sample_stats
 from ..store.reader import SessionReader
 from ..store.session import SessionStore
 
@@ -129,9 +128,7 @@ def save_clustering(store: SessionStore, run_id: int, *, features: str = "signal
     if subset not in ("all", "hard"):
         raise ConfigError(f"subset must be 'all' or 'hard', got {subset!r}")
     store.flush()  # what the run recorded so far is in the files before they are read
-    if epoch is None:
-        epoch = SessionReader(store.dir).default_epoch(run_id)
-    epoch, table = sample_stats(store.dir, run_id, epoch)
+    epoch, table = SessionReader(store.dir).sample_stats_at(run_id, epoch)
     if subset == "hard":
         table = table.filter(table.column("hard"))
     if table.num_rows == 0:
@@ -164,7 +161,7 @@ def attach(run: Any) -> None:
         return {"clustering": record["id"], "k": record["k"], "silhouette": record["silhouette"],
                 "epoch": record["epoch"]}
 
-    run.handlers["cluster"] = handle
+    run.register_action("cluster", handle)
 
 
 def scatter_points(points: pa.Table, limit: int = MAX_POINTS, seed: int = 0) -> pa.Table:

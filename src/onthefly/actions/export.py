@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import ConfigError, DataError, StoreError
-from ..signals.dynamics import STATS_SCHEMA, iter_sample_stats
+from ..signals.dynamics import STATS_SCHEMA
 from ..store.reader import SessionReader
 from .slices import resolve_slice
 
@@ -108,7 +108,7 @@ def write_rows(reader: SessionReader, run_id: int, epoch: int | None, indices: n
 
 def _batches(reader: SessionReader, run_id: int, epoch: int | None, indices: np.ndarray,
              dataset: Any) -> Iterator[pa.RecordBatch]:
-    _, stats = iter_sample_stats(reader.dir, run_id, epoch, indices=indices, batch_rows=ROWS_PER_CHUNK)
+    _, stats = reader.iter_sample_stats(run_id, epoch, indices=indices, batch_rows=ROWS_PER_CHUNK)
     data_columns: list[str] | None = None
     for batch in stats:
         if dataset is None or batch.num_rows == 0:

@@ -26,7 +26,6 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from ..errors import ConfigError, NotFoundError, StateError
-from ..signals.dynamics import sample_stats
 from ..signals.quantiles import QUANTILES
 from ..store.reader import SessionReader
 from ..store.session import SessionStore
@@ -127,9 +126,7 @@ def resolve_slice(reader: SessionReader, run_id: int, definition: Any, epoch: in
         points = reader.clustering_points(record)
         mask = points.column("cluster").to_numpy() == spec.cluster
         return record["epoch"], np.sort(points.column("index").to_numpy()[mask])
-    if epoch is None:
-        epoch = reader.default_epoch(run_id, split)
-    epoch, table = sample_stats(reader.dir, run_id, epoch, split=split)
+    epoch, table = reader.sample_stats_at(run_id, epoch, split=split)
     if table.num_rows == 0:
         raise StateError(f"run {run_id} has no per-sample values at epoch {epoch} yet: train an epoch first")
     index = table.column("index").to_numpy()

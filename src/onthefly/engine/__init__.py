@@ -6,7 +6,7 @@ from __future__ import annotations
 from .callbacks import Callback
 from .control import COMMANDS, Command, CommandQueue, RunStatus
 from .events import Event, EventBus
-from .run import Run, start_run
+from .run import Run
 from .trainer import FitSummary, Trainer
 
 __all__ = [
@@ -20,5 +20,4 @@ __all__ = [
     "Run",
     "RunStatus",
     "Trainer",
-    "start_run",
 ]

@@ -1,5 +1,10 @@
 """Commands and run status: what a person (or a test) can ask of a running session.
 
+Each command's arguments are declared once, here, as a pydantic model (fields, bounds,
+descriptions). ``CommandQueue.put`` validates with it, and the server's request bodies are these
+same models, so the engine and the HTTP contract cannot disagree on a field or a bound. The
+engine still knows nothing of HTTP.
+
 Commands go into a queue from any thread; the training thread applies them only at a step
 boundary, so a command never lands in the middle of a forward/backward pass.
 """
@@ -7,16 +12,34 @@ boundary, so a command never lands in the middle of a forward/backward pass.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
+import types
+import typing
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import annotated_types
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic.types import AllowInfNan
 
 from ..errors import ConfigError
+from ..strict import StrictModel
 
-__all__ = ["COMMANDS", "Command", "CommandQueue", "RunStatus"]
+__all__ = [
+    "COMMANDS",
+    "COMMAND_KINDS",
+    "AnyCommand",
+    "ClusterArgs",
+    "Command",
+    "CommandQueue",
+    "RunStatus",
+    "Wording",
+    "check_command",
+]
 
 
 class RunStatus:
@@ -29,103 +52,209 @@ class RunStatus:
     FAILED = "failed"
 
 
-def _no_args(args: dict[str, Any]) -> dict[str, Any]:
-    """Called with what is left once a command's own arguments are taken out."""
-    if args:
-        raise ConfigError(f"unexpected argument(s) {sorted(args)} for this command")
-    return {}
+@dataclass(frozen=True)
+class Wording:
+    """How a refusal names what a field takes (``Annotated`` metadata, not in the JSON schema).
+    The bounds in the message are read from the field's own ``Field(...)``, never written here."""
+
+    noun: str | None = None  # default: from the type ("a whole number", "a finite number", ...)
+    omitted: str | None = None  # what leaving the field out means; None: not mentioned
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-    return value
+# ---- the commands: one model each, ``kind`` the discriminator ---------------------------------
+ParamGroup = Annotated[int | None, Wording("a parameter-group index"),
+                       Field(ge=0, le=10_000, description="parameter group (default: all)")]
 
 
-def _finite(name: str, value: Any, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < minimum or (strict and v == minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
-    return v
+class RunCommand(StrictModel):
+    """Start training (a run created with wait_for_run waits for this)."""
+
+    kind: Literal["run"]
 
 
-def _group(args: dict[str, Any]) -> int | None:
-    group = args.pop("group", None)
-    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
-        raise ConfigError(f"group must be a parameter-group index >= 0, got {group!r}")
-    return group
+class PauseCommand(StrictModel):
+    """Pause at the next step boundary."""
+
+    kind: Literal["pause"]
 
 
-def _check_train_more(args: dict[str, Any]) -> dict[str, Any]:
-    args = dict(args)
-    epochs = _positive_int("epochs", args.pop("epochs", None))
-    _no_args(args)
-    return {"epochs": epochs}
+class ResumeCommand(StrictModel):
+    """Resume a paused run."""
+
+    kind: Literal["resume"]
 
 
-def _check_set_lr(args: dict[str, Any]) -> dict[str, Any]:
-    args = dict(args)
-    lr = _finite("lr", args.pop("lr", None), minimum=0.0, strict=True)
-    group = _group(args)
-    _no_args(args)
-    return {"lr": lr, "group": group}
+class StopCommand(StrictModel):
+    """Stop for good at the next step boundary."""
+
+    kind: Literal["stop"]
 
 
-def _check_set_wd(args: dict[str, Any]) -> dict[str, Any]:
-    args = dict(args)
-    wd = _finite("weight_decay", args.pop("weight_decay", None), minimum=0.0, strict=False)
-    group = _group(args)
-    _no_args(args)
-    return {"weight_decay": wd, "group": group}
+class TestCommand(StrictModel):
+    """Evaluate on the test loader now."""
+
+    kind: Literal["test"]
 
 
-def _check_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
-    args = dict(args)
-    path = args.pop("path", None)
-    if path is not None and not isinstance(path, str):
-        raise ConfigError(f"path must be a string, got {path!r}")
-    _no_args(args)
-    return {"path": path}
+class TrainMoreCommand(StrictModel):
+    """Extend the plan by some epochs (also from a run that finished its plan and idles)."""
+
+    kind: Literal["train_more"]
+    epochs: int = Field(ge=1, le=100_000, description="epochs to add to the plan")
 
 
-def _check_cluster(args: dict[str, Any]) -> dict[str, Any]:
-    args = dict(args)
-    features = args.pop("features", "signals")
-    if features not in ("signals", "embeddings"):
-        raise ConfigError(f"features must be 'signals' or 'embeddings', got {features!r}")
-    subset = args.pop("subset", "all")
-    if subset not in ("all", "hard"):
-        raise ConfigError(f"subset must be 'all' or 'hard', got {subset!r}")
-    k = args.pop("k", None)
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 50):
-        raise ConfigError(f"k must be a whole number from 2 to 50, or omitted (chosen by silhouette), got {k!r}")
-    epoch = args.pop("epoch", None)
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-        raise ConfigError(f"epoch must be a whole number >= 0, got {epoch!r}")
-    layer = args.pop("layer", None)
-    if layer is not None and (not isinstance(layer, str) or len(layer) > 500):
-        raise ConfigError(f"layer must be a module name (a string), got {layer!r}")
-    _no_args(args)
-    return {"features": features, "subset": subset, "k": k, "epoch": epoch, "layer": layer}
+class SetLrCommand(StrictModel):
+    """Set the learning rate from the next step on."""
+
+    kind: Literal["set_lr"]
+    lr: float = Field(gt=0.0, allow_inf_nan=False, description="new learning rate")
+    group: ParamGroup = None
 
 
-COMMANDS = {
-    "run": _no_args,
-    "pause": _no_args,
-    "resume": _no_args,
-    "stop": _no_args,
-    "test": _no_args,
-    "train_more": _check_train_more,
-    "set_lr": _check_set_lr,
-    "set_weight_decay": _check_set_wd,
-    "checkpoint": _check_checkpoint,
-    "cluster": _check_cluster,  # carried out by a handler the composer registers (Run.handlers)
-}
+class SetWeightDecayCommand(StrictModel):
+    """Set the weight decay from the next step on."""
+
+    kind: Literal["set_weight_decay"]
+    weight_decay: float = Field(ge=0.0, allow_inf_nan=False, description="new weight decay")
+    group: ParamGroup = None
 
 
+class CheckpointCommand(StrictModel):
+    """Save a checkpoint in the session folder."""
+
+    kind: Literal["checkpoint"]
+
+
+class CheckpointAtPath(CheckpointCommand):
+    """Save a checkpoint where the caller says. Only code in the training process may choose a
+    path: a command from outside it (``AnyCommand``) is a plain CheckpointCommand."""
+
+    path: str | None = Field(default=None, description="folder to write (default: in the session folder)")
+
+
+class ClusterArgs(StrictModel):
+    """Cluster the run's samples on their recorded signals or on the model's embeddings; carried
+    out by a handler registered on the run (onthefly.actions.cluster)."""
+
+    features: Literal["signals", "embeddings"] = Field(default="signals", description="what to cluster on")
+    k: Annotated[int | None, Wording(omitted="chosen by silhouette")] = Field(
+        default=None, ge=2, le=50, description="clusters (default: chosen by silhouette)")
+    subset: Literal["all", "hard"] = Field(default="all", description="all samples, or the hard ones only")
+    epoch: int | None = Field(default=None, ge=0, le=2**31, description="epoch (default: the latest recorded)")
+    layer: Annotated[str | None, Wording("a module name (a string)")] = Field(
+        default=None, max_length=500, description="module name for embeddings (default: input of the last Linear)")
+
+
+class ClusterCommand(ClusterArgs):
+    """Cluster the run's samples (the cluster command's arguments, with its kind)."""
+
+    kind: Literal["cluster"]
+
+
+AnyCommand = Annotated[
+    RunCommand | PauseCommand | ResumeCommand | StopCommand | TestCommand | TrainMoreCommand
+    | SetLrCommand | SetWeightDecayCommand | CheckpointCommand | ClusterCommand,
+    Field(discriminator="kind"),
+]
+"""Any one command, as a caller outside the training process (the server) may send it."""
+
+
+def _kind(model: type[StrictModel]) -> str:
+    (kind,) = typing.get_args(model.model_fields["kind"].annotation)
+    return str(kind)
+
+
+# What the queue validates with: every command of AnyCommand, and in-process checkpoints may
+# choose a path. Keys in the order a dashboard lists them.
+COMMANDS: dict[str, type[StrictModel]] = {
+    _kind(model): model for model in typing.get_args(typing.get_args(AnyCommand)[0])}
+COMMANDS["checkpoint"] = CheckpointAtPath
+COMMAND_KINDS: tuple[str, ...] = tuple(COMMANDS)
+
+
+# ---- validation: the models' verdict, in the project's words ----------------------------------
+def check_command(kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` checked against ``kind``'s model: a plain dict with every default filled in.
+    Raises ConfigError naming each wrong field and what it takes."""
+    model = COMMANDS.get(kind)
+    if model is None:
+        raise ConfigError(f"unknown command {kind!r}; known commands: {', '.join(sorted(COMMANDS))}")
+    data = {"kind": kind, **args}
+    try:
+        checked = model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_refusal(kind, model, data, error)) from None
+    return checked.model_dump(exclude={"kind"})
+
+
+def _refusal(kind: str, model: type[StrictModel], data: Mapping[str, Any], error: ValidationError) -> str:
+    problems: dict[str, str] = {}  # one message per field, in the order pydantic reports them
+    extras: list[str] = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else ""
+        if item["type"] == "extra_forbidden":
+            extras.append(name)
+        elif name not in model.model_fields:
+            problems.setdefault(name, item["msg"])
+        elif item["type"] == "missing":
+            problems.setdefault(name, f"{kind} needs {name}: {_expected(model.model_fields[name])}")
+        else:
+            expected, got = _expected(model.model_fields[name]), _shown(data[name])
+            problems.setdefault(name, f"{name} must be {expected}, got {got}")
+    if extras:
+        takes = ", ".join(name for name in model.model_fields if name != "kind") or "no arguments"
+        problems[""] = f"unexpected argument(s) {sorted(extras)} for {kind}; it takes {takes}"
+    return "; ".join(problems.values())
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expected(info: FieldInfo) -> str:
+    """What a field takes, in words, from its type and its bounds."""
+    wording = next((m for m in info.metadata if isinstance(m, Wording)), Wording())
+    kind = info.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: what X takes
+        (kind,) = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is Literal:
+        values = [repr(v) for v in typing.get_args(kind)]
+        words = " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 2 else values)
+    else:
+        finite = any(isinstance(m, AllowInfNan) and not m.allow_inf_nan for m in info.metadata)
+        nouns: dict[Any, str] = {int: "a whole number", str: "a string",
+                                 float: "a finite number" if finite else "a number"}
+        words = (wording.noun or nouns[kind]) + _bounds(info, float_bounds=kind is float)
+    if wording.omitted:
+        words += f", or omitted ({wording.omitted})"
+    return words
+
+
+def _bounds(info: FieldInfo, *, float_bounds: bool) -> str:
+    low: tuple[str, Any] | None = None
+    high: tuple[str, Any] | None = None
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge):
+            low = (">=", m.ge)
+        elif isinstance(m, annotated_types.Gt):
+            low = (">", m.gt)
+        elif isinstance(m, annotated_types.Le):
+            high = ("<=", m.le)
+        elif isinstance(m, annotated_types.Lt):
+            high = ("<", m.lt)
+        elif isinstance(m, annotated_types.MaxLen):
+            return f" of at most {m.max_length} characters"
+
+    def number(value: Any) -> str:
+        return repr(float(value)) if float_bounds else str(value)
+
+    if low is not None and high is not None and (low[0], high[0]) == (">=", "<="):
+        return f" from {number(low[1])} to {number(high[1])}"
+    return " and".join(f" {op} {number(value)}" for op, value in (b for b in (low, high) if b is not None))
+
+
+# ---- the queue ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Command:
     id: int
@@ -143,9 +272,8 @@ class CommandQueue:
         self._ids = itertools.count(1)
 
     def put(self, kind: str, **args: Any) -> Command:
-        if kind not in COMMANDS:
-            raise ConfigError(f"unknown command {kind!r}; known commands: {', '.join(sorted(COMMANDS))}")
-        command = Command(next(self._ids), kind, COMMANDS[kind](args), time.time())
+        checked = check_command(kind, args)  # before taking an id: a refused command leaves no gap
+        command = Command(next(self._ids), kind, checked, time.time())
         with self._cond:
             self._items.append(command)
             self._cond.notify_all()

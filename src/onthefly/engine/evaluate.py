@@ -21,11 +21,36 @@ from .batch import BatchSpec, batch_size_of, to_device
 from .loader import TrackedLoader
 from .state import capture_rng, restore_rng
 
-__all__ = ["SampleRows", "evaluate"]
+__all__ = ["Evaluator", "SampleRows", "evaluate"]
 
 # (indices, rows [n, COLUMNS] as in onthefly.signals.recorder, classification): per-sample values
 # of an evaluation, handed over once at its end.
 SampleRows = Callable[[np.ndarray, np.ndarray, bool], None]
+
+
+class Evaluator:
+    """Evaluates a model on named loaders ("val", "test") with the user's loss: what a run's
+    ``evaluate(split)`` and the "test" command call. Training thread."""
+
+    def __init__(self, model: nn.Module, loss: PerSampleLoss, spec: BatchSpec, device: torch.device,
+                 loaders: dict[str, DataLoader | None], *,
+                 autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 record: frozenset[str] = frozenset()) -> None:
+        self._model, self._loss, self._spec, self._device = model, loss, spec, device
+        self._loaders = {split: loader for split, loader in loaders.items() if loader is not None}
+        self._autocast = autocast
+        self.record = record  # splits whose per-sample values are recorded too (Trainer's val_samples)
+
+    @property
+    def splits(self) -> frozenset[str]:
+        return frozenset(self._loaders)
+
+    def __call__(self, split: str, per_sample: SampleRows | None = None) -> dict[str, float] | None:
+        loader = self._loaders.get(split)
+        if loader is None:
+            return None
+        return evaluate(self._model, loader, self._loss, self._spec, self._device, self._autocast,
+                        per_sample=per_sample)
 
 
 @torch.no_grad()

@@ -25,15 +25,20 @@ Everything here runs on the training thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from ..errors import StateError
-from .loader import TrackedLoader
-from .state import capture_rng, generator_states, restore_generators, restore_rng
+import torch
+from torch import nn
 
-__all__ = ["STATE_FORMAT", "Progress", "ResumePoint"]
+from ..errors import StateError
+from .callbacks import Callback
+from .loader import TrackedLoader
+from .state import capture_rng, generator_states, restore_generators, restore_rng, to_cpu
+
+__all__ = ["STATE_FORMAT", "Progress", "ResumePoint", "TrainingObjects"]
 
 # The layout of a checkpoint's state.pt (format 1: only torch's CPU generator at the epoch start).
 STATE_FORMAT = 2
@@ -52,6 +57,49 @@ class Progress:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass
+class TrainingObjects:
+    """The user's objects a checkpoint saves and restores, besides RNG and position."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    callbacks: Sequence[Callback]
+
+    def save(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """CPU copies (a host sync: checkpoints are the one place it is acceptable)."""
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+        scaler = self.scaler
+        return tensors, {
+            "optimizer": to_cpu(self.optimizer.state_dict()),
+            "scheduler": to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor], state: Mapping[str, Any], source: Path) -> None:
+        try:
+            self.model.load_state_dict(tensors)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise StateError(f"the checkpoint {source} does not fit this model/optimizer: {exc}") from exc
+        if state["scheduler"] is not None:
+            if self.scheduler is None:
+                raise StateError(f"the checkpoint {source} has scheduler state but no scheduler was given")
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        saved_callbacks = state.get("callbacks", [])
+        if len(saved_callbacks) != len(self.callbacks):
+            raise StateError(
+                f"the checkpoint {source} saved {len(saved_callbacks)} callback state(s) but "
+                f"{len(self.callbacks)} callback(s) were given; pass the same callbacks to resume"
+            )
+        for callback, cb_state in zip(self.callbacks, saved_callbacks, strict=True):
+            callback.load_state_dict(cb_state)
 
 
 def _random_state(tracked: TrackedLoader | None) -> dict[str, Any]:

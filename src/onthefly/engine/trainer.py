@@ -28,7 +28,7 @@ from .batch import BatchSpec, Field, Fields, ForwardFn, batch_size_of, describe,
 from .callbacks import Callback
 from .device import autocast_dtype, pick_device
 from .embed import embeddings
-from .evaluate import evaluate
+from .evaluate import Evaluator
 from .loader import TrackedLoader
 from .progress import ProgressDisplay
 from .run import Run
@@ -125,20 +125,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if amp and self.device.type == "cuda" else None
         self.non_blocking = train_loader.pin_memory and self.device.type == "cuda"
         self.show_progress = progress
-        self.val_samples = val_samples  # per-sample values of every validation, as for training
+        # Validation and test; with val_samples, every validation's per-sample values too.
+        evaluator = Evaluator(self.model, self.loss, self.spec, self.device, {"val": val_loader, "test": test_loader},
+                              autocast=self._autocast, record=frozenset({"val"} if val_samples else ()))
         self.run = Run(
             project=project, run_name=run_name, model=self.model, optimizer=optimizer,
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
             wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks, grad_norm=grad_norm,
+            evaluator=evaluator, embed=self._embed, train_dataset=train_loader.dataset,
             config={"device": str(self.device), "amp": amp, "grad_clip": grad_clip,
                     "accumulate_grad_batches": accumulate_grad_batches,
                     "optimizer": type(optimizer).__name__, "model": type(model).__name__,
                     "per_sample_loss": self.loss.method},
         )
-        self.run.evaluator = self._evaluate
-        self.run.embed = self._embed
-        self.run.train_dataset = train_loader.dataset
-        self.run.eval_splits = {s for s, ld in (("val", val_loader), ("test", test_loader)) if ld is not None}
         self._checked_first_step = False
         self._deferred = False  # decided at the first step (see _small_rows)
         self._zero_grad_next = True
@@ -264,7 +263,7 @@ class Trainer:
                 run.end_epoch()  # a checkpoint from here on (on_epoch_end) resumes at the next epoch
                 run.fire("on_epoch_end")
         except KeyboardInterrupt:
-            run._stop = True  # Ctrl-C: a clean stop, the session keeps everything so far
+            run.stop()  # Ctrl-C: a clean stop, the session keeps everything so far
         except BaseException as exc:
             error = exc
             raise
@@ -288,13 +287,6 @@ class Trainer:
         else:
             self.scheduler.step()
 
-    def _evaluate(self, split: str) -> dict[str, float] | None:
-        loader = {"val": self.val_loader, "test": self.test_loader}.get(split)
-        if loader is None:
-            return None
-        record = self.run.record_rows_for(split) if split == "val" and self.val_samples else None
-        return evaluate(self.model, loader, self.loss, self.spec, self.device, self._autocast, per_sample=record)
-
     def _embed(self, indices: np.ndarray, layer: str | None) -> tuple[str, np.ndarray]:
         return embeddings(self.model, self.train_loader.original, indices, self.spec, self.device, layer,
                           self._autocast)
@@ -303,7 +295,7 @@ class Trainer:
         run = self.run
         return FitSummary(
             status=run.status, session_dir=run.session.dir, run_id=run.run_id, epochs=run.epoch,
-            steps=run.global_step, seconds=time.time() - run._started,
+            steps=run.global_step, seconds=time.time() - run.started,
             train_loss=run.epoch_loss(), val=run.last_eval.get("val", {}),
             test=run.last_eval.get("test", {}),
         )

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from ..actions.slices import SLICE_NAME, SliceDefinition
+from ..engine.control import AnyCommand, ClusterArgs
 from ..strict import StrictModel
 
 __all__ = [
     "COMMAND_ADAPTER",
-    "ClusterRequest",
+    "ClusterArgs",
     "ClusteringOut",
     "CommandAccepted",
     "CommandBody",
@@ -37,55 +38,9 @@ class _Strict(StrictModel):
     pass
 
 
-class RunCommand(_Strict):
-    kind: Literal["run"]
-
-
-class PauseCommand(_Strict):
-    kind: Literal["pause"]
-
-
-class ResumeCommand(_Strict):
-    kind: Literal["resume"]
-
-
-class StopCommand(_Strict):
-    kind: Literal["stop"]
-
-
-class TestCommand(_Strict):
-    kind: Literal["test"]
-
-
-class TrainMoreCommand(_Strict):
-    kind: Literal["train_more"]
-    epochs: int = Field(ge=1, le=100_000, description="epochs to add to the plan")
-
-
-class SetLrCommand(_Strict):
-    kind: Literal["set_lr"]
-    lr: float = Field(gt=0, allow_inf_nan=False, description="new learning rate")
-    group: int | None = Field(default=None, ge=0, le=10_000, description="parameter group (default: all)")
-
-
-class SetWeightDecayCommand(_Strict):
-    kind: Literal["set_weight_decay"]
-    weight_decay: float = Field(ge=0, allow_inf_nan=False)
-    group: int | None = Field(default=None, ge=0, le=10_000)
-
-
-class CheckpointCommand(_Strict):
-    kind: Literal["checkpoint"]
-
-
-CommandBody = Annotated[
-    RunCommand | PauseCommand | ResumeCommand | StopCommand | TestCommand | TrainMoreCommand
-    | SetLrCommand | SetWeightDecayCommand | CheckpointCommand,
-    Field(discriminator="kind"),
-]
-
-from pydantic import TypeAdapter  # noqa: E402
-
+# The commands' bodies are the engine's own models (fields, bounds, descriptions declared once,
+# in engine.control): what the API accepts is by construction what the queue accepts.
+CommandBody = AnyCommand
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(CommandBody)
 
 
@@ -244,15 +199,6 @@ class HistoryRow(BaseModel):
 class SampleHistory(BaseModel):
     index: int
     rows: list[HistoryRow]
-
-
-class ClusterRequest(_Strict):
-    features: Literal["signals", "embeddings"] = "signals"
-    k: int | None = Field(default=None, ge=2, le=50, description="clusters (default: chosen by silhouette)")
-    subset: Literal["all", "hard"] = "all"
-    epoch: int | None = Field(default=None, ge=0, le=2**31)
-    layer: str | None = Field(default=None, max_length=500,
-                              description="module name for embeddings (default: input of the last Linear)")
 
 
 class ClusterSummary(BaseModel):

@@ -22,12 +22,10 @@ from starlette.background import BackgroundTask
 from ..actions import export as exporting
 from ..actions import slices as slicing
 from ..actions.cluster import scatter_points
-from ..signals.dynamics import STAT_COLUMNS, FlagRule, flag_counts, sample_stats
-from ..store.queries import sample_history
-from ..store.samples import sample_epochs
+from ..signals.dynamics import STAT_COLUMNS, FlagRule, flag_counts
 from .models import (
+    ClusterArgs,
     ClusteringOut,
-    ClusterRequest,
     CommandAccepted,
     Problem,
     SampleHistory,
@@ -83,8 +81,7 @@ def evidence_routes(backend: Any) -> APIRouter:
         rule = FlagRule(hard_quantile=hard_quantile, aum_threshold=aum_threshold)
 
         def read() -> dict[str, Any]:
-            chosen = backend.reader.default_epoch(run_id, split) if epoch is None else epoch
-            shown, table = sample_stats(backend.session_dir, run_id, chosen, rule=rule, split=split)
+            shown, table = backend.reader.sample_stats_at(run_id, epoch, rule=rule, split=split)
             counts = flag_counts(table)
             if flag is not None:
                 table = table.filter(table.column(flag))
@@ -92,7 +89,7 @@ def evidence_routes(backend: Any) -> APIRouter:
                 table = table.filter(np.asarray(table.column("label").to_numpy(zero_copy_only=False) == label))
             order_ = _sorted(table, sort, order == "desc")[offset : offset + limit]
             rows = jsonable(table.take(pa.array(order_)).to_pylist())
-            return {"epoch": shown, "epochs": sample_epochs(backend.session_dir, run_id, split),
+            return {"epoch": shown, "epochs": backend.reader.sample_epochs(run_id, split),
                     "total": table.num_rows,
                     "offset": offset, "rows": rows, "flags": counts, "rule": rule.describe(),
                     "grad_norm_method": info_config(run_id).get("grad_norm"),
@@ -110,7 +107,7 @@ def evidence_routes(backend: Any) -> APIRouter:
                 summary="One sample's recorded values, epoch by epoch")
     async def history(run_id: int, index: Annotated[int, PathParam(ge=0, le=2**53)]) -> SampleHistory:
         backend.run_info(run_id)
-        rows = await asyncio.to_thread(sample_history, backend.session_dir, run_id, index)
+        rows = await asyncio.to_thread(backend.reader.sample_history, run_id, index)
         return SampleHistory.model_validate({"index": index, "rows": rows})
 
     # ---- clusterings -------------------------------------------------------------------------
@@ -118,7 +115,7 @@ def evidence_routes(backend: Any) -> APIRouter:
                  responses={**NOT_FOUND, **CONFLICT, **BAD_BODY},
                  summary="Cluster the run's samples (a command: applied at the next step boundary; the "
                          "result is announced by a command_applied event with the clustering id)")
-    async def cluster(run_id: int, body: ClusterRequest) -> CommandAccepted:
+    async def cluster(run_id: int, body: ClusterArgs) -> CommandAccepted:
         run = backend.runs.get(run_id)
         if run is None:
             backend.run_info(run_id)

@@ -1,10 +1,13 @@
 """Read-only access to a session folder, live or ended: runs, events, metrics, checkpoints,
-per-sample tables. Safe to use while the session's own process is writing (WAL)."""
+per-sample tables and what is computed from them (training dynamics, one sample's history),
+slices and clusterings. Safe to use while the session's own process is writing (WAL), and from
+any thread: every call opens its own SQLite connection or DuckDB cursor."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFoundError, StoreError
+from ..signals.dynamics import FlagRule
+from . import dynamics, queries
 from .db import connect
 from .samples import read_samples, sample_epochs
 from .session import DB_FILE, sessions_root
@@ -83,6 +88,13 @@ class SessionReader:
             (run_id, name),
         )
 
+    def metric_series(self, run_id: int, name: str, *, start_step: int | None = None,
+                      end_step: int | None = None, points: int = 2000) -> dict[str, Any]:
+        """One metric's values in a step range, downsampled in SQLite above ``points`` values
+        (bucket mean, min and max: spikes survive)."""
+        return queries.metric_series(self._db, run_id, name, start_step=start_step, end_step=end_step,
+                                     points=points)
+
     def checkpoints(self, run_id: int | None = None) -> list[dict[str, Any]]:
         if run_id is None:
             return self._query("SELECT * FROM checkpoints ORDER BY id")
@@ -91,6 +103,10 @@ class SessionReader:
     def samples(self, run_id: int | None = None, *, epoch: int | None = None,
                 split: str = "train") -> pa.Table:
         return read_samples(self.dir, run_id, epoch=epoch, split=split)
+
+    def sample_epochs(self, run_id: int, split: str = "train") -> list[int]:
+        """Epochs with per-sample values on disk (the latest may still be being written)."""
+        return sample_epochs(self.dir, run_id, split)
 
     def complete_epochs(self, run_id: int, split: str = "train") -> list[int]:
         """Epochs whose per-sample values are all written (the epoch_summary event is stored
@@ -104,7 +120,7 @@ class SessionReader:
         complete = self.complete_epochs(run_id, split)
         if complete:
             return complete[-1]
-        epochs = sample_epochs(self.dir, run_id, split)
+        epochs = self.sample_epochs(run_id, split)
         return epochs[-1] if epochs else None
 
     def sample_stats(self, run_id: int, epoch: int | None = None, *, hard_quantile: float = 0.9,
@@ -112,12 +128,39 @@ class SessionReader:
         """One row per sample at ``epoch`` (default: the latest complete one): loss, margin,
         confidence, grad norm, AUM, forgetting events, cartography, and the hard / likely
         mislabelled flags (see :mod:`onthefly.signals.dynamics`)."""
-        from ..signals.dynamics import FlagRule, sample_stats
-
-        if epoch is None:
-            epoch = self.default_epoch(run_id)
         rule = FlagRule(hard_quantile=hard_quantile, aum_threshold=aum_threshold)
-        return sample_stats(self.dir, run_id, epoch, rule=rule)[1]
+        return self.sample_stats_at(run_id, epoch, rule=rule)[1]
+
+    def sample_stats_at(self, run_id: int, epoch: int | None = None, *, rule: FlagRule | None = None,
+                        split: str = "train") -> tuple[int | None, pa.Table]:
+        """(epoch, table): :meth:`sample_stats` with the epoch it was computed at (default: the
+        latest complete one), for a ``split`` and a flag rule. A finished epoch's table is cached."""
+        if epoch is None:
+            epoch = self.default_epoch(run_id, split)
+        return dynamics.sample_stats(self.dir, run_id, epoch, split=split, rule=rule)
+
+    def iter_sample_stats(self, run_id: int, epoch: int | None, *, indices: np.ndarray | None = None,
+                          rule: FlagRule | None = None, split: str = "train",
+                          batch_rows: int = 65_536) -> tuple[int | None, Iterator[pa.RecordBatch]]:
+        """(epoch, record batches) of the stats table at ``epoch`` (None: the latest with data),
+        only ``indices`` when given, streamed: for exports of large slices."""
+        return dynamics.iter_sample_stats(self.dir, run_id, epoch, split=split, rule=rule, indices=indices,
+                                          batch_rows=batch_rows)
+
+    def sample_history(self, run_id: int, index: int, *, split: str = "train") -> list[dict[str, Any]]:
+        """Every recorded row of one sample, in order of step: its loss, margin... epoch by epoch."""
+        return queries.sample_history(self.dir, run_id, index, split=split)
+
+    def loss_distribution(self, run_id: int, epoch: int | None = None, *, bins: int = 50,
+                          split: str = "train") -> dict[str, Any]:
+        """Histogram, quantiles, median and MAD of per-sample loss at ``epoch`` (default: the
+        latest with data), exact: from every stored value."""
+        return queries.loss_distribution(self.dir, run_id, epoch, bins=bins, split=split)
+
+    def hardest_samples(self, run_id: int, epoch: int | None = None, *, k: int = 20,
+                        split: str = "train") -> dict[str, Any]:
+        """The ``k`` samples with the highest loss at ``epoch`` (default: the latest with data)."""
+        return queries.hardest_samples(self.dir, run_id, epoch, k=k, split=split)
 
     # ---- slices and clusterings ---------------------------------------------------------------
     def slices(self) -> list[dict[str, Any]]:
