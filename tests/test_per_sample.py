@@ -455,3 +455,26 @@ def test_recorder_step_losses_of_mixed_scalar_shapes() -> None:
     (packet,) = packets
     np.testing.assert_array_equal(packet.step_losses, [0.5, 1.5, 2.5])
     np.testing.assert_array_equal(packet.steps, [1, 2, 3])
+
+
+def test_recorder_keeps_the_steps_values_not_its_tensors() -> None:
+    """Each step's outputs and targets are copied into preallocated rows: a tensor changed (or
+    freed) after the step leaves the recorded values as they were, and nothing of the step's own
+    memory is held until the flush."""
+    from onthefly.signals.recorder import LOSS, HostPacket, SampleRecorder
+
+    packets: list[HostPacket] = []
+    recorder = SampleRecorder(torch.device("cpu"), packets.append)
+    recorder.derive = lambda out, y: (((out - y) ** 2).mean(dim=1), None)
+    recorder.begin_epoch(1, "train", 0)
+    expected = []
+    for step in range(1, 4):
+        out, y = torch.randn(4, 3), torch.randn(4, 3)
+        expected.append(((out - y) ** 2).mean(dim=1))
+        recorder.record_outputs(step, np.arange(4 * step - 4, 4 * step), out, y, out.sum(), lr=0.1)
+        out.zero_()  # e.g. a buffer the model reuses for its next output
+        y.fill_(7.0)
+    recorder.close()
+
+    (packet,) = packets
+    np.testing.assert_allclose(packet.rows[:, LOSS], torch.cat(expected).numpy(), rtol=1e-6)

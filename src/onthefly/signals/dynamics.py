@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import ConfigError
 
@@ -79,4 +78,6 @@ def with_flags(batch: pa.RecordBatch, hard_cut: float, rule: FlagRule) -> pa.Rec
 
 def flag_counts(table: pa.Table) -> dict[str, int]:
     """How many rows of a stats table carry each flag."""
+    import pyarrow.compute as pc  # here, not at import: the training process does not need it
+
     return {flag: int(pc.sum(table.column(flag)).as_py() or 0) for flag in ("hard", "mislabelled")}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "epoch_files", "epoch_of", "part_files", "read_samples",
@@ -22,6 +21,10 @@ __all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "epoch_files", "epoch_o
 
 # Rows per Parquet file: large enough for efficient scans, small enough to bound memory.
 ROWS_PER_PART = 65_536
+# Arrow's default pool (mimalloc) keeps what it freed, per thread, for reuse; in the user's
+# training process every MiB kept shows in their memory. The system allocator gives it back
+# (benchmarks/whole_run.py: peak resident memory about 20 MiB lower).
+POOL = pa.system_memory_pool()
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -88,20 +91,24 @@ class SampleChunk:
         n = len(self)
         has_class = self.pred >= 0
         mask = ~has_class
+
+        def array(values: np.ndarray, **options: object) -> pa.Array:
+            return pa.array(values, memory_pool=POOL, **options)
+
         return pa.table(
             {
-                "run_id": pa.array(np.full(n, self.run_id, dtype=np.int32)),
-                "split": pa.repeat(self.split, n),
-                "epoch": pa.array(np.full(n, self.epoch, dtype=np.int32)),
-                "step": pa.array(self.step.astype(np.int64, copy=False)),
-                "index": pa.array(self.index.astype(np.int64, copy=False)),
-                "loss": pa.array(self.loss.astype(np.float32, copy=False)),
-                "margin": pa.array(self.margin.astype(np.float32, copy=False)),
-                "pred": pa.array(self.pred.astype(np.int64, copy=False), mask=mask),
-                "label": pa.array(self.label.astype(np.int64, copy=False), mask=mask),
-                "correct": pa.array(self.pred == self.label, mask=mask),
-                "confidence": pa.array(_or_nan(self.confidence, n)),
-                "grad_norm": pa.array(_or_nan(self.grad_norm, n)),
+                "run_id": array(np.full(n, self.run_id, dtype=np.int32)),
+                "split": pa.repeat(self.split, n, memory_pool=POOL),
+                "epoch": array(np.full(n, self.epoch, dtype=np.int32)),
+                "step": array(self.step.astype(np.int64, copy=False)),
+                "index": array(self.index.astype(np.int64, copy=False)),
+                "loss": array(self.loss.astype(np.float32, copy=False)),
+                "margin": array(self.margin.astype(np.float32, copy=False)),
+                "pred": array(self.pred.astype(np.int64, copy=False), mask=mask),
+                "label": array(self.label.astype(np.int64, copy=False), mask=mask),
+                "correct": array(self.pred == self.label, mask=mask),
+                "confidence": array(_or_nan(self.confidence, n)),
+                "grad_norm": array(_or_nan(self.grad_norm, n)),
             },
             schema=SAMPLE_SCHEMA,
         )
@@ -153,23 +160,23 @@ class SampleSink:
         run_id, split, epoch = key
         part = self._parts.get(key, 0)
         self._parts[key] = part + 1
-        table = SampleChunk.merged(chunks).to_arrow()
+        merged = SampleChunk.merged(chunks)
+        table = merged.to_arrow()
         rel = Path("samples") / f"run-{run_id}" / split / f"epoch-{epoch:05d}-part-{part:05d}.parquet"
         write_table(self._dir / rel, table)
-        steps = table.column("step")
         return WrittenPart(
             run_id=run_id,
             split=split,
             epoch=epoch,
             path=rel.as_posix(),
             rows=len(table),
-            first_step=int(pc.min(steps).as_py()),
-            last_step=int(pc.max(steps).as_py()),
+            first_step=int(merged.step.min()),
+            last_step=int(merged.step.max()),
         )
 
 
 def _warm_up() -> None:
-    """Run Arrow's first-use initialisation (codecs, compute functions, memory pool) now, on the
+    """Run Arrow's first-use initialisation (codecs, Parquet writer, memory pool) now, on the
     thread that creates the session. Done first on the writer thread, it runs under glibc's
     atexit lock, and a DataLoader worker forked at that moment deadlocks. Once it has run, the
     writer's work holds no lock a forked worker needs, so an epoch start never waits for it."""
@@ -177,9 +184,8 @@ def _warm_up() -> None:
     nan = np.full(1, np.nan, dtype=np.float32)
     table = SampleChunk(0, "train", 0, one, one, nan, nan, one, one, nan, nan).to_arrow()
     dictionary = [c for c in DICTIONARY_COLUMNS if c in table.column_names]
-    pq.write_table(table, pa.BufferOutputStream(), compression="zstd", use_dictionary=dictionary)
-    pc.min(table.column("step"))
-    pc.max(table.column("step"))
+    pq.write_table(table, pa.BufferOutputStream(), compression="zstd", use_dictionary=dictionary,
+                   memory_pool=POOL)
 
 
 # Dictionary encoding only where values repeat: on losses and indices it made parts larger and
@@ -193,7 +199,7 @@ def write_table(path: Path, table: pa.Table) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     dictionary = [c for c in DICTIONARY_COLUMNS if c in table.column_names]
     pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd",
-                   use_dictionary=dictionary)
+                   use_dictionary=dictionary, memory_pool=POOL)
     os.replace(tmp, path)
 
 
