@@ -113,15 +113,18 @@ class _StepRows:
     """Preallocated rows for one row shape: each step's outputs and targets are copied in."""
 
     def __init__(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        self.key = _row_key(outputs, targets)
+        self.output_row, self.output_dtype = outputs.shape[1:], outputs.dtype
+        self.target_row, self.target_dtype = targets.shape[1:], targets.dtype
         row_values = max(1, math.prod(outputs.shape[1:]) + math.prod(targets.shape[1:]))
         self.capacity = min(MAX_ROWS, max(outputs.shape[0], BUFFER_VALUES // row_values))
         self.outputs = torch.empty((self.capacity, *outputs.shape[1:]), dtype=outputs.dtype, device=outputs.device)
         self.targets = torch.empty((self.capacity, *targets.shape[1:]), dtype=targets.dtype, device=targets.device)
 
 
-def _row_key(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[object, ...]:
-    return (outputs.shape[1:], outputs.dtype, outputs.device, targets.shape[1:], targets.dtype, targets.device)
+    def fits(self, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Rows of this step have the buffer's shapes and dtypes (host metadata: no sync)."""
+        return (outputs.dtype is self.output_dtype and targets.dtype is self.target_dtype
+                and outputs.shape[1:] == self.output_row and targets.shape[1:] == self.target_row)
 
 
 def _keep(value: torch.Tensor) -> torch.Tensor:
@@ -191,7 +194,7 @@ class SampleRecorder:
         """Record one batch by its outputs and targets (per-sample values derived at flush)."""
         batch = outputs.shape[0]  # host metadata: no sync
         rows = self._step_rows
-        if rows is not None and rows.key != _row_key(outputs, targets):
+        if rows is not None and not rows.fits(outputs, targets):
             # Shapes change from step to step: keep references from now on (rows copied so far
             # stay where they are until the flush, which groups steps by shape).
             rows, self._step_rows, self._by_reference = None, None, True
