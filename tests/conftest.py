@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,3 +59,31 @@ def toy() -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
 
 
 PYTHON = sys.executable
+
+
+WRITER_HOLD = 120.0  # a held writer outlasts any deadline a test waits on while it is held
+
+
+@pytest.fixture
+def block() -> Iterator[Callable[[Any], threading.Event]]:
+    """Park a store writer's thread (a StoreWriter) on a task until the returned event is set (at
+    the latest, at teardown). The task is taken off the queue alone: nothing else is handed over
+    until it runs, so the whole queue bound is free while the writer is held."""
+    releases: list[threading.Event] = []
+
+    def park(writer: Any) -> threading.Event:
+        started, release = threading.Event(), threading.Event()
+        releases.append(release)
+
+        def wait() -> list[Any]:
+            started.set()
+            release.wait(WRITER_HOLD)
+            return []
+
+        writer.task(wait, wait=False)
+        assert started.wait(60.0)
+        return release
+
+    yield park
+    for release in releases:
+        release.set()

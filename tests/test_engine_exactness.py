@@ -8,9 +8,9 @@ start with loader workers waiting for a slow disk.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -126,7 +126,8 @@ def test_reduce_on_plateau_without_validation_gets_the_exact_epoch_mean() -> Non
         model=model, optimizer=opt, loss_fn=nn.CrossEntropyLoss(), scheduler=scheduler, progress=False,
         train_loader=DataLoader(toy_data(256), batch_size=16, shuffle=True)).fit(3)
     rows = losses_of(summary)
-    means = [math.fsum(rows["loss"][rows["epoch"] == e].astype(np.float64).tolist()) / 256 for e in range(3)]
+    means = [float(sum(map(Fraction, rows["loss"][rows["epoch"] == e].astype(np.float64).tolist())) / 256)
+             for e in range(3)]  # exact, then rounded once
     assert scheduler.seen == means  # each epoch's own mean, not the last step's loss
     assert summary.train_loss == means[-1]
     assert "(epoch mean)" in str(summary)
@@ -263,3 +264,19 @@ def test_epoch_start_with_workers_does_not_wait_for_a_stalled_disk() -> None:
     assert trained_all, "an epoch start waited for the stalled disk"
     assert done.is_set() and isinstance(outcome[0], onthefly.FitSummary)
     assert len(losses_of(outcome[0])["index"]) == 3 * 64  # nothing was lost while the disk stalled
+
+
+def test_the_exact_sum_is_the_same_in_any_order_and_chunking() -> None:
+    from onthefly.engine.transfer import ExactSum
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.lognormal(0, 3, 5000), -rng.random(100), [1e-45, 3.4e38, 0.0]]).astype(np.float32)
+    exact = float(sum(map(Fraction, values.astype(np.float64).tolist())) / len(values))
+    whole, pieces = ExactSum(), ExactSum()
+    whole.add(values)
+    for part in np.array_split(rng.permutation(values), 7):
+        pieces.add(part)
+    assert whole.mean() == pieces.mean() == exact
+    restored = ExactSum(pieces.bins.copy(), pieces.count, pieces.nonfinite)  # as a checkpoint carries it
+    restored.add(np.array([np.nan], dtype=np.float32))
+    assert np.isnan(restored.mean())

@@ -277,3 +277,39 @@ def test_an_iterable_dataset_resumes_with_its_positions_continued(tmp_path: Path
     else:  # fast-forwarded by loading the 3 trained batches, and says so
         assert streams[-1].loaded == 64 + 64
         assert "resume_fast_forward" in events
+
+
+def test_a_checkpoint_at_the_closing_step_of_an_unsized_epoch_resumes_exactly(tmp_path: Path) -> None:
+    """The last accumulation window of an unsized loader steps after its batches ran out, before
+    the epoch's end: a checkpoint there is inside the epoch and must still resume."""
+    def loader() -> DataLoader:
+        return DataLoader(Stream(), batch_size=8)  # 8 batches: windows of 3, 3 and 2
+
+    def train(callbacks: tuple[onthefly.Callback, ...], resume_from: Path | None = None) -> Built:
+        built = build(None)
+        trainer = onthefly.Trainer(model=built.model, optimizer=built.optimizer, loss_fn=nn.CrossEntropyLoss(),
+                                   train_loader=loader(), accumulate_grad_batches=3, callbacks=callbacks,
+                                   resume_from=resume_from, progress=False)
+        assert trainer.fit(EPOCHS).steps == 3 * EPOCHS
+        return built
+
+    reference = train((SaveAt(tmp_path / "ckpt", step=3),))  # the step after epoch 0's batches
+    resumed = train((SaveAt(tmp_path / "unused"),), resume_from=tmp_path / "ckpt")
+    assert_same_training(resumed, reference)
+
+
+def test_a_checkpoint_saved_right_after_resuming_is_the_same_point(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    reference = build("epoch")
+    fit(reference, shuffled(), scheduler="epoch", callbacks=(SaveAt(tmp_path / "a", step=BATCHES + 3),))
+
+    class SaveFirst(onthefly.Callback):
+        def on_fit_start(self, run: onthefly.Run) -> None:
+            run.save_checkpoint(tmp_path / "b")  # before anything is trained again
+
+    once = build("epoch")
+    fit(once, shuffled(), scheduler="epoch", callbacks=(SaveFirst(),), resume_from=tmp_path / "a")
+    twice = build("epoch")
+    fit(twice, shuffled(), scheduler="epoch", callbacks=(SaveFirst(),), resume_from=tmp_path / "b")
+    assert_same_training(once, reference)
+    assert_same_training(twice, reference)

@@ -135,29 +135,6 @@ def make_writer(db: Path) -> Iterator[Callable[[], StoreWriter]]:
         writer.close()
 
 
-@pytest.fixture
-def block() -> Iterator[Callable[[StoreWriter], threading.Event]]:
-    """Park a writer thread on a task until the returned event is set (at the latest, at teardown)."""
-    releases: list[threading.Event] = []
-
-    def park(writer: StoreWriter) -> threading.Event:
-        started, release = threading.Event(), threading.Event()
-        releases.append(release)
-
-        def wait() -> list:
-            started.set()
-            release.wait(DEADLINE)
-            return []
-
-        writer.task(wait, wait=False)
-        assert started.wait(DEADLINE)
-        return release
-
-    yield park
-    for release in releases:
-        release.set()
-
-
 METRIC = "INSERT INTO metrics (run_id, name, step, epoch, time, value) VALUES (?,?,?,?,?,?)"
 
 

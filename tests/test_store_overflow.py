@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,6 @@ from onthefly.store import SampleChunk, SessionStore, open_session
 from onthefly.store import writer as writer_module
 
 DEADLINE = 60.0
-HOLD = 2 * DEADLINE  # a held writer outlasts any deadline a test waits on while it is held
 ROWS = 4  # rows per sample chunk
 METRIC = "INSERT INTO metrics (run_id, name, step, epoch, time, value) VALUES (?,?,?,?,?,?)"
 
@@ -46,28 +46,9 @@ def store(queue_size: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionS
 
 
 @pytest.fixture
-def park(store: SessionStore) -> Iterator[Park]:
-    """Hold the store's writer thread on a task until the returned event is set (at the latest,
-    at teardown, before the store closes). The task is taken off the queue alone: nothing else
-    is handed over until it runs, so the whole bound is free while the writer is held."""
-    releases: list[threading.Event] = []
-
-    def hold() -> threading.Event:
-        started, release = threading.Event(), threading.Event()
-        releases.append(release)
-
-        def wait() -> list:
-            started.set()
-            release.wait(HOLD)
-            return []
-
-        store._writer.task(wait, wait=False)
-        assert started.wait(DEADLINE)
-        return release
-
-    yield hold
-    for release in releases:
-        release.set()
+def park(store: SessionStore, block: Callable[[Any], threading.Event]) -> Park:
+    """Hold this store's writer thread (conftest's ``block``) until the returned event is set."""
+    return lambda: block(store._writer)
 
 
 def chunk(run_id: int, epoch: int, number: int) -> SampleChunk:

@@ -18,7 +18,7 @@ sampler, batch sampler or dataset that has one (the protocol torchdata's ``State
 uses). An ``IterableDataset`` has no sampler: its samples are numbered by position within the
 epoch, and a resumed epoch continues the numbering. One with ``state_dict()/load_state_dict()``
 (and ``num_workers=0``) continues from its saved state; any other is fast-forwarded by loading
-and discarding the batches already trained, which the ``resumed_from_checkpoint`` event says.
+and discarding the batches already trained, which the ``resume_fast_forward`` event says.
 
 Everything here runs on the training thread.
 """
@@ -144,7 +144,10 @@ class ResumePoint:
         if pending is not None and self.skip:
             return self._resume_inside(tracked, pending)
         if pending is not None:  # resuming at an epoch boundary
-            _restore_random(pending["rng"], tracked)
+            if pending.get("global_restored"):  # by restore_global(): only the loader's part now
+                restore_generators(tracked.generators(), list(pending["rng"].get("generators", [])))
+            else:
+                _restore_random(pending["rng"], tracked)
             _load_states(tracked, pending["loader"], ("sampler", "batch_sampler", "dataset"))
         self._epoch_start = {"rng": _random_state(tracked),
                              "loader": _states(tracked, ("sampler", "batch_sampler"))}
@@ -153,7 +156,9 @@ class ResumePoint:
     def _resume_inside(self, tracked: TrackedLoader, pending: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
         start = pending["epoch_start"]
         if start is None:
-            raise StateError("the checkpoint was taken inside an epoch but holds no epoch-start state")
+            raise StateError("the checkpoint was taken inside an epoch but holds no epoch-start state, so "
+                             "the epoch's sample order cannot be drawn again; resume from a checkpoint "
+                             "taken at an epoch boundary")
         # Draw the epoch's order again from its starting state, skip what was trained...
         _restore_random(start["rng"], tracked)
         _load_states(tracked, start["loader"], ("sampler", "batch_sampler"))
@@ -176,9 +181,24 @@ class ResumePoint:
     def end(self) -> None:
         self._epoch_start = None
 
+    @property
+    def pending(self) -> bool:
+        """A checkpoint's state is waiting for the resumed epoch to begin."""
+        return self._pending is not None
+
+    def restore_global(self) -> None:
+        """Resuming at an epoch boundary: put back Python's, NumPy's and torch's RNG now, as the
+        epoch begins, for a loop that draws its own batches (``step(indices=...)``); the loader's
+        generators and states follow in :meth:`begin` if the loop iterates ``run.batches()``."""
+        if self._pending is not None and not self.skip and not self._pending.get("global_restored"):
+            restore_rng(self._pending["rng"])
+            self._pending["global_restored"] = True
+
     # ---- checkpoints --------------------------------------------------------------------
     def state(self, tracked: TrackedLoader | None, progress: Progress) -> dict[str, Any]:
         """The random and loader state of a checkpoint at ``progress`` (a host sync is fine here)."""
+        if self._pending is not None:  # resumed, and nothing trained since: the same point again
+            return {key: self._pending[key] for key in ("rng", "epoch_start", "loader")}
         inside = progress.batch_in_epoch > 0
         return {
             "rng": _random_state(tracked),
@@ -188,6 +208,11 @@ class ResumePoint:
 
     def restore(self, state: Mapping[str, Any], progress: Progress) -> None:
         """Hold a checkpoint's state until the resumed epoch begins."""
+        if state.get("format", 1) > STATE_FORMAT:
+            raise StateError(
+                f"the checkpoint has state format {state['format']}; this version of On The Fly reads "
+                f"formats 1 to {STATE_FORMAT}. Resume it with the On The Fly version that wrote it, or newer."
+            )
         if state.get("format", 1) == 1:  # torch's generator and loader generators at the epoch start only
             rng = state["rng"]
             old = state.get("epoch_rng")

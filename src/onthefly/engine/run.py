@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError, DataError, OnTheFlyError
+from ..errors import ConfigError, DataError, OnTheFlyError, StateError
 from ..signals.grad_norm import GradNormTracker
 from ..signals.per_sample import PerSampleLoss, classification_signals
 from ..signals.quantiles import Reservoir
@@ -56,7 +56,7 @@ from .events import Event, EventBus
 from .loader import TrackedLoader
 from .resume import STATE_FORMAT, Progress, ResumePoint, TrainingObjects
 from .schedules import set_group_lr
-from .transfer import TransferSink, sample_chunk
+from .transfer import ExactSum, TransferSink, sample_chunk
 
 __all__ = ["Embed", "Run"]
 
@@ -243,6 +243,7 @@ class Run:
         self.controller.set_status(RunStatus.RUNNING)
         while True:
             while self.epoch < self.target_epochs and not self.stopping:
+                self.resume.restore_global()  # resumed at an epoch boundary: the RNG as it was
                 yield self.epoch
                 self._end_loose_epoch()
                 if self.stopping:
@@ -309,13 +310,14 @@ class Run:
         finally:
             self._in_batches = False
         self.recorder.end_epoch()
-        self.resume.end()
-        self._epoch_done = ends_epoch
+        if ends_epoch:
+            self.end_epoch()
 
     def end_epoch(self) -> None:
         """Say that the epoch's end (validation, scheduler step) is done, for a loop that iterated
         ``batches(loader, ends_epoch=False)``: a checkpoint from now on resumes at the next epoch."""
         self._epoch_done = True
+        self.resume.end()
 
     def step(
         self, per_sample_loss: torch.Tensor, *, loss: torch.Tensor | None = None, logits: Any = None,
@@ -489,17 +491,18 @@ class Run:
         """Save everything needed to continue exactly from here. Call at a step boundary."""
         model_tensors, objects = self._objects.save()
         progress = self._progress()
-        losses = np.empty(0, dtype=np.float32)
-        if progress.batch_in_epoch:  # the epoch's per-sample losses so far, for its exact mean
+        total = ExactSum()
+        if progress.batch_in_epoch:  # the epoch's losses so far, for its exact mean after a resume
             self.recorder.wait_idle()
-            losses = self.sink.losses_so_far(self.epoch)
+            total = self.sink.sum_so_far(self.epoch)
         state = {
             "format": STATE_FORMAT,
             "run": {"project": self.project, "name": self.name},
             **objects,
             **self.resume.state(self._tracked, progress),
             "progress": progress.as_dict(),
-            "epoch_losses": torch.from_numpy(losses),
+            "epoch_loss_sum": {"bins": torch.from_numpy(total.bins.copy()), "count": total.count,
+                               "nonfinite": total.nonfinite},
         }
         _, folder = self.session.checkpoint(
             self.run_id, step=self.global_step, epoch=progress.epoch, batch_in_epoch=progress.batch_in_epoch,
@@ -512,7 +515,16 @@ class Run:
     def _progress(self) -> Progress:
         if self._epoch_done:  # the epoch is over: what follows is the next one's start
             return Progress(self.epoch + 1, 0, self.global_step, self.target_epochs)
-        samples = self.recorder.position_in_epoch if self.batch_in_epoch else 0
+        if self._loose_epoch is not None:
+            raise StateError(
+                "a checkpoint inside an epoch of a loop that passes step(indices=...) cannot be resumed "
+                "exactly: On The Fly does not know how the loop draws its batches. Save it after "
+                "run.end_epoch() (the next epoch's start), or iterate run.batches(loader)."
+            )
+        if self.resume.pending:  # resumed, and not trained since: the checkpoint's own point
+            samples = self._samples_resumed
+        else:
+            samples = self.recorder.position_in_epoch if self.batch_in_epoch else 0
         return Progress(self.epoch, self.batch_in_epoch, self.global_step, self.target_epochs, samples)
 
     def _restore(self, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
@@ -522,9 +534,10 @@ class Run:
         self.batch_in_epoch = progress.batch_in_epoch
         self.global_step = progress.global_step
         self._samples_resumed = progress.samples_in_epoch
-        losses = state.get("epoch_losses")
-        if progress.batch_in_epoch and losses is not None:
-            self.sink.resume_epoch(progress.epoch, losses.numpy())
+        saved = state.get("epoch_loss_sum")
+        if progress.batch_in_epoch and saved is not None:
+            self.sink.resume_epoch(progress.epoch, ExactSum(saved["bins"].numpy(), saved["count"],
+                                                            saved["nonfinite"]))
         self.resume.restore(state, progress)
         self.bus.publish("resumed_from_checkpoint", {"path": str(source), **progress.as_dict()},
                          **self._where())
@@ -598,6 +611,7 @@ class Run:
         self.controller.closed = True
         with contextlib.suppress(Exception):
             self._end_loose_epoch()
+        with contextlib.suppress(Exception):
             self.recorder.close()
         if error is not None:
             status = RunStatus.FAILED

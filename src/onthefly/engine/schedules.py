@@ -18,7 +18,7 @@ ChainedScheduler that mixes both kinds, a scheduler that is not torch's), nothin
 the reason is returned. No torch scheduler reads or writes ``weight_decay``, so that setting needs
 none of this.
 
-Runs on the training thread, at a step boundary (``Run._apply``); it reads ``float(lr)``, a host
+Runs on the training thread, at a step boundary (the command controller applies set_lr); it reads ``float(lr)``, a host
 sync when the rates are device tensors, once per command.
 """
 

@@ -21,7 +21,39 @@ from ..store.samples import SampleChunk
 from ..store.session import SessionStore
 from .events import EventBus
 
-__all__ = ["TransferSink", "exact_mean", "sample_chunk"]
+__all__ = ["ExactSum", "TransferSink", "sample_chunk"]
+
+
+class ExactSum:
+    """The exact sum of float32 values, kept as integers: the same whatever their order and
+    chunking, in constant memory. A finite float32 is an integer below 2**24 times 2**(e - 24),
+    with e from -148 to 128; one int64 per e holds the integers' sum."""
+
+    LOW = -148  # the smallest exponent np.frexp gives a float32
+
+    def __init__(self, bins: np.ndarray | None = None, count: int = 0, nonfinite: bool = False) -> None:
+        self.bins = np.zeros(128 - self.LOW + 1, dtype=np.int64) if bins is None else bins.astype(np.int64)
+        self.count = count
+        self.nonfinite = nonfinite
+
+    def add(self, values: np.ndarray) -> None:
+        values = values.astype(np.float32, copy=False)
+        self.count += len(values)
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.nonfinite = True
+            values = values[finite]
+        mantissas, exponents = np.frexp(values)
+        integers = (mantissas.astype(np.float64) * (1 << 24)).astype(np.int64)  # exact: 24 bits
+        for exponent in np.unique(exponents):  # a handful: losses span few powers of two
+            self.bins[exponent - self.LOW] += int(integers[exponents == exponent].sum())
+
+    def mean(self) -> float:
+        """The correctly rounded mean (NaN if a value was not finite)."""
+        if self.nonfinite or not self.count:
+            return math.nan
+        total = sum(int(b) << k for k, b in enumerate(self.bins.tolist()) if b)
+        return total / (self.count << (24 - self.LOW))  # exact integers: one rounding
 
 
 class TransferSink:
@@ -32,10 +64,10 @@ class TransferSink:
         self._bus = bus
         self._batch_in_epoch = batch_in_epoch  # for progress events: a plain int read, no lock needed
         self.latest: dict[str, float] = {}  # the last flushed step's loss, lr and throughput
-        # Per-sample training losses of each open epoch, and the exact mean of each closed one:
-        # math.fsum is correctly rounded whatever the order or the chunks, so a mean does not
-        # depend on when flushes happened (nor on a resume in the middle of its epoch).
-        self._epoch_losses: dict[int, list[np.ndarray]] = {}
+        # The exact sum of each open epoch's per-sample training losses, and the mean of each
+        # closed one: exact, so a mean does not depend on when flushes happened (nor on a resume
+        # in the middle of its epoch).
+        self._epoch_sums: dict[int, ExactSum] = {}
         self._epoch_means: dict[int, float] = {}
         # A uniform sample of the epoch in progress's per-sample losses: live, approximate views.
         self._live: tuple[int, Reservoir] | None = None
@@ -60,7 +92,7 @@ class TransferSink:
             if self._live is None or self._live[0] != packet.epoch:
                 self._live = (packet.epoch, Reservoir())
             self._live[1].add(rows[:, LOSS])
-        self._epoch_losses.setdefault(packet.epoch, []).append(rows[:, LOSS].copy())
+        self._epoch_sums.setdefault(packet.epoch, ExactSum()).add(rows[:, LOSS])
 
     def _steps(self, packet: HostPacket) -> None:
         """Per-step metrics: the mean loss of each step's micro-batches, its lr, the throughput."""
@@ -85,10 +117,10 @@ class TransferSink:
         if packet.split == "train" and self._live is not None and self._live[0] == packet.epoch:
             self._live = None  # the store now has the whole epoch: exact views from here on
         self._session.close_epoch(packet.run_id, packet.split, packet.epoch)
-        parts = self._epoch_losses.pop(packet.epoch, [])
-        count = sum(len(part) for part in parts)
-        if count:
-            mean = exact_mean(parts)
+        total = self._epoch_sums.pop(packet.epoch, None)
+        count = total.count if total is not None else 0
+        if total is not None and count:
+            mean = total.mean()
             self._epoch_means[packet.epoch] = mean
             step = int(self.latest.get("step", 0))
             self._session.metrics([(packet.run_id, "train_loss_epoch", step, packet.epoch, packet.flushed_at, mean)])
@@ -103,31 +135,25 @@ class TransferSink:
     # ---- training thread, after SampleRecorder.wait_idle() --------------------------------
     def epoch_loss(self, epoch: int | None) -> float | None:
         """The mean per-sample loss of ``epoch`` (default: the latest; so far, if still open)."""
-        open_epochs = [e for e, parts in self._epoch_losses.items() if parts]
+        open_epochs = [e for e, total in self._epoch_sums.items() if total.count]
         if epoch is None:
             candidates = [*self._epoch_means, *open_epochs]
             if not candidates:
                 return None
             epoch = max(candidates)
-        if self._epoch_losses.get(epoch):
-            return exact_mean(self._epoch_losses[epoch])
+        total = self._epoch_sums.get(epoch)
+        if total is not None and total.count:
+            return total.mean()
         return self._epoch_means.get(epoch)
 
-    def losses_so_far(self, epoch: int) -> np.ndarray:
-        """The per-sample losses of the open ``epoch`` (a checkpoint carries them)."""
-        parts = self._epoch_losses.get(epoch, [])
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+    def sum_so_far(self, epoch: int) -> ExactSum:
+        """The exact sum of the open ``epoch``'s losses so far (a checkpoint carries it)."""
+        return self._epoch_sums.get(epoch) or ExactSum()
 
-    def resume_epoch(self, epoch: int, losses: np.ndarray) -> None:
-        """Before the first packet: the resumed epoch's losses from before its checkpoint."""
-        if len(losses):
-            self._epoch_losses[epoch] = [losses.astype(np.float32)]
-
-
-def exact_mean(parts: list[np.ndarray]) -> float:
-    """The correctly rounded mean of float32 values, whatever their order and chunking."""
-    values = np.concatenate(parts) if len(parts) != 1 else parts[0]
-    return math.fsum(values.astype(np.float64).tolist()) / len(values)
+    def resume_epoch(self, epoch: int, total: ExactSum) -> None:
+        """Before the first packet: the resumed epoch's sum from before its checkpoint."""
+        if total.count:
+            self._epoch_sums[epoch] = total
 
 
 def sample_chunk(run_id: int, split: str, epoch: int, steps: np.ndarray, indices: np.ndarray, rows: np.ndarray,

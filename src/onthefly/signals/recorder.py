@@ -46,7 +46,9 @@ __all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "Indices", "Sample
 Indices = np.ndarray | list[int]
 
 MAX_ROWS = 32_768  # rows held before a flush at most
-BUFFER_VALUES = 1 << 20  # values of outputs and targets in the preallocated rows at most (4 MiB float32)
+# Values of outputs and targets in the preallocated rows at most (16 MiB float32): 16k rows of 256
+# classes, about a second of steps of 256 - wide rows must not force a flush every few steps.
+BUFFER_VALUES = 1 << 22
 MAX_STEPS = 4_096  # per-step loss values per flush at most
 TRANSFER_QUEUE = 64
 MIN_RATE_WINDOW = 0.1  # seconds: a shorter window gives no meaningful samples/s
@@ -198,7 +200,7 @@ class SampleRecorder:
             # Shapes change from step to step: keep references from now on (rows copied so far
             # stay where they are until the flush, which groups steps by shape).
             rows, self._step_rows, self._by_reference = None, None, True
-        if rows is None and not self._by_reference:
+        if rows is None and not self._by_reference and batch <= MAX_ROWS:
             rows = self._step_rows = _StepRows(outputs, targets)
         limit = rows.capacity if rows is not None else MAX_ROWS
         if self._rows or self._n_rows + batch > limit or len(self._losses) == MAX_STEPS:
@@ -208,7 +210,7 @@ class SampleRecorder:
             start = self._copied
             kept_outputs, kept_targets = rows.outputs[start:start + batch], rows.targets[start:start + batch]
             kept_outputs.copy_(outputs.detach())  # two small kernels, no sync
-            kept_targets.copy_(targets)
+            kept_targets.copy_(targets.detach())
             self._copied += batch
             self._kept.append(_Kept(kept_outputs, kept_targets, norms))
         else:

@@ -208,7 +208,7 @@ class SessionStore:
             "INSERT INTO runs (id, name, project, parent_id, parent_checkpoint_id, status, created, config)"
             " VALUES (?,?,?,?,?,?,?,?)",
             [(run_id, name, self.project, parent_id, parent_checkpoint_id, "created", time.time(),
-              json.dumps(dict(config or {}), default=str))],
+              json.dumps(dict(config or {}), default=str))], block=True,  # never dropped
         )
         return run_id
 
@@ -219,7 +219,8 @@ class SessionStore:
 
     def set_run_status(self, run_id: int, status: str) -> None:
         ended = time.time() if status in ("finished", "failed", "stopped") else None
-        self._writer.sql("UPDATE runs SET status = ?, ended = ? WHERE id = ?", [(status, ended, run_id)])
+        self._writer.sql("UPDATE runs SET status = ?, ended = ? WHERE id = ?", [(status, ended, run_id)],
+                         block=True)  # never dropped: a run must not look "running" forever
 
     # ---- records (never block the caller) -----------------------------------------------
     def next_seq(self) -> int:
