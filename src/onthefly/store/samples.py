@@ -138,7 +138,7 @@ class SampleSink:
         self._dir = session_dir
         self._pending: dict[tuple[int, str, int], list[SampleChunk]] = {}
         self._parts: dict[tuple[int, str, int], int] = {}
-        _warm_up()  # on the thread that creates the sink, before the writer thread exists
+        _warm_up(session_dir)  # on the thread that creates the sink, before the writer thread exists
 
     def add(self, chunk: SampleChunk) -> list[WrittenPart]:
         key = (chunk.run_id, chunk.split, chunk.epoch)
@@ -175,7 +175,7 @@ class SampleSink:
         )
 
 
-def _warm_up() -> None:
+def _warm_up(folder: Path) -> None:
     """Run Arrow's first-use initialisation (codecs, Parquet writer, memory pool) now, on the
     thread that creates the session. Done first on the writer thread, it runs under glibc's
     atexit lock, and a DataLoader worker forked at that moment deadlocks. Once it has run, the
@@ -183,9 +183,9 @@ def _warm_up() -> None:
     one = np.zeros(1, dtype=np.int64)
     nan = np.full(1, np.nan, dtype=np.float32)
     table = SampleChunk(0, "train", 0, one, one, nan, nan, one, one, nan, nan).to_arrow()
-    dictionary = [c for c in DICTIONARY_COLUMNS if c in table.column_names]
-    pq.write_table(table, pa.BufferOutputStream(), compression="zstd", use_dictionary=dictionary,
-                   memory_pool=POOL)
+    path = folder / ".warm-up.parquet"  # through a file, as the writer writes: its statics too
+    write_table(path, table)
+    path.unlink()
 
 
 # Dictionary encoding only where values repeat: on losses and indices it made parts larger and
