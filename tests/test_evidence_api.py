@@ -54,6 +54,7 @@ def test_the_sample_table_is_the_last_epoch_sorted_by_loss(idle: LiveSession) ->
     assert shown == sorted(shown, reverse=True)
     assert all(r["epochs"] == EPOCHS for r in table["rows"])
     assert table["grad_norm_method"] is None and "p90" in table["rule"]["hard"]
+    assert table["sample_ids"] == "index"  # dataset indices (an IterableDataset's: "position")
     hard = [r for r in table["rows"] if r["hard"]]
     assert len(hard) == table["flags"]["hard"] == pytest.approx(TRAIN_SAMPLES / 10, abs=2)
     assert min(r["loss"] for r in hard) >= max(r["loss"] for r in table["rows"] if not r["hard"])

@@ -365,3 +365,12 @@ def test_validation_every_epoch_and_test_once_at_the_end(do_test_after: bool) ->
         assert summary.test == {}
     splits = [event["payload"]["split"] for event in session.events(kind="eval")]
     assert splits == ["val"] * 3 + (["test"] if do_test_after else [])
+
+
+def test_a_learning_rate_kept_as_a_tensor_is_recorded_step_by_step() -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=torch.tensor(0.1))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # updates the tensor in place
+    summary = fit(net, DataLoader(data(32), batch_size=8), optimizer=opt, scheduler=sched,
+                  scheduler_interval="step", epochs=1)
+    assert [lr for _, lr in lrs(summary)] == pytest.approx([0.1, 0.05, 0.025, 0.0125])

@@ -30,6 +30,7 @@ properties, which any thread may call. Commands queued from any thread are appli
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -58,7 +59,7 @@ from .resume import STATE_FORMAT, Progress, ResumePoint, TrainingObjects
 from .schedules import set_group_lr
 from .transfer import ExactSum, TransferSink, sample_chunk
 
-__all__ = ["Embed", "Run"]
+__all__ = ["Embed", "Run", "host_lr"]
 
 # Per-sample values reach the host at least this often (seconds) while training, for live views.
 # Each flush has a fixed cost on every thread of the engine (and the GIL they share): 0.5 s read
@@ -340,7 +341,7 @@ class Run:
         per = per_sample_loss.detach()
         signals = classification_signals(logits, targets) if self._classification else None
         self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
-                             self.optimizer.param_groups[0]["lr"] if lr is None else lr,
+                             host_lr(self.optimizer.param_groups[0]["lr"] if lr is None else lr),
                              signals, targets if signals is not None else None,
                              self._take_grad_norms(per.shape[0], grad_norm_factor))
         self._end_of_step(boundary)
@@ -363,7 +364,7 @@ class Run:
                 f"{targets.shape[0]} targets; a collate_fn must keep every sample of its batch."
             )
         self.recorder.record_outputs(self.global_step + 1, indices, outputs, targets, loss,
-                                     self.optimizer.param_groups[0]["lr"] if lr is None else lr,
+                                     host_lr(self.optimizer.param_groups[0]["lr"] if lr is None else lr),
                                      self._take_grad_norms(outputs.shape[0], grad_norm_factor))
         self._end_of_step(boundary)
 
@@ -633,6 +634,15 @@ class Run:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.close(exc)
+
+
+def host_lr(lr: Any) -> float:
+    """A learning rate as a host number. Optimizers may keep it as a tensor (``lr=torch.tensor(...)``,
+    updated in place by schedulers): a CPU one is read now, so each step records its own rate; a
+    device one is not read at all (that would wait for the device every step) and records NaN."""
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" else math.nan
+    return lr
 
 
 def _derive(per_sample_loss: PerSampleLoss, classification: bool) -> Derive:

@@ -31,7 +31,7 @@ from .embed import embeddings
 from .evaluate import Evaluator
 from .loader import TrackedLoader
 from .progress import ProgressDisplay
-from .run import Run
+from .run import Run, host_lr
 
 __all__ = ["FitSummary", "Trainer"]
 
@@ -183,7 +183,7 @@ class Trainer:
         return outputs, targets, loss, None if self._deferred else per_sample
 
     def _train_step(self, batch: Any, boundary: bool) -> None:
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before any scheduler step
+        lr = host_lr(self.optimizer.param_groups[0]["lr"])  # the rate this step uses, before a scheduler step
         if self._zero_grad_next:
             # At the start of an accumulation window, right before the forward pass, as in the
             # canonical loop: freeing gradients just after optimizer.step() instead measured ~15 %
