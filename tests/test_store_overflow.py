@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import onthefly
@@ -23,6 +22,7 @@ from onthefly.signals import recorder as recorder_module
 from onthefly.signals.recorder import HostPacket, SampleRecorder
 from onthefly.store import SampleChunk, SessionStore, open_session
 from onthefly.store import writer as writer_module
+from test_custom_loop import train_step
 
 DEADLINE = 60.0
 ROWS = 4  # rows per sample chunk
@@ -229,13 +229,8 @@ def test_dropped_transfer_packets_are_published_as_samples_dropped_events(
     run = onthefly.start_run(project="overflow", run_name="r", model=model, optimizer=opt, dashboard=False)
     with run:
         for _ in run.epochs(1):
-            for x, y in run.batches(train):
-                logits = model(x)
-                losses = F.cross_entropy(logits, y, reduction="none")
-                opt.zero_grad()
-                losses.mean().backward()
-                opt.step()
-                run.step(losses, logits=logits, targets=y)
+            for batch in run.batches(train):
+                train_step(run, model, opt, batch)
                 if run.global_step == 1:
                     assert holding.wait(DEADLINE)  # step 1's packet is held; 2, 3 fill the queue
                 if run.global_step == 7:  # steps 4..7 were dropped
