@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .actions import cluster
 from .engine.batch import BatchSpec
+from .engine.device import model_device
 from .engine.evaluate import Evaluator
 from .engine.run import Run
 from .engine.trainer import FitSummary, Trainer
@@ -134,7 +135,7 @@ def start_run(
     feeds the model). Other ``options`` are :class:`~onthefly.Run`'s."""
     evaluator = None
     if loss_fn is not None:
-        device = options.get("device") or next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = options.get("device") or model_device(model)
         evaluator = Evaluator(model, PerSampleLoss(loss_fn), BatchSpec(inputs, targets, forward_fn), device,
                               {"val": val_loader, "test": test_loader})
     board = _Dashboard(keep_alive)

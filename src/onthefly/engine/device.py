@@ -6,7 +6,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["autocast_dtype", "pick_device"]
+__all__ = ["autocast_dtype", "model_device", "pick_device"]
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
@@ -30,3 +30,12 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """float16 on CUDA (with a GradScaler), bfloat16 elsewhere (no scaler needed)."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model lives: its first parameter's (or buffer's) device, else the CPU."""
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")

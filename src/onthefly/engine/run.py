@@ -52,6 +52,7 @@ from .callbacks import HOOKS, Callback, overrides
 from .checks import check_first_step, check_step_shapes, non_finite_error
 from .control import Command, CommandQueue, RunStatus
 from .controller import CommandController, Effect
+from .device import model_device
 from .evaluate import Evaluator, SampleRows
 from .events import Event, EventBus
 from .loader import TrackedLoader
@@ -108,7 +109,7 @@ class Run:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scaler = scaler
-        self.device = device or _model_device(model)
+        self.device = device or model_device(model)
         self.keep_alive = keep_alive
         self.project = project
         self.name = run_name
@@ -658,10 +659,3 @@ def _check_names(project: Any, run_name: Any) -> None:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{label} must be a non-empty string, got {value!r}")
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
