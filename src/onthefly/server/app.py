@@ -46,7 +46,7 @@ from .models import (
 from .samples import evidence_routes
 from .stream import EventLog
 
-__all__ = ["DASHBOARD_DIR", "Backend", "create_app"]
+__all__ = ["DASHBOARD_DIR", "Backend", "create_app", "openapi_document"]
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
 STREAM_INTERVAL = 0.1  # seconds between WebSocket messages: at most 10 updates per second
@@ -126,6 +126,10 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
     app = FastAPI(
         title="On The Fly",
         version=__version__,
+        # No Swagger UI / ReDoc pages: they load scripts from a CDN into the page's origin (where
+        # the token is readable) and are blank offline. The contract stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
         description="Control and observe a PyTorch training session. Every request needs the "
         "session token (Authorization: Bearer, or ?token=).",
     )
@@ -283,6 +287,13 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
             watcher.cancel()
 
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API's OpenAPI document (what ``/openapi.json`` serves), without a session: the
+    dashboard's TypeScript types are generated from it."""
+    document: dict[str, Any] = create_app(None, "", set).openapi()
+    return document
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:

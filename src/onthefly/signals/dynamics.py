@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from ..errors import ConfigError
 
-__all__ = ["MIN_EPOCHS_FOR_MISLABELLED", "STATS_SCHEMA", "STAT_COLUMNS", "FlagRule", "flag_counts", "with_flags"]
+__all__ = ["MIN_EPOCHS_FOR_MISLABELLED", "STATS_SCHEMA", "STAT_COLUMNS", "FlagRule", "add_flags", "flag_counts", "with_flags"]
 
 MIN_EPOCHS_FOR_MISLABELLED = 2
 
@@ -59,6 +59,18 @@ class FlagRule:
             "mislabelled": f"area under the margin (mean margin over epochs) below {self.aum_threshold:g}, "
                            f"after at least {MIN_EPOCHS_FOR_MISLABELLED} epochs",
         }
+
+
+def add_flags(table: pa.Table, rule: FlagRule) -> pa.Table:
+    """``table`` (every sample seen at the epoch, every column of ``STAT_COLUMNS`` but the flags)
+    with ``hard`` and ``mislabelled`` added, cast to ``STATS_SCHEMA``. The flags are decided over
+    the whole epoch (quantiles, per-class statistics), so ``table`` must hold every sample of it;
+    filter afterwards."""
+    loss = table.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
+    finite = loss[np.isfinite(loss)]
+    hard_cut = float(np.quantile(finite, rule.hard_quantile)) if finite.size else np.inf
+    batches = [with_flags(b, hard_cut, rule) for b in table.to_batches()]
+    return pa.Table.from_batches(batches, schema=STATS_SCHEMA)
 
 
 def with_flags(batch: pa.RecordBatch, hard_cut: float, rule: FlagRule) -> pa.RecordBatch:
