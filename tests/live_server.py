@@ -22,7 +22,10 @@ from websockets.sync.client import ClientConnection, connect
 import onthefly
 import onthefly.launch
 from conftest import toy_data, toy_model
-from onthefly.engine.events import Event
+from onthefly.engine.channel import RunChannel
+from onthefly.engine.events import Event, EventLog
+from onthefly.server import DashboardServer
+from onthefly.server.link import ChannelLink
 
 DEADLINE = 30.0  # seconds; only reached when something is broken
 TRAIN_SAMPLES = 256
@@ -76,14 +79,38 @@ class BusRecorder:
         return [e for e in self.snapshot() if e.kind in ("command_applied", "command_rejected")]
 
 
-class LiveSession:
-    """A trainer, its dashboard server and an authenticated HTTP client; ``fit`` runs in a thread."""
+class InProcessDashboard:
+    """The server process's parts (a channel to the run, the link, the server) in this process,
+    so a test can reach inside the server (e.g. a small event log)."""
 
-    def __init__(self, trainer: onthefly.Trainer, epochs: int) -> None:
+    def __init__(self, run: onthefly.Run, events: EventLog) -> None:
+        self.channel = RunChannel()
+        self.channel.add_run(run)
+        self.channel.start()
+        self.link = ChannelLink(self.channel.port, self.channel.token, events)
+        self.link.ready.wait(DEADLINE)
+        self.server = DashboardServer(run.session.dir, project=run.project, session_id=run.session.id,
+                                      link=self.link, events=events)
+        self.server.start(announce=False)
+        self.backend, self.port, self.token = self.server.backend, self.server.port, self.server.token
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop(drain_timeout=0)
+        self.link.close()
+
+
+class LiveSession:
+    """A trainer, its dashboard server and an authenticated HTTP client; ``fit`` runs in a thread.
+    The server is the real one (a process of its own) unless ``events`` asks for one in this
+    process, keeping its live feed in that log."""
+
+    def __init__(self, trainer: onthefly.Trainer, epochs: int, *, events: EventLog | None = None) -> None:
         self.trainer = trainer
         self.run = trainer.run
         self.bus = BusRecorder(self.run)
-        self.server = onthefly.launch.attach_dashboard(self.run)
+        self.server: Any = (onthefly.launch.attach_dashboard(self.run) if events is None
+                            else InProcessDashboard(self.run, events))
         self.port: int = self.server.port
         self.token: str = self.server.token
         self.base = f"http://127.0.0.1:{self.port}"
@@ -115,12 +142,20 @@ class LiveSession:
         return int(response.json()["id"])
 
     def applied(self, command_id: int) -> Event:
-        return self.bus.wait_for(lambda e: e.kind == "command_applied" and e.payload["id"] == command_id,
-                                 f"command_applied for command {command_id}")
+        return self.synced(self.bus.wait_for(
+            lambda e: e.kind == "command_applied" and e.payload["id"] == command_id,
+            f"command_applied for command {command_id}"))
 
     def status_event(self, status: str, *, after_seq: int = 0) -> Event:
-        return self.bus.wait_for(lambda e: e.kind == "status" and e.payload["status"] == status,
-                                 f"status {status}", after_seq=after_seq)
+        return self.synced(self.bus.wait_for(lambda e: e.kind == "status" and e.payload["status"] == status,
+                                             f"status {status}", after_seq=after_seq))
+
+    def synced(self, event: Event) -> Event:
+        """``event``, once the server process has received it (and the live state read after it:
+        the server is a process of its own, a push of the channel behind the engine)."""
+        self.wait_until(lambda: self.get("/api/session")["live_seq"] >= event.seq,
+                        f"the server receiving event {event.seq}")
+        return event
 
     def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
         """Poll ``condition`` (e.g. an endpoint) until it holds."""
@@ -158,9 +193,9 @@ class LiveSession:
             raise self.error
 
 
-def live(trainer: onthefly.Trainer, epochs: int) -> Iterator[LiveSession]:
+def live(trainer: onthefly.Trainer, epochs: int, *, events: EventLog | None = None) -> Iterator[LiveSession]:
     """The body of a fixture: yield a LiveSession, finish it afterwards."""
-    session = LiveSession(trainer, epochs)
+    session = LiveSession(trainer, epochs, events=events)
     try:
         yield session
     finally:

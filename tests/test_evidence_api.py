@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -153,6 +154,16 @@ def test_a_slice_name_is_unique_and_a_deleted_slice_is_gone(idle: LiveSession) -
 
 
 # ---- export ------------------------------------------------------------------------------------
+def export(session: LiveSession, name: str, **body: object) -> dict:
+    """POST an export, wait until it is no longer pending; its final state."""
+    response = session.http.post(f"/api/slices/{name}/exports", json=body)
+    assert response.status_code == 202, response.text
+    state = response.json()
+    session.wait_until(lambda: session.get(f"/api/exports/{state['id']}")["status"] != "pending",
+                       f"export {state['id']} finishing")
+    return session.get(f"/api/exports/{state['id']}")
+
+
 def test_a_slice_exports_to_every_format_with_the_sample_data(idle: LiveSession) -> None:
     saved = post_slice(idle, "for export", {"kind": "quantile_band", "low": 0.75, "high": 1.0})
     reader = onthefly.open_session(idle.run.session.dir)
@@ -160,7 +171,10 @@ def test_a_slice_exports_to_every_format_with_the_sample_data(idle: LiveSession)
     x, y = idle.trainer.train_loader.original.dataset.tensors
     tables = {}
     for fmt in ("parquet", "csv", "json"):
-        response = idle.http.get("/api/slices/for export/export", params={"format": fmt})
+        state = export(idle, "for export", format=fmt)
+        assert state["status"] == "ready" and state["rows"] == saved["count"], state
+        assert state["data"] is True and state["note"] is None and len(state["id"]) == 32
+        response = idle.http.get(f"/api/exports/{state['id']}/file")
         assert response.status_code == 200, response.text
         assert f'filename="for-export.{fmt}"' in response.headers["content-disposition"]
         if fmt == "parquet":
@@ -177,16 +191,41 @@ def test_a_slice_exports_to_every_format_with_the_sample_data(idle: LiveSession)
         assert [row[f"x_{j}"] for j in range(x.shape[1])] == pytest.approx(x[first].tolist()), fmt
         assert row["y"] == int(y[first]) == row["label"], fmt
         assert {"loss", "margin", "aum", "forgetting", "hard", "mislabelled"} <= set(table.column_names)
-    assert not list((idle.run.session.dir / "exports").glob("*")), "the temporary export file is removed"
-    without = pq.read_table(io.BytesIO(idle.http.get("/api/slices/for export/export", params={"data": "false"}).content))
-    assert "x_0" not in without.column_names and without.num_rows == saved["count"]
+    without = export(idle, "for export", data=False)
+    assert without["status"] == "ready"
+    table = pq.read_table(io.BytesIO(idle.http.get(f"/api/exports/{without['id']}/file").content))
+    assert "x_0" not in table.column_names and table.num_rows == saved["count"]
 
 
-def test_export_of_an_unknown_slice_or_format_is_refused(idle: LiveSession) -> None:
-    assert idle.http.get("/api/slices/nothing/export").status_code == 404
+def test_export_of_an_unknown_slice_or_format_or_export_is_refused(idle: LiveSession) -> None:
+    assert idle.http.post("/api/slices/nothing/exports", json={}).status_code == 404
     post_slice(idle, "fmt", {"kind": "label", "label": 0})
-    response = idle.http.get("/api/slices/fmt/export", params={"format": "xlsx"})
+    response = idle.http.post("/api/slices/fmt/exports", json={"format": "xlsx"})
     assert response.status_code == 422 and "format" in response.text
+    for path in ("/api/exports/" + "0" * 32, "/api/exports/" + "0" * 32 + "/file", "/api/exports/..%2Fx/file"):
+        assert idle.http.get(path).status_code == 404, path
+
+
+def test_the_download_opens_with_the_pages_cookie_and_no_get_writes_a_file(idle: LiveSession) -> None:
+    post_slice(idle, "cookie", {"kind": "label", "label": 1})
+    state = export(idle, "cookie", format="csv")
+    folder = idle.run.session.dir
+
+    def files() -> set[tuple[str, int]]:
+        return {(str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*")
+                if p.is_file() and not p.name.startswith("session.db")}
+
+    before = files()
+    cookie = {"Cookie": f"onthefly_token_{idle.port}={idle.token}"}
+    with httpx.Client(base_url=idle.base) as browser:  # the page's native download: no header
+        assert browser.get(f"/api/exports/{state['id']}/file", headers=cookie).status_code == 200
+        assert browser.get(f"/api/exports/{state['id']}", headers=cookie).status_code == 401
+    for path in ("/api/session", "/api/runs/1", "/api/runs/1/samples", "/api/runs/1/distribution",
+                 "/api/runs/1/hard-samples", "/api/runs/1/samples/3/history", "/api/runs/1/clusters",
+                 "/api/slices", "/api/slices/cookie", f"/api/exports/{state['id']}",
+                 f"/api/exports/{state['id']}/file", "/api/events", "/openapi.json"):
+        assert idle.http.get(path).status_code == 200, path
+    assert files() == before
 
 
 # ---- clustering ----------------------------------------------------------------------------------

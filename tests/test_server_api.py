@@ -68,7 +68,7 @@ def page_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def waiting(module_home: Path, page_dir: Path) -> Iterator[LiveSession]:
     """A run waiting for "run": nothing trains, commands are applied at once."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(onthefly.server.app, "DASHBOARD_DIR", page_dir)
+        mp.setenv("ONTHEFLY_DASHBOARD_DIR", str(page_dir))  # read by the server process
         for session in live(make_trainer(wait_for_run=True), 1):
             session.bus.wait_for(lambda e: e.kind == "waiting", "the run waiting for 'run'")
             yield session
@@ -139,15 +139,23 @@ def test_a_wrong_token_gets_401(waiting: LiveSession, how: str) -> None:
     assert "token" in response.json()["detail"]
 
 
-def test_the_token_is_accepted_as_bearer_query_or_cookie(waiting: LiveSession) -> None:
+def test_the_token_is_accepted_as_bearer_or_query_and_the_cookie_opens_no_api(waiting: LiveSession) -> None:
     url = waiting.base + "/api/session"
     by_header = httpx.get(url, headers={"Authorization": f"Bearer {waiting.token}"})
     by_query = httpx.get(url, params={"token": waiting.token})
-    name = cookie_name_for(waiting.server.port)
-    by_cookie = httpx.get(url, headers={"Cookie": f'odd={{"a": 1}}; {name}={waiting.token}; sp=a b'})
-    for response in (by_header, by_query, by_cookie):
+    for response in (by_header, by_query):
         assert response.status_code == 200, response.text
         assert response.json()["runs"][0]["id"] == waiting.run.run_id
+    # Another page on a loopback port makes the browser send the cookie: it opens no API call.
+    name = cookie_name_for(waiting.server.port)
+    cookie = {"Cookie": f'odd={{"a": 1}}; {name}={waiting.token}; sp=a b'}
+    assert httpx.get(url, headers=cookie).status_code == 401
+    command = httpx.post(waiting.base + f"/api/runs/{waiting.run.run_id}/commands", json={"kind": "pause"},
+                         headers=cookie)
+    assert command.status_code == 401
+    assert "cookie" in command.json()["detail"]
+    # ...while the page itself reloads with it (odd cookies of other local apps do not hide ours).
+    assert httpx.get(waiting.base + "/", headers=cookie).status_code == 200
 
 
 def test_the_page_sets_a_cookie_that_lets_its_assets_load(waiting: LiveSession) -> None:
@@ -164,7 +172,7 @@ def test_the_page_sets_a_cookie_that_lets_its_assets_load(waiting: LiveSession) 
         asset = browser.get("/assets/app.js")
         assert asset.status_code == 200
         assert asset.text == "console.log('dashboard')"
-        assert browser.get("/api/session").status_code == 200
+        assert browser.get("/api/session").status_code == 401  # the API needs the token itself
 
 
 @pytest.mark.parametrize("host", [
@@ -216,17 +224,47 @@ def test_a_websocket_from_the_dashboard_or_a_tool_is_accepted(waiting: LiveSessi
     assert events[0]["kind"] == "run_created"
 
 
-def test_the_server_listens_on_loopback_only(waiting: LiveSession) -> None:
+def _listening(port: int) -> list[str]:
+    """The local addresses of every socket listening on ``port`` (Linux: /proc/net/tcp, tcp6)."""
+    addresses = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc writes each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width // 2, 4))
+                addresses.append(str(ipaddress.ip_address(raw)))
+    return addresses
+
+
+def test_the_server_and_the_channel_listen_on_loopback_only(waiting: LiveSession) -> None:
     server = waiting.server
     assert server.host == "127.0.0.1"
     assert server.url.startswith(f"http://127.0.0.1:{server.port}/?token=")
-    uvicorn_server = server._server
-    assert uvicorn_server is not None
-    addresses = [sock.getsockname() for s in uvicorn_server.servers for sock in s.sockets]
-    assert addresses
-    for address in addresses:
-        assert ipaddress.ip_address(address[0]).is_loopback, addresses
-        assert address[1] == server.port
+    for port in (server.port, server.channel.port):
+        addresses = _listening(port)
+        assert addresses, port
+        assert all(ipaddress.ip_address(a).is_loopback for a in addresses), addresses
+
+
+def test_the_server_runs_in_its_own_process_at_a_lower_priority(waiting: LiveSession) -> None:
+    server_pid = waiting.server.pid
+    assert server_pid is not None and server_pid != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, server_pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    # What the page reads comes from that process (the training process serves no HTTP).
+    assert waiting.get("/api/session")["runs"][0]["id"] == waiting.run.run_id
+
+
+def test_the_channel_takes_nothing_without_its_token(waiting: LiveSession) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", waiting.server.channel.port), timeout=10) as sock:
+        sock.sendall(b'{"token": "wrong"}\n{"id": 1, "op": "command", "run_id": 1, "kind": "run"}\n')
+        sock.settimeout(10)
+        assert sock.recv(4096) == b""  # closed without an answer
+    assert not [e for e in waiting.bus.snapshot() if e.kind == "command_applied"]
 
 
 def test_the_token_has_at_least_128_random_bits(waiting: LiveSession) -> None:

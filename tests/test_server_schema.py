@@ -59,7 +59,8 @@ def test_the_document_describes_every_endpoint() -> None:
         "GET /api/runs/{run_id}/hard-samples", "GET /api/runs/{run_id}/samples",
         "GET /api/runs/{run_id}/samples/{index}/history", "POST /api/runs/{run_id}/clusters",
         "GET /api/runs/{run_id}/clusters", "GET /api/clusterings/{clustering_id}", "GET /api/slices",
-        "POST /api/slices", "GET /api/slices/{name}", "DELETE /api/slices/{name}", "GET /api/slices/{name}/export",
+        "POST /api/slices", "GET /api/slices/{name}", "DELETE /api/slices/{name}", "POST /api/slices/{name}/exports",
+        "GET /api/exports/{export_id}", "GET /api/exports/{export_id}/file",
     }
 
 

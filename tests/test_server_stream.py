@@ -4,7 +4,6 @@ client gets the whole history, older events read back from the store."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import threading
@@ -14,10 +13,8 @@ from typing import Any
 
 import pytest
 
-import onthefly.server.app
 from live_server import DEADLINE, LiveSession, live, make_trainer, read_events
-from onthefly.engine.events import Event
-from onthefly.server.stream import EventLog
+from onthefly.engine.events import Event, EventLog
 
 WINDOW = 2.0  # seconds of training during which stream messages are counted
 MAX_MESSAGES_PER_SECOND = 12  # the server sends at most 10; a little slack for scheduling
@@ -119,11 +116,10 @@ def test_a_client_that_reconnects_after_its_last_seq_gets_every_event_once(train
 
 
 @pytest.fixture
-def small_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveSession]:
+def small_log() -> Iterator[LiveSession]:
     """A run whose server keeps only the last 5 events in memory; it trains one epoch, applies a
     few commands and stops, so its whole history is known."""
-    monkeypatch.setattr(onthefly.server.app, "EventLog", functools.partial(EventLog, capacity=5))
-    for session in live(make_trainer(wait_for_run=True), 1):
+    for session in live(make_trainer(wait_for_run=True), 1, events=EventLog(capacity=5)):
         session.bus.wait_for(lambda e: e.kind == "waiting", "the run waiting for 'run'")
         session.accepted("run")
         session.status_event("idle")
@@ -131,6 +127,7 @@ def small_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveSession]:
             session.applied(session.accepted("set_lr", lr=lr))
         session.accepted("stop")
         session.join()  # closed: everything written to the store
+        session.synced(session.bus.snapshot()[-1])  # and pushed to the server
         yield session
 
 

@@ -1,8 +1,8 @@
 """Where the engine meets the dashboard: ``quickstart`` and ``start_run`` as users call them.
 
 The engine runs training and knows nothing of HTTP; the server serves a session and knows
-nothing of training. This module starts one beside the other (rank 0 only, in a background
-thread) and decides how long the process stays up: with a dashboard attached when planned
+nothing of training. This module starts one beside the other (rank 0 only; the server in a process
+of its own) and decides how long the process stays up: with a dashboard attached when planned
 training ends, or with ``keep_alive``, the session waits for commands; headless, it exits.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .actions import cluster
+from .actions import export as exporting
 from .engine.batch import BatchSpec
 from .engine.device import model_device
 from .engine.evaluate import Evaluator
@@ -42,11 +43,13 @@ def _is_rank_zero() -> bool:
 
 
 def attach_dashboard(run: Run, *, port: int | None = None, open_browser: bool = False) -> Any:
-    """Serve ``run``'s session on 127.0.0.1 and print the URL. Returns the DashboardServer."""
-    from .server import DashboardServer
+    """Serve ``run``'s session on 127.0.0.1 (a server process of its own) and print the URL.
+    Returns the DashboardProcess."""
+    from .server import DashboardProcess
 
     cluster.attach(run)  # the dashboard's "Cluster" button sends a command this carries out
-    server = DashboardServer.for_run(run, port=port)
+    exporting.attach(run)  # and its export with sample data
+    server = DashboardProcess.for_run(run, port=port)
     try:
         server.start()
     except BaseException as exc:

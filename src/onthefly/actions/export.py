@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -30,10 +33,13 @@ from ..signals.dynamics import STATS_SCHEMA
 from ..store.reader import SessionReader
 from .slices import resolve_slice
 
-__all__ = ["FORMATS", "export_slice", "format_for"]
+__all__ = ["EXPORTS_DIR", "FORMATS", "attach", "dataset_note", "export_file", "export_record", "export_slice",
+           "format_for", "isolated_rng", "new_export", "run_export", "write_rows"]
 
 FORMATS = ("csv", "parquet", "json")
 ROWS_PER_CHUNK = 4096
+EXPORTS_DIR = "exports"  # in the session folder: <id>.<format> and its record <id>.record (JSON)
+EXPORT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
@@ -205,3 +211,109 @@ class _Writer:
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+# ---- exports a dashboard asks for -----------------------------------------------------------
+# The server writes an export without sample data itself; one with data is a command the
+# training process carries out at a step boundary (the dataset is the user's object: read on
+# the training thread, with every RNG put back as it was, so watching never changes training).
+# Either way the result is a file and a small JSON record beside it, written when complete.
+
+def new_export(session_dir: Path, *, slice_name: str, run_id: int, epoch: int | None, fmt: str,
+               data: bool) -> dict[str, Any]:
+    """A pending export's record (its id is random: the download URL cannot be guessed)."""
+    export_id = secrets.token_hex(16)
+    filename = re.sub(r"[^A-Za-z0-9_.\-]+", "-", slice_name).strip("-") or "slice"
+    return {"id": export_id, "slice": slice_name, "run_id": run_id, "epoch": epoch, "format": fmt,
+            "data": data, "status": "pending", "rows": None, "error": None, "note": None,
+            "filename": f"{filename}.{fmt}"}
+
+
+def export_record(session_dir: Path, export_id: str) -> dict[str, Any] | None:
+    """The finished (ready or failed) export's record, None while it is not written."""
+    if not EXPORT_ID.match(export_id):
+        return None
+    path = session_dir / EXPORTS_DIR / f"{export_id}.record"
+    try:
+        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record
+
+
+def export_file(session_dir: Path, record: dict[str, Any]) -> Path:
+    return session_dir / EXPORTS_DIR / f"{record['id']}.{record['format']}"
+
+
+def run_export(reader: SessionReader, record: dict[str, Any], dataset: Any = None, *,
+               note: str | None = None) -> dict[str, Any]:
+    """Write the export ``record`` describes (rows with ``dataset``'s data when given), then its
+    finished record; returns that record. Failures are recorded, not raised."""
+    folder = reader.dir / EXPORTS_DIR
+    result = {**record, "note": note}
+    try:
+        folder.mkdir(exist_ok=True)
+        saved = reader.slice(record["slice"])
+        written = write_rows(reader, saved["run_id"], saved["epoch"], reader.slice_indices(saved),
+                             export_file(reader.dir, record), record["format"], dataset)
+        result.update(status="ready", rows=written["rows"], epoch=saved["epoch"])
+    except Exception as exc:
+        result.update(status="failed", error=str(exc) or type(exc).__name__)
+    tmp = folder / f".{record['id']}.record.partial"
+    try:
+        tmp.write_text(json.dumps(result), encoding="utf-8")
+        os.replace(tmp, folder / f"{record['id']}.record")
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        result.update(status="failed", error=f"could not write the export's record: {exc}")
+    return result
+
+
+def dataset_note(dataset: Any, *, given: bool) -> tuple[Any, str | None]:
+    """The dataset rows can be read from (None if none), and what a user should know about it."""
+    if dataset is None:
+        return None, "rows carry no sample data: the run has no dataset to read them from (give export_dataset=)"
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        return None, (f"rows carry no sample data: the dataset ({type(dataset).__name__}) cannot be read by "
+                      "index (an IterableDataset); give export_dataset= (a map-style view) for data")
+    if not given and getattr(dataset, "transform", None) is not None:
+        return dataset, ("rows were read from the training dataset, whose transform applies (augmented "
+                         "rows); give export_dataset= for rows without augmentation")
+    return dataset, None
+
+
+def attach(run: Any) -> None:
+    """Let ``run`` (a live engine Run) carry out "export" commands at a step boundary: the
+    slice's rows with the data of ``run.export_dataset`` (else the training dataset)."""
+
+    def handle(args: dict[str, Any]) -> dict[str, Any]:
+        record = {"id": args["export_id"], "slice": args["slice"], "run_id": args["run_id"], "epoch": args["epoch"],
+                  "format": args["format"], "data": True, "status": "pending", "rows": None, "error": None,
+                  "note": None, "filename": args["filename"]}
+        given = getattr(run, "export_dataset", None)
+        dataset, note = dataset_note(given if given is not None else run.train_dataset, given=given is not None)
+        run.session.flush()  # the slice's record and the signals are in the files before they are read
+        with isolated_rng():
+            result = run_export(SessionReader(run.session.dir), record, dataset, note=note)
+        return {"export": result["id"], "status": result["status"], "rows": result["rows"]}
+
+    run.register_action("export", handle)
+
+
+class isolated_rng:
+    """Every global RNG (Python, NumPy, torch CPU and CUDA) restored on exit: reading a
+    dataset's rows (random augmentations) leaves the training's random streams untouched."""
+
+    def __enter__(self) -> None:
+        self._python = random.getstate()
+        self._numpy = np.random.get_state()
+        self._torch = torch.random.get_rng_state()
+        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+
+    def __exit__(self, *exc: object) -> None:
+        random.setstate(self._python)
+        np.random.set_state(self._numpy)
+        torch.random.set_rng_state(self._torch)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state_all(self._cuda)

@@ -174,18 +174,23 @@ def _mask(spec: Any, table: pa.Table) -> np.ndarray:
     return mask
 
 
-def save_slice(store: SessionStore, name: str, run_id: int, definition: Any, epoch: int | None = None,
-               *, split: str = "train") -> dict[str, Any]:
-    """Resolve ``definition`` and save it as slice ``name`` in the live session ``store``."""
+def check_new_slice(reader: SessionReader, name: str, run_id: int) -> None:
+    """Refuse a slice name that is malformed or taken, or a run the session does not have."""
     if not isinstance(name, str) or not re.match(SLICE_NAME, name):
         raise ConfigError(f"a slice name is 1-64 letters, digits, spaces, '_', '-' or '.', starting with a "
                           f"letter or digit; got {name!r}")
-    reader = SessionReader(store.dir)
     if any(s["name"] == name for s in reader.slices()):
         raise StateError(f"a slice named {name!r} already exists in this session; pick another name or "
                          "delete that slice first")
     if run_id not in {r["id"] for r in reader.runs()}:
         raise NotFoundError(f"no run {run_id} in this session")
+
+
+def save_slice(store: SessionStore, name: str, run_id: int, definition: Any, epoch: int | None = None,
+               *, split: str = "train") -> dict[str, Any]:
+    """Resolve ``definition`` and save it as slice ``name`` in the live session ``store``."""
+    reader = SessionReader(store.dir)
+    check_new_slice(reader, name, run_id)
     spec = parse_definition(definition)
     store.flush()  # what the run recorded so far is in the files before they are read
     epoch, indices = resolve_slice(reader, run_id, spec, epoch, split=split)

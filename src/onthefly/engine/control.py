@@ -151,6 +151,20 @@ class ClusterCommand(ClusterArgs):
     kind: Literal["cluster"]
 
 
+class ExportCommand(StrictModel):
+    """Write a saved slice's rows with the samples' data (the dataset is read on the training
+    thread, RNG isolated); carried out by onthefly.actions.export. The server sends it for
+    ``POST /api/slices/{name}/exports``: it is not one of the commands a page posts."""
+
+    kind: Literal["export"]
+    export_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="the export's random id")
+    slice: str = Field(min_length=1, max_length=64, description="the saved slice's name")
+    run_id: int = Field(ge=1, le=2**31)
+    epoch: int | None = Field(default=None, ge=0, le=2**31)
+    format: Literal["csv", "parquet", "json"]
+    filename: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,80}$", description="the download's file name")
+
+
 AnyCommand = Annotated[
     RunCommand | PauseCommand | ResumeCommand | StopCommand | TestCommand | TrainMoreCommand
     | SetLrCommand | SetWeightDecayCommand | CheckpointCommand | ClusterCommand,
@@ -169,6 +183,7 @@ def _kind(model: type[StrictModel]) -> str:
 COMMANDS: dict[str, type[StrictModel]] = {
     _kind(model): model for model in typing.get_args(typing.get_args(AnyCommand)[0])}
 COMMANDS["checkpoint"] = CheckpointAtPath
+COMMANDS["export"] = ExportCommand
 COMMAND_KINDS: tuple[str, ...] = tuple(COMMANDS)
 
 

@@ -4,13 +4,16 @@ ask for exactly what it missed."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "EventBus", "Subscriber"]
+__all__ = ["Event", "EventBus", "EventLog", "Subscriber", "event_dict"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,46 @@ class EventBus:
             for subscriber in self._subscribers:
                 subscriber(event)
         return event
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    return {"seq": event.seq, "kind": event.kind, "run_id": event.run_id, "step": event.step,
+            "epoch": event.epoch, "time": event.time, "payload": dict(event.payload)}
+
+
+class EventLog:
+    """A bounded in-memory log of events (as dicts), read by sequence number: the live feed.
+
+    Every event (including high-rate ``progress`` updates the store does not keep) enters it in
+    sequence order; a reader asks for everything after the last sequence number it saw, and what
+    has fallen out of the log is read back from the session's database. Thread-safe. As a bus
+    subscriber (``bus.subscribe(log)``) it costs the publishing thread one dict and an append."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._events: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self._seqs: deque[int] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:  # an EventBus subscriber
+        self.append(event_dict(event))
+
+    def append(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if self._seqs and event["seq"] <= self._seqs[-1]:
+                return  # already held (a feed re-sent after a reconnect)
+            self._events.append(event)
+            self._seqs.append(event["seq"])
+
+    @property
+    def last_seq(self) -> int:
+        with self._lock:
+            return self._seqs[-1] if self._seqs else 0
+
+    def after(self, seq: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+        """Events with a sequence number above ``seq`` (at most ``limit``), and the oldest sequence
+        number still held (None when empty): anything between ``seq`` and it must come from the store."""
+        with self._lock:
+            if not self._seqs:
+                return [], None
+            start = bisect.bisect_right(self._seqs, seq)
+            return list(itertools.islice(self._events, start, start + limit)), self._seqs[0]

@@ -93,6 +93,7 @@ class Run:
         evaluator: Evaluator | None = None,
         embed: Embed | None = None,
         train_dataset: Any = None,
+        export_dataset: Any = None,
     ) -> None:
         _check_names(project, run_name)
         if not isinstance(model, nn.Module):
@@ -118,6 +119,9 @@ class Run:
         self.evaluator = evaluator
         self.embed = embed  # set by Trainer, which knows how a batch feeds the model
         self.train_dataset = train_dataset  # the dataset trained on (updated by batches())
+        # What a slice export reads the samples' data from (a view without augmentation, or the
+        # map-style twin of an IterableDataset); None: the training dataset.
+        self.export_dataset = export_dataset
 
         checkpoint = read_checkpoint(Path(resume_from)) if resume_from is not None else None  # before clean-up
         self._owns_session = session is None

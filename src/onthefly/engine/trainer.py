@@ -94,6 +94,7 @@ class Trainer:
         progress: bool = True,
         grad_norm: bool = False,
         val_samples: bool = False,
+        export_dataset: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,6 +134,7 @@ class Trainer:
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
             wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks, grad_norm=grad_norm,
             evaluator=evaluator, embed=self._embed, train_dataset=train_loader.dataset,
+            export_dataset=export_dataset,
             config={"device": str(self.device), "amp": amp, "grad_clip": grad_clip,
                     "accumulate_grad_batches": accumulate_grad_batches,
                     "optimizer": type(optimizer).__name__, "model": type(model).__name__,

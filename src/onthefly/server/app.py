@@ -7,6 +7,8 @@ puts validated commands in a run's queue. It never touches a running model's ten
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from .._version import __version__
-from ..engine.run import Run
+from ..engine.channel import decode_array
+from ..engine.events import EventLog
 from ..errors import OnTheFlyError
 from ..store.queries import (
     hardest_samples,
@@ -29,8 +32,8 @@ from ..store.queries import (
 )
 from ..store.reader import SessionReader
 from ..store.samples import sample_epochs
-from ..store.session import SessionStore
 from .auth import COOKIE
+from .link import ChannelLink, LinkError
 from .models import (
     CommandAccepted,
     CommandBody,
@@ -44,11 +47,11 @@ from .models import (
     jsonable,
 )
 from .samples import evidence_routes
-from .stream import EventLog
 
 __all__ = ["DASHBOARD_DIR", "Backend", "create_app", "openapi_document"]
 
-DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
+# The built page (ONTHEFLY_DASHBOARD_DIR serves another build, e.g. while developing the page).
+DASHBOARD_DIR = Path(os.environ.get("ONTHEFLY_DASHBOARD_DIR") or Path(__file__).resolve().parent.parent / "dashboard")
 STREAM_INTERVAL = 0.1  # seconds between WebSocket messages: at most 10 updates per second
 STREAM_BATCH = 2000  # events per message at most
 SQL_INT_MAX = 2**63 - 1  # steps and sequence numbers are SQLite integers: larger ones are refused (422)
@@ -56,42 +59,83 @@ NO_RUN: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description"
 
 
 class Backend:
-    """What the server serves: one session's store, its live runs, and its event feed."""
+    """What the server serves: one session's store and, through the channel to the training
+    process (when there is one), its live runs and their event feed."""
 
-    def __init__(self, session_dir: Path, *, project: str, session_id: str) -> None:
+    def __init__(self, session_dir: Path, *, project: str, session_id: str, link: ChannelLink | None = None,
+                 events: EventLog | None = None) -> None:
         self.reader = SessionReader(session_dir)
         self.session_dir = session_dir
         self.project = project
         self.session_id = session_id
-        self.runs: dict[int, Run] = {}
-        self.store: SessionStore | None = None  # the live session's store: slices and clusterings go there
-        self.events = EventLog()
+        self.events = events if events is not None else EventLog()
+        self.link = link
         self.clients = 0
         self.delivered: dict[int, int] = {}  # per connected stream: the last seq sent to it
+        self._rejected: dict[tuple[int, int], str] = {}  # (run, command id) -> why it was rejected
+        self._scanned_seq = 0
+        self._scan_lock = threading.Lock()
 
-    def drained(self) -> bool:
-        """True once every connected stream has been sent every event published so far."""
-        last = self.events.last_seq
-        return all(seq >= last for seq in list(self.delivered.values()))
+    def drained(self, seq: int | None = None) -> bool:
+        """True once every connected stream has been sent every event up to ``seq`` (default:
+        every event received so far)."""
+        last = self.events.last_seq if seq is None else seq
+        return all(seq_ >= last for seq_ in list(self.delivered.values()))
 
-    def add_run(self, run: Run) -> None:
-        self.runs[run.run_id] = run
-        if self.store is None:
-            self.store = run.session
-        run.bus.subscribe(self.events)
+    def set_clients(self, count: int) -> None:
+        self.clients = count
+        if self.link is not None and self.link.live:
+            try:
+                self.link.send({"op": "clients", "count": count})
+            except LinkError:
+                pass
+
+    def live_state(self, run_id: int) -> dict[str, Any] | None:
+        if self.link is None:
+            return None
+        return self.link.states.get(run_id)
+
+    def live_run_ids(self) -> set[int]:
+        return set(self.link.states) if self.link is not None else set()
+
+    def ask(self, op: str, **fields: Any) -> Any:
+        """A request to the training process (commands, the live sample, slice records)."""
+        if self.link is None:
+            raise HTTPException(409, "no training process serves this session: it takes no commands")
+        try:
+            return self.link.request(op, **fields)
+        except LinkError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
+    def command(self, run_id: int, kind: str, args: dict[str, Any]) -> CommandAccepted:
+        state = self.live_state(run_id)
+        if state is None or not state.get("live"):
+            self.run_info(run_id)  # 404 if unknown
+            raise HTTPException(409, f"run {run_id} is not live in this process: it takes no commands")
+        return CommandAccepted.model_validate(self.ask("command", run_id=run_id, kind=kind, args=args))
+
+    def command_outcome(self, run_id: int, command_id: int) -> str | None:
+        """Why a queued command failed (rejected, or never carried out because the training process
+        ended); None while it may still be carried out or once it was."""
+        with self._scan_lock:
+            while True:
+                events, _ = self.events.after(self._scanned_seq, 10_000)
+                if not events:
+                    break
+                for event in events:
+                    if event["kind"] == "command_rejected" and event["run_id"] is not None:
+                        self._rejected[(event["run_id"], event["payload"].get("id"))] = \
+                            str(event["payload"].get("reason"))
+                self._scanned_seq = events[-1]["seq"]
+            reason = self._rejected.get((run_id, command_id))
+        if reason is None and (self.link is None or not self.link.live):
+            return "the training process ended before it carried this out"
+        return reason
 
     def run_info(self, run_id: int) -> RunInfo:
-        run = self.runs.get(run_id)
-        if run is not None:
-            latest = run.latest
-            return RunInfo(
-                id=run.run_id, name=run.name, status=run.status, live=not run.closed,
-                step=run.global_step, epoch=run.epoch, target_epochs=run.target_epochs,
-                batches_per_epoch=run.batches_per_epoch,
-                samples_per_second=jsonable(latest.get("samples_per_second")),
-                loss=jsonable(latest.get("loss")), lr=jsonable(latest.get("lr")),
-                commands=run.possible_commands(),
-            )
+        state = self.live_state(run_id)
+        if state is not None:
+            return RunInfo.model_validate(jsonable(state))
         for row in self.reader.runs():
             if row["id"] == run_id:
                 return RunInfo(id=run_id, name=row["name"], status=row["status"], live=False, step=0,
@@ -101,22 +145,28 @@ class Backend:
 
     def distribution(self, run_id: int, epoch: int | None, bins: int, split: str = "train") -> dict[str, Any]:
         """The live epoch's (approximate, from a uniform sample) or a stored epoch's (exact)."""
-        run = self.runs.get(run_id)
-        live = run.live_losses() if run is not None and not run.closed and split == "train" else None
-        if live is not None and (epoch is None or epoch == live[0]):
-            live_epoch, reservoir = live
-            values = reservoir.values()
-            epochs = sorted(set(sample_epochs(self.session_dir, run_id)) | {live_epoch})
-            return histogram(values, epoch=live_epoch, epochs=epochs, bins=bins, count=reservoir.seen,
-                             exact=values.size == reservoir.seen, live=True)
+        state = self.live_state(run_id)
+        live = None
+        if state is not None and state.get("live") and split == "train":
+            try:
+                live = self.ask("live_losses", run_id=run_id)
+            except HTTPException:
+                live = None  # the run ended meanwhile: its epochs are in the store
+        if live is not None and (epoch is None or epoch == live["epoch"]):
+            values = decode_array(live["values"])
+            epochs = sorted(set(sample_epochs(self.session_dir, run_id)) | {live["epoch"]})
+            return histogram(values, epoch=live["epoch"], epochs=epochs, bins=bins, count=live["seen"],
+                             exact=values.size == live["seen"], live=True)
         return loss_distribution(self.session_dir, run_id, epoch, bins=bins, split=split)
 
     def events_after(self, seq: int, limit: int) -> list[dict[str, Any]]:
         events, oldest = self.events.after(seq, limit)
-        if oldest is None or oldest > seq + 1:
-            # The in-memory feed no longer reaches back that far: older events come from the store.
+        # Events older than the in-memory feed come from the store. With a training process, the
+        # feed begins where its channel's began: a newer event is not missing, only not here yet.
+        start = oldest if oldest is not None else (self.link.feed_start if self.link is not None else None)
+        if start is None or start > seq + 1:
             stored = [e for e in self.reader.events(after_seq=seq, limit=limit)
-                      if oldest is None or e["seq"] < oldest]
+                      if start is None or e["seq"] < start]
             events = (stored + events)[:limit]
         return [jsonable(e) for e in events]
 
@@ -173,10 +223,10 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
     @app.get("/api/session", response_model=SessionOut, summary="The session and its runs")
     async def session() -> SessionOut:
         info = backend.reader.info()
-        run_ids = sorted({r["id"] for r in backend.reader.runs()} | set(backend.runs))
+        run_ids = sorted({r["id"] for r in backend.reader.runs()} | backend.live_run_ids())
         return SessionOut(id=backend.session_id, project=backend.project, dir=str(backend.session_dir),
                           pid=int(info.get("pid") or 0), version=__version__,
-                          runs=[backend.run_info(i) for i in run_ids])
+                          runs=[backend.run_info(i) for i in run_ids], live_seq=backend.events.last_seq)
 
     @app.get("/api/runs/{run_id}", response_model=RunInfo, responses=NO_RUN, summary="One run's live state")
     async def run_info(run_id: int) -> RunInfo:
@@ -213,17 +263,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
               responses={**NO_RUN, 409: {"model": Problem, "description": "the run cannot do that now"},
                          400: {"model": Problem, "description": "the body cannot be read (not UTF-8)"}})
     async def command(run_id: int, body: CommandBody) -> CommandAccepted:
-        run = backend.runs.get(run_id)
-        if run is None:
-            backend.run_info(run_id)  # 404 if unknown
-            raise HTTPException(409, f"run {run_id} is not live in this process: it takes no commands")
-        args = body.model_dump(exclude={"kind"})
-        possible = run.possible_commands()
-        if body.kind not in possible:
-            raise HTTPException(409, f"cannot {body.kind} while the run is {run.status}; "
-                                     f"possible now: {', '.join(possible) or 'nothing'}")
-        queued = run.request(body.kind, **args)
-        return CommandAccepted(id=queued.id, kind=queued.kind, args=queued.args)
+        return await asyncio.to_thread(backend.command, run_id, body.kind, body.model_dump(exclude={"kind"}))
 
     @app.get("/api/runs/{run_id}/distribution", response_model=Distribution, responses=NO_RUN,
              summary="Per-sample loss histogram, quantiles, median and MAD for an epoch "
@@ -249,7 +289,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
     @app.websocket("/api/stream")
     async def stream(websocket: WebSocket, after_seq: int = 0) -> None:
         await websocket.accept()
-        backend.clients += 1
+        backend.set_clients(backend.clients + 1)
         last = max(after_seq, 0)
         key = id(websocket)
         backend.delivered[key] = last
@@ -282,8 +322,8 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            backend.clients -= 1
             backend.delivered.pop(key, None)
+            backend.set_clients(backend.clients - 1)
             watcher.cancel()
 
     return app
@@ -292,7 +332,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
 def openapi_document() -> dict[str, Any]:
     """The API's OpenAPI document (what ``/openapi.json`` serves), without a session: the
     dashboard's TypeScript types are generated from it."""
-    document: dict[str, Any] = create_app(None, "", set).openapi()
+    document: dict[str, Any] = create_app(None, "", set).openapi()  # type: ignore[arg-type]
     return document
 
 

@@ -2,14 +2,18 @@
 dashboard's own Origin.
 
 A pure ASGI middleware, so it guards every route the same way (pages, API, OpenAPI document,
-WebSocket). The token is accepted as ``Authorization: Bearer``, as ``?token=``, or as the cookie
-the page sets for itself (so the page's own assets load without the token in their URLs).
+WebSocket). The token is accepted as ``Authorization: Bearer`` or as ``?token=``; the cookie the
+page sets for itself only where a browser cannot send a header: GET of the page, its assets and
+a finished export's download (whose id is random). Every other API call needs the token itself,
+so another page on a loopback port, which the browser would send the cookie from, can make the
+server do nothing.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -19,6 +23,7 @@ __all__ = ["COOKIE", "AuthMiddleware", "cookie_name_for", "is_loopback_host", "n
 
 COOKIE = "onthefly_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+COOKIE_PATHS = re.compile(r"^(/|/assets/[^?]*|/api/exports/[0-9a-f]{32}/file)$")  # GET only
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,12 +58,15 @@ def cookie_name_for(port: int) -> str:
 
 
 def _presented_tokens(scope: Scope, headers: dict[str, str], cookie_name: str) -> list[str]:
-    tokens = []
+    tokens: list[str] = []
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         tokens.append(auth[7:].strip())
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     tokens.extend(query.get("token", []))
+    if scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD") \
+            or not COOKIE_PATHS.match(scope.get("path", "")):
+        return tokens
     # Cookies are parsed by hand: another local app's odd cookie must not hide ours.
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")
@@ -87,7 +95,8 @@ class AuthMiddleware:
         if not any(hmac.compare_digest(t.encode(), self.token.encode())
                    for t in _presented_tokens(scope, headers, self.cookie_name)):
             await self._refuse(scope, receive, send, 401, "missing or wrong token: open the URL the "
-                               "server printed, or send 'Authorization: Bearer <token>'")
+                               "server printed, or send 'Authorization: Bearer <token>' (the page's "
+                               "cookie is only for the page, its assets and export downloads)")
             return
         if scope["type"] == "websocket":
             origin = headers.get("origin")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -21,6 +21,8 @@ __all__ = [
     "Distribution",
     "EventOut",
     "EventPage",
+    "ExportCreate",
+    "ExportOut",
     "HardSamples",
     "MetricsOut",
     "Problem",
@@ -87,6 +89,8 @@ class SessionOut(BaseModel):
     pid: int
     version: str
     runs: list[RunInfo]
+    live_seq: int = Field(default=0, description="the newest event this server has received from the "
+                          "training process (the runs' live state is at least that recent)")
 
 
 class Series(BaseModel):
@@ -182,6 +186,9 @@ class SampleTable(BaseModel):
     sample_ids: str | None = Field(
         default=None, description="what a row's index is: 'index' (the dataset's) or 'position' (an "
         "IterableDataset's order within the epoch; AUM and forgetting then assume that order is fixed)")
+    live_epoch: int | None = Field(
+        default=None, description="the epoch the run is training now (its table fills when it ends); "
+        "None when the run is not training")
 
 
 class HistoryRow(BaseModel):
@@ -236,6 +243,26 @@ class SliceCreate(_Strict):
     run_id: int = Field(ge=1, le=2**31)
     epoch: int | None = Field(default=None, ge=0, le=2**31, description="default: the latest complete epoch")
     definition: SliceDefinition
+
+
+class ExportCreate(_Strict):
+    format: Literal["csv", "parquet", "json"] = "parquet"
+    data: bool = Field(default=True, description="with each sample's own data (read by the training process "
+                       "at a step boundary, from its export_dataset or training dataset)")
+
+
+class ExportOut(BaseModel):
+    id: str = Field(description="random: the download URL cannot be guessed")
+    slice: str
+    run_id: int
+    epoch: int | None
+    format: Literal["csv", "parquet", "json"]
+    data: bool
+    status: Literal["pending", "ready", "failed"]
+    rows: int | None = None
+    error: str | None = None
+    note: str | None = Field(default=None, description="e.g. why the rows carry no sample data")
+    filename: str
 
 
 class SliceOut(BaseModel):

@@ -1,4 +1,7 @@
-"""Runs the server in a background thread of the training process, on 127.0.0.1."""
+"""Serves one session on 127.0.0.1 (uvicorn in a background thread of the calling process).
+
+The dashboard server process (:mod:`onthefly.server.process`) runs one of these; so can a tool
+that reads a finished session, or a benchmark."""
 
 from __future__ import annotations
 
@@ -13,17 +16,18 @@ from typing import Any
 
 import uvicorn
 
-from ..engine.run import Run
+from ..engine.events import EventLog
 from ..errors import ConfigError
 from .app import Backend, create_app
 from .auth import AuthMiddleware, cookie_name_for, new_token
+from .link import ChannelLink
 
-__all__ = ["DashboardServer"]
+__all__ = ["DashboardServer", "port_from_env"]
 
 STARTUP_TIMEOUT = 30.0
 
 
-def _port_from_env() -> int:
+def port_from_env() -> int:
     text = os.environ.get("ONTHEFLY_PORT", "0")
     try:
         port = int(text)
@@ -48,20 +52,15 @@ class DashboardServer:
     """The dashboard and API for one session. ``start()`` returns once it accepts connections."""
 
     def __init__(self, session_dir: Path, *, project: str, session_id: str, port: int | None = None,
-                 host: str = "127.0.0.1") -> None:
-        self.token = new_token()
-        self.backend = Backend(session_dir, project=project, session_id=session_id)
+                 host: str = "127.0.0.1", token: str | None = None, link: ChannelLink | None = None,
+                 events: EventLog | None = None) -> None:
+        self.token = token or new_token()
+        self.backend = Backend(session_dir, project=project, session_id=session_id, link=link, events=events)
         self.host = host
-        self._requested_port = _port_from_env() if port is None else port
+        self._requested_port = port_from_env() if port is None else port
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-
-    @classmethod
-    def for_run(cls, run: Run, *, port: int | None = None) -> DashboardServer:
-        server = cls(run.session.dir, project=run.project, session_id=run.session.id, port=port)
-        server.backend.add_run(run)
-        return server
 
     def allowed_origins(self) -> set[str]:
         return {f"http://{name}:{self.port}" for name in ("127.0.0.1", "localhost", "[::1]")}
@@ -116,11 +115,11 @@ class DashboardServer:
             line = json.dumps({"onthefly": {"url": self.url, "token": self.token, "pid": os.getpid()}})
             print(line, flush=True)
 
-    def stop(self, drain_timeout: float = 3.0) -> None:
+    def stop(self, drain_timeout: float = 3.0, until_seq: int | None = None) -> None:
         """Stop serving (idempotent), after the connected dashboards have been sent the last
-        events (the run's final status), for at most ``drain_timeout`` seconds."""
+        events (up to ``until_seq``: the run's final status), for at most ``drain_timeout`` seconds."""
         deadline = time.monotonic() + drain_timeout
-        while self._thread is not None and not self.backend.drained() and time.monotonic() < deadline:
+        while self._thread is not None and not self.backend.drained(until_seq) and time.monotonic() < deadline:
             time.sleep(0.02)  # the stream sends every 100 ms
         if self._server is not None:
             self._server.should_exit = True

@@ -1,15 +1,16 @@
 """The evidence endpoints: per-sample tables and histories, clusterings, slices and exports.
 
-Everything is read from the store (heavy views computed on request, off the event loop); the two
-things that need the training process - clustering on embeddings and the sample data in an
-export - go through the engine's command queue and the run's dataset, never its tensors.
+Everything is read from the store (heavy views computed on request, off the event loop, in
+this server process). What needs the training process goes through the channel: clustering
+and an export with the samples' data are commands it carries out at a step boundary (the
+user's model and dataset are never touched from here); a new slice is resolved here and its
+record written by the training process's store (the session's one writer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
+import threading
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -17,16 +18,18 @@ import pyarrow as pa
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from starlette.background import BackgroundTask
 
 from ..actions import export as exporting
 from ..actions import slices as slicing
 from ..actions.cluster import scatter_points
+from ..engine.channel import encode_array
 from ..signals.dynamics import STAT_COLUMNS, FlagRule, flag_counts
 from .models import (
     ClusterArgs,
     ClusteringOut,
     CommandAccepted,
+    ExportCreate,
+    ExportOut,
     Problem,
     SampleHistory,
     SampleTable,
@@ -56,10 +59,8 @@ def _sorted(table: pa.Table, column: str, descending: bool) -> np.ndarray:
 def evidence_routes(backend: Any) -> APIRouter:
     router = APIRouter()
 
-    def store() -> Any:
-        if backend.store is None:
-            raise HTTPException(409, "this session takes no new slices or clusterings (it is not live)")
-        return backend.store
+    exports: dict[str, dict[str, Any]] = {}  # pending exports asked of the training process
+    exports_lock = threading.Lock()
 
     # ---- per-sample tables -------------------------------------------------------------------
     @router.get("/api/runs/{run_id}/samples", response_model=SampleTable, responses=NOT_FOUND,
@@ -93,9 +94,15 @@ def evidence_routes(backend: Any) -> APIRouter:
                     "total": table.num_rows,
                     "offset": offset, "rows": rows, "flags": counts, "rule": rule.describe(),
                     "grad_norm_method": info_config(run_id).get("grad_norm"),
-                    "sample_ids": info_config(run_id).get("sample_ids")}
+                    "sample_ids": info_config(run_id).get("sample_ids"), "live_epoch": live_epoch(run_id)}
 
         return SampleTable.model_validate(await asyncio.to_thread(read))
+
+    def live_epoch(run_id: int) -> int | None:
+        state = backend.live_state(run_id)
+        if state is None or not state.get("live") or state.get("status") not in ("running", "paused"):
+            return None
+        return int(state["epoch"])
 
     def info_config(run_id: int) -> dict[str, Any]:
         for row in backend.reader.runs():
@@ -116,14 +123,7 @@ def evidence_routes(backend: Any) -> APIRouter:
                  summary="Cluster the run's samples (a command: applied at the next step boundary; the "
                          "result is announced by a command_applied event with the clustering id)")
     async def cluster(run_id: int, body: ClusterArgs) -> CommandAccepted:
-        run = backend.runs.get(run_id)
-        if run is None:
-            backend.run_info(run_id)
-            raise HTTPException(409, f"run {run_id} is not live in this process: it takes no commands")
-        if "cluster" not in run.possible_commands():
-            raise HTTPException(409, f"cannot cluster while the run is {run.status}")
-        queued = run.request("cluster", **body.model_dump())
-        return CommandAccepted(id=queued.id, kind=queued.kind, args=queued.args)
+        return await asyncio.to_thread(backend.command, run_id, "cluster", body.model_dump())
 
     @router.get("/api/runs/{run_id}/clusters", response_model=list[ClusteringOut], responses=NOT_FOUND,
                 summary="The run's clusterings (summaries, without points)")
@@ -148,42 +148,83 @@ def evidence_routes(backend: Any) -> APIRouter:
                  summary="Resolve a slice definition at a run and epoch, and save it by name")
     async def create_slice(body: SliceCreate) -> SliceOut:
         backend.run_info(body.run_id)
-        record = await asyncio.to_thread(slicing.save_slice, store(), body.name, body.run_id, body.definition,
-                                         body.epoch)
-        return SliceOut.model_validate(record)
+
+        def create() -> dict[str, Any]:
+            slicing.check_new_slice(backend.reader, body.name, body.run_id)
+            spec = slicing.parse_definition(body.definition)
+            backend.ask("flush")  # what the run recorded so far is in the files before they are read
+            epoch, indices = slicing.resolve_slice(backend.reader, body.run_id, spec, body.epoch)
+            record: dict[str, Any] = backend.ask(
+                "save_slice", name=body.name, slice_run=body.run_id, epoch=epoch, split="train",
+                definition=spec.model_dump(mode="json"), indices=encode_array(np.asarray(indices, dtype=np.int64)))
+            return record
+
+        return SliceOut.model_validate(await asyncio.to_thread(create))
 
     @router.get("/api/slices/{name}", response_model=SliceOut, responses=NOT_FOUND, summary="One saved slice")
     async def get_slice(name: str) -> SliceOut:
         return SliceOut.model_validate(backend.reader.slice(name))
 
-    @router.delete("/api/slices/{name}", status_code=204, responses=NOT_FOUND, summary="Delete a saved slice")
+    @router.delete("/api/slices/{name}", status_code=204, responses={**NOT_FOUND, **CONFLICT},
+                   summary="Delete a saved slice")
     async def delete_slice(name: str) -> Response:
-        await asyncio.to_thread(slicing.delete_slice, store(), name)
+        record = backend.reader.slice(name)
+        await asyncio.to_thread(backend.ask, "delete_slice", slice_id=record["id"], path=record["path"])
         return Response(status_code=204)
 
-    @router.get("/api/slices/{name}/export", responses={**NOT_FOUND, 200: {
-        "content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the slice's rows as a file"}},
-        response_class=FileResponse, summary="Download a slice as CSV, Parquet or JSON")
-    async def export(name: str, format: Annotated[Literal["csv", "parquet", "json"], Query()] = "parquet",
-                     data: bool = True) -> FileResponse:
-        record = backend.reader.slice(name)
-        run = backend.runs.get(record["run_id"])
-        dataset = run.train_dataset if data and run is not None else None
-        folder = backend.session_dir / "exports"
-        folder.mkdir(exist_ok=True)
-        target = folder / f"{secrets.token_hex(8)}.{format}"
-        await asyncio.to_thread(exporting.write_rows, backend.reader, record["run_id"], record["epoch"],
-                                backend.reader.slice_indices(record), target, format, _indexable(dataset))
-        filename = re.sub(r"[^A-Za-z0-9_.\-]+", "-", name).strip("-") or "slice"
-        return FileResponse(target, media_type=MEDIA_TYPES[format], filename=f"{filename}.{format}",
-                            background=BackgroundTask(target.unlink, missing_ok=True))
+    # ---- exports -----------------------------------------------------------------------------
+    @router.post("/api/slices/{name}/exports", response_model=ExportOut, status_code=202,
+                 responses={**NOT_FOUND, **CONFLICT, **BAD_BODY},
+                 summary="Export a slice's rows to a file: without sample data at once; with it, by the "
+                         "training process at its next step boundary (poll GET /api/exports/{id})")
+    async def create_export(name: str, body: ExportCreate) -> ExportOut:
+        saved = backend.reader.slice(name)
+        record = exporting.new_export(backend.session_dir, slice_name=name, run_id=saved["run_id"],
+                                      epoch=saved["epoch"], fmt=body.format, data=body.data)
+        state = backend.live_state(saved["run_id"])
+        if body.data and state is not None and state.get("live"):
+            args = {"export_id": record["id"], "slice": name, "run_id": saved["run_id"], "epoch": saved["epoch"],
+                    "format": body.format, "filename": record["filename"]}
+            accepted = await asyncio.to_thread(backend.command, saved["run_id"], "export", args)
+            with exports_lock:
+                exports[record["id"]] = {**record, "command": accepted.id}
+            return ExportOut.model_validate(record)
+        note = None if not body.data else "rows carry no sample data: no training process holds the dataset"
+        result = await asyncio.to_thread(exporting.run_export, backend.reader, record, None, note=note)
+        return ExportOut.model_validate(result)
+
+    @router.get("/api/exports/{export_id}", response_model=ExportOut, responses=NOT_FOUND,
+                summary="An export's state: pending, ready (with its row count) or failed (with the error)")
+    async def get_export(export_id: str) -> ExportOut:
+        return ExportOut.model_validate(export_state(export_id))
+
+    @router.get("/api/exports/{export_id}/file", response_class=FileResponse, responses={**NOT_FOUND, **CONFLICT,
+                200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the slice's rows"}},
+                summary="Download a finished export")
+    async def export_file(export_id: str) -> FileResponse:
+        state = export_state(export_id)
+        if state["status"] != "ready":
+            raise HTTPException(409, f"export {export_id} is {state['status']}"
+                                     + (f": {state['error']}" if state.get("error") else ""))
+        return FileResponse(exporting.export_file(backend.session_dir, state), filename=state["filename"],
+                            media_type=MEDIA_TYPES[state["format"]])
+
+    def export_state(export_id: str) -> dict[str, Any]:
+        finished = exporting.export_record(backend.session_dir, export_id)
+        if finished is not None:
+            with exports_lock:
+                exports.pop(export_id, None)
+            return finished
+        with exports_lock:
+            pending = exports.get(export_id)
+        if pending is None:
+            raise HTTPException(404, f"no export {export_id} in this session")
+        rejected = backend.command_outcome(pending["run_id"], pending["command"])
+        if rejected is not None:
+            return {**pending, "status": "failed", "error": rejected}
+        return pending
 
     return router
-
-
-def _indexable(dataset: Any) -> Any:
-    """Only map-style datasets can be read by index; an iterable dataset's rows carry no data."""
-    return dataset if dataset is not None and hasattr(dataset, "__getitem__") else None
 
 
 def _clustering(record: dict[str, Any], points: pa.Table | None) -> dict[str, Any]:
