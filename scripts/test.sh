@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs what the tests need, then runs the whole gate: ruff, mypy, tsc, pytest (the browser
+# Installs what the tests need, then runs the whole gate: tsc, vitest, ruff, mypy, pytest (the browser
 # tests drive Debian's chromium with Playwright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh  # builds the dashboard: its API types generated, then tsc, then vite
+echo "== dashboard unit tests (vitest)"
+(cd dashboard && npm test --silent)
 if [ ! -x /usr/bin/chromium ]; then
   echo "== installing chromium for the browser tests"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

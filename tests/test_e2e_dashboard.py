@@ -1,11 +1,13 @@
 """End to end: the dashboard in headless Chromium against a real training process.
 
 One `onthefly demo` process trains with the dashboard attached; the test opens the page with its
-token and acts as a person would: watches the loss curve grow, pauses, tests, changes the
-learning rate, resumes, reloads mid-run, and stops. Another acts on per-sample evidence: drags a
-loss range on the distribution, saves it as a slice and exports it (checked against the stored
-per-sample rows), clusters the samples, sorts and filters the per-sample table. Screenshots are
-saved to test-artifacts/.
+token (which leaves the address bar at once) and acts as a person would: watches the loss curve
+grow, pauses, tests, changes the learning rate, resumes, reloads mid-run, and stops; every API call
+the page makes carries the token in its Authorization header. Another acts on per-sample evidence:
+sees the epoch in progress marked live in the per-sample table, drags a loss range on the
+distribution, saves it as a slice and exports it (the page says how many rows; the file is checked
+against the stored per-sample rows), sees a failed export's error, clusters the samples, sorts and
+filters the per-sample table. Screenshots are saved to test-artifacts/.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, Request, expect, sync_playwright
 
 import onthefly
 from conftest import REPO
@@ -103,9 +105,15 @@ def wait_until(predicate: Any, message: str, timeout: float = 60.0) -> None:
 def test_dashboard_controls_a_live_training_run(demo: Demo, page: Page) -> None:
     page.set_default_timeout(DEADLINE_MS)
     expect.set_options(timeout=DEADLINE_MS)
+    api_calls: list[Request] = []
+    page.on("request", lambda request: api_calls.append(request) if "/api/" in request.url else None)
+    streams: list[str] = []
+    page.on("websocket", lambda socket: streams.append(socket.url))
     page.goto(demo.url)
     expect(page.get_by_test_id("project")).to_have_text("demo")
     expect(page.get_by_test_id("status")).to_have_text("running")
+    # The token leaves the address bar (and so the history) as soon as the page has read it.
+    assert "token" not in page.url and page.url == demo.base + "/"
 
     # The loss curve grows while training runs.
     wait_until(lambda: chart_points(page, "chart-train-loss") > 5, "the loss chart has points")
@@ -144,10 +152,12 @@ def test_dashboard_controls_a_live_training_run(demo: Demo, page: Page) -> None:
     lr_series = demo.api(f"/api/runs/1/metrics?names=lr&start_step={paused_at + 1}&points=20000")["series"]["lr"]
     assert lr_series["value"] and all(v == pytest.approx(0.0005) for v in lr_series["value"])
 
-    # Reload mid-run: the history is complete (charts from the store, the log from the feed).
+    # Reload mid-run (the address has no token now: the tab kept it): the history is complete
+    # (charts from the store, the log from the feed).
     before = chart_points(page, "chart-train-loss")
     page.reload()
     expect(page.get_by_test_id("status")).to_have_text("running")
+    assert "token" not in page.url
     wait_until(lambda: chart_points(page, "chart-train-loss") >= min(before, 1000), "the history reloads")
     expect(page.get_by_test_id("event-log")).to_contain_text("set_lr")
     expect(page.get_by_test_id("test-results").locator("tbody tr:not(.empty)").first).to_be_visible()
@@ -164,6 +174,13 @@ def test_dashboard_controls_a_live_training_run(demo: Demo, page: Page) -> None:
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_test_id("status")).to_have_text("stopped")
     assert demo.process.wait(60) == 0
+
+    # Every API call carried the token in its header (the server takes the page's cookie only for
+    # the page, its assets and export downloads); the stream, which cannot send headers, in its URL.
+    assert api_calls and streams
+    for request in api_calls:
+        assert request.headers.get("authorization") == f"Bearer {demo.token}", request.url
+    assert all("/api/stream?" in url and f"token={demo.token}" in url for url in streams)
 
 
 def column_values(page: Page, table_id: str, column: int) -> list[str]:
@@ -193,6 +210,12 @@ def test_dashboard_turns_per_sample_evidence_into_slices(demo: Demo, page: Page,
     expect(page.get_by_test_id("status")).to_have_text("running")
     # A few epochs, so the training dynamics (AUM, forgetting) have something to say.
     wait_until(lambda: demo.api("/api/runs/1")["epoch"] >= 3, "three epochs end")
+    # The table shows the newest finished epoch and says, marked live, which one is in progress.
+    live = page.get_by_test_id("samples-caption").locator(".caption-live")
+    expect(live).to_contain_text(re.compile(r"Epoch \d+ is in progress: its per-sample table fills when the epoch ends"))
+    expect(live.locator(".mode")).to_have_text("live")
+    table = page.get_by_test_id("hard-samples")
+    assert int(table.get_attribute("data-live-epoch") or -1) > int(table.get_attribute("data-epoch") or -1)
 
     # Pause, so the histogram holds still under the mouse.
     page.get_by_role("button", name="Pause").click()
@@ -227,9 +250,11 @@ def test_dashboard_turns_per_sample_evidence_into_slices(demo: Demo, page: Page,
     slices = page.get_by_test_id("slices")
     expect(slices.locator("tr", has_text="low loss")).to_contain_text(f"{saved['count']:,}")
 
-    # Export it as Parquet: exactly the samples whose stored loss at that epoch lies in the band.
+    # Export it as Parquet: the page says how many rows, and the file holds exactly the samples
+    # whose stored loss at that epoch lies in the band.
     with page.expect_download() as download:
         page.get_by_role("button", name="Export low loss as Parquet").click()
+    expect(message).to_contain_text(f"Exported 'low loss' as Parquet: {saved['count']:,} rows")
     assert download.value.suggested_filename == "low-loss.parquet"  # the server's file name
     path = tmp_path / "low-loss.parquet"
     download.value.save_as(path)
@@ -252,8 +277,21 @@ def test_dashboard_turns_per_sample_evidence_into_slices(demo: Demo, page: Page,
     expect(page.get_by_test_id("cluster-table").locator("tbody tr:not(.empty)")).to_have_count(clustering["k"])
     expect(page.get_by_test_id("clusters-caption")).to_contain_text(f"clustering {clustering['id']} · ")
 
+    # A failed export says why, and downloads nothing: a cluster saved as a slice, then deleted
+    # behind the page's back.
+    downloads: list[Any] = []
+    page.on("download", lambda download: downloads.append(download))  # a bound builtin cannot be a handler
+    page.get_by_role("button", name="Save cluster 0 as slice").click()
+    gone = f"clustering {clustering['id']} cluster 0"
+    expect(slices.locator("tr", has_text=gone)).to_be_visible()
+    httpx.delete(f"{demo.base}/api/slices/{gone}", headers={"Authorization": f"Bearer {demo.token}"},
+                 timeout=10).raise_for_status()
+    page.get_by_role("button", name=f"Export {gone} as CSV").click()
+    expect(message).to_contain_text(f"Could not export '{gone}' as CSV: ")
+    expect(message).to_have_attribute("data-tone", "error")
+    assert "Exported" not in message.inner_text() and not downloads
+
     # The per-sample table: sort by AUM both ways, then show only the hard samples.
-    table = page.get_by_test_id("hard-samples")
     aum = table.get_by_role("columnheader", name="AUM")
     expect(aum).to_have_attribute("aria-sort", "none")
     aum.get_by_role("button").click()

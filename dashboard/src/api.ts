@@ -1,68 +1,70 @@
-// The typed HTTP client for the On The Fly server. Every request carries the session token; every
-// URL is built from the page's own location, so the page works on whatever port it is served from.
+// The typed HTTP client for the On The Fly server. Every request carries the session token in an
+// `Authorization: Bearer` header; every URL is built from the page's own origin, so the page works
+// on whatever port it is served from (a forwarded one included).
+//
+// The types are not written here: they are generated from the server's OpenAPI document
+// (scripts/openapi.mjs -> src/generated/api-types.ts, at every build), and each method names the
+// endpoint its answer comes from. A model or a path changed on the server fails `tsc` here, or
+// where the page uses it, instead of a user's click.
 
-export type CommandKind =
-  | "run"
-  | "pause"
-  | "resume"
-  | "stop"
-  | "test"
-  | "train_more"
-  | "set_lr"
-  | "set_weight_decay"
-  | "cluster";
+import type { components, paths } from "./generated/api-types";
 
-export interface RunInfo {
-  id: number;
-  name: string;
-  status: string;
-  live: boolean;
-  step: number;
-  epoch: number;
-  target_epochs: number;
-  batches_per_epoch: number | null;
-  samples_per_second: number | null;
-  loss: number | null;
-  lr: number | null;
-  commands: string[];
-}
+type Schemas = components["schemas"];
+type HttpMethod = "get" | "post" | "delete";
+type Operation<P extends keyof paths, M extends HttpMethod> = NonNullable<paths[P][M]>;
+type Json<R> = R extends { content: { "application/json": infer T } } ? T : never;
+type Responses<P extends keyof paths, M extends HttpMethod> = Operation<P, M>["responses"];
+/** The JSON body a successful call of `M P` answers with. */
+type Answer<P extends keyof paths, M extends HttpMethod = "get"> = Json<
+  Responses<P, M>[Extract<keyof Responses<P, M>, 200 | 201 | 202>]
+>;
+/** The JSON body `M P` takes. */
+type Body<P extends keyof paths, M extends HttpMethod> =
+  Operation<P, M> extends { requestBody: { content: { "application/json": infer B } } } ? B : never;
+/** The query parameters of `GET P`. */
+type Query<P extends keyof paths> = NonNullable<Operation<P, "get">["parameters"]["query"]>;
 
-export interface SessionInfo {
-  id: string;
-  project: string;
-  dir: string;
-  pid: number;
-  version: string;
-  runs: RunInfo[];
-}
+// Readable names for the shapes the page uses.
+export type SessionInfo = Schemas["SessionOut"];
+export type RunInfo = Schemas["RunInfo"];
+export type ApiEvent = Schemas["EventOut"];
+export type EventPage = Schemas["EventPage"];
+export type MetricsResponse = Schemas["MetricsOut"];
+export type MetricSeries = Schemas["Series"];
+export type Distribution = Schemas["Distribution"];
+export type Quantiles = Schemas["Quantiles"];
+export type SampleRow = Schemas["SampleRow"];
+export type SampleHistory = Schemas["SampleHistory"];
+export type SampleHistoryRow = Schemas["HistoryRow"];
+export type Clustering = Schemas["ClusteringOut"];
+export type ClusterSummary = Schemas["ClusterSummary"];
+export type ClusterRequest = Body<"/api/runs/{run_id}/clusters", "post">;
+export type CommandRequest = Body<"/api/runs/{run_id}/commands", "post">;
+export type CommandAccepted = Schemas["CommandAccepted"];
+export type SliceCreate = Schemas["SliceCreate"];
+export type SliceDefinition = SliceCreate["definition"];
+export type FilterCondition = Schemas["Condition"];
+export type SliceInfo = Schemas["SliceOut"];
 
-export interface ApiEvent {
-  seq: number;
-  kind: string;
-  run_id: number | null;
-  step: number | null;
+/** A page of one epoch's samples, and the epoch the run is training now (`live_epoch`, whose
+ *  table fills when it ends; null when no epoch is in progress). */
+export type SampleTable = Answer<"/api/runs/{run_id}/samples">;
+
+type SampleParams = Query<"/api/runs/{run_id}/samples">;
+/** Columns the per-sample table can be sorted by. */
+export type SampleSort = NonNullable<SampleParams["sort"]>;
+export type SampleFlag = NonNullable<SampleParams["flag"]>;
+
+/** What the per-sample table asks for (every parameter the page sets, none left to defaults). */
+export interface SampleQuery {
+  /** null: the latest complete epoch. */
   epoch: number | null;
-  time: number;
-  payload: Record<string, unknown>;
-}
-
-export interface EventPage {
-  events: ApiEvent[];
-  last_seq: number;
-}
-
-/** One metric as the server sends it: columns of equal length, downsampled to at most `points`. */
-export interface MetricSeries {
-  step: number[];
-  value: (number | null)[];
-  min: (number | null)[];
-  max: (number | null)[];
-  /** Raw points in the requested range before downsampling. */
-  total: number;
-}
-
-export interface MetricsResponse {
-  series: Record<string, MetricSeries | undefined>;
+  sort: SampleSort;
+  order: NonNullable<SampleParams["order"]>;
+  flag: SampleFlag | null;
+  label: number | null;
+  limit: number;
+  offset: number;
 }
 
 export interface MetricsQuery {
@@ -72,202 +74,14 @@ export interface MetricsQuery {
   points?: number;
 }
 
-export interface Quantiles {
-  p50: number;
-  p90: number;
-  p95: number;
-  p99: number;
-}
+export type ExportCreate = Body<"/api/slices/{name}/exports", "post">;
+export type ExportFormat = ExportCreate["format"];
+/** An export of a slice's rows, written by the server (with sample data: by the training process
+ *  at its next step boundary): pending, then ready (`rows`, maybe a `note`) or failed (`error`). */
+export type ExportOut = Answer<"/api/exports/{export_id}">;
 
-export interface Distribution {
-  epoch: number | null;
-  epochs: number[];
-  /** The epoch in progress (counts scaled from a uniform sample of its losses so far). */
-  live: boolean;
-  /** False: the counts and quantiles are estimated from that sample. */
-  exact: boolean;
-  count: number;
-  edges: number[];
-  counts: number[];
-  quantiles: Quantiles | null;
-  mean: number | null;
-  median: number | null;
-  /** Median absolute deviation from the median. */
-  mad: number | null;
-}
-
-/** Columns the per-sample table can be sorted by. */
-export type SampleSort =
-  | "index"
-  | "label"
-  | "pred"
-  | "loss"
-  | "margin"
-  | "confidence"
-  | "grad_norm"
-  | "epochs"
-  | "aum"
-  | "forgetting"
-  | "confidence_mean"
-  | "variability";
-
-export type SampleFlag = "hard" | "mislabelled";
-
-/** One sample at one epoch, with its training dynamics over the epochs so far. */
-export interface SampleRow {
-  index: number;
-  label: number | null;
-  pred: number | null;
-  correct: boolean | null;
-  loss: number | null;
-  margin: number | null;
-  /** Probability given to the labelled class. */
-  confidence: number | null;
-  grad_norm: number | null;
-  epochs: number;
-  /** Area under the margin: the mean margin over epochs. */
-  aum: number | null;
-  forgetting: number;
-  confidence_mean: number | null;
-  variability: number | null;
-  hard: boolean;
-  mislabelled: boolean;
-}
-
-export interface SampleQuery {
-  /** null: the latest complete epoch. */
-  epoch: number | null;
-  sort: SampleSort;
-  order: "desc" | "asc";
-  flag: SampleFlag | null;
-  label: number | null;
-  limit: number;
-  offset: number;
-}
-
-export interface SampleTable {
-  epoch: number | null;
-  epochs: number[];
-  /** Rows that pass the filters. */
-  total: number;
-  offset: number;
-  rows: SampleRow[];
-  /** How many samples carry each flag at this epoch. */
-  flags: Partial<Record<SampleFlag, number>>;
-  /** How each flag is decided, in words. */
-  rule: Partial<Record<SampleFlag, string>>;
-  grad_norm_method: string | null;
-  /** "index" (the dataset's) or "position" (an IterableDataset's order within the epoch). */
-  sample_ids?: string | null;
-}
-
-export interface SampleHistoryRow {
-  epoch: number;
-  step: number;
-  loss: number | null;
-  margin: number | null;
-  pred: number | null;
-  label: number | null;
-  correct: boolean | null;
-  confidence: number | null;
-  grad_norm: number | null;
-}
-
-export interface SampleHistory {
-  index: number;
-  rows: SampleHistoryRow[];
-}
-
-export interface ClusterRequest {
-  features: "signals" | "embeddings";
-  /** null: chosen by silhouette. */
-  k: number | null;
-  subset: "all" | "hard";
-}
-
-export interface ClusterSummary {
-  cluster: number;
-  size: number;
-  mean_loss: number | null;
-  /** Label -> how many of the cluster's samples carry it, most frequent first. */
-  labels: Record<string, number>;
-}
-
-/** The 2-D projection of (at most 5,000 of) a clustering's samples, as columns. */
-export interface ClusterPoints {
-  index: number[];
-  cluster: number[];
-  x: number[];
-  y: number[];
-}
-
-export interface Clustering {
-  id: number;
-  run_id: number;
-  epoch: number | null;
-  features: string;
-  k: number;
-  silhouette: number | null;
-  layer: string | null;
-  subset: string | null;
-  chosen_by: string | null;
-  method: string | null;
-  clusters: ClusterSummary[];
-  created: number;
-  /** Null in the run's list of clusterings; set when one clustering is read. */
-  points: ClusterPoints | null;
-}
-
-export interface FilterCondition {
-  signal: string;
-  op: ">" | ">=" | "<" | "<=" | "==" | "!=";
-  /** A number, or that quantile of the signal at the epoch. */
-  value: number | "p50" | "p90" | "p95" | "p99";
-}
-
-export type SliceDefinition =
-  | { kind: "loss_band"; low: number | null; high: number | null }
-  | { kind: "quantile_band"; low: number; high: number }
-  | { kind: "cluster"; clustering: number; cluster: number }
-  | { kind: "label"; label: number }
-  | { kind: "indices"; indices: number[] }
-  | { kind: "flag"; flag: SampleFlag }
-  | { kind: "filter"; where: FilterCondition[] };
-
-export interface SliceCreate {
-  name: string;
-  run_id: number;
-  /** Left out: the latest complete epoch (the answer says which). */
-  epoch?: number;
-  definition: SliceDefinition;
-}
-
-export interface SliceInfo {
-  id: number;
-  name: string;
-  run_id: number;
-  epoch: number | null;
-  split: string;
-  definition: SliceDefinition;
-  count: number;
-  created: number;
-}
-
-export type ExportFormat = "csv" | "parquet" | "json";
-
-export interface CommandAccepted {
-  id: number;
-  kind: string;
-  args: Record<string, unknown>;
-}
-
-export type CommandRequest =
-  | { kind: "run" | "pause" | "resume" | "stop" | "test" }
-  | { kind: "train_more"; epochs: number }
-  | { kind: "set_lr"; lr: number }
-  | { kind: "set_weight_decay"; weight_decay: number };
-
-type Params = Record<string, string | number | undefined>;
+/** Query parameters; undefined ones are left out (the server's default applies). */
+type Params = Record<string, string | number | boolean | undefined>;
 type Method = "GET" | "POST" | "DELETE";
 
 /** A request the server answered with an error status, carrying its `detail` as readable text. */
@@ -281,11 +95,6 @@ export class ApiError extends Error {
   }
 }
 
-/** The token the page was opened with (`?token=...`), or "" when there is none. */
-export function tokenFromLocation(location: Location): string {
-  return new URLSearchParams(location.search).get("token") ?? "";
-}
-
 export class ApiClient {
   private readonly base: URL;
   private readonly token: string;
@@ -296,38 +105,39 @@ export class ApiClient {
     this.token = token;
   }
 
-  session(): Promise<SessionInfo> {
-    return this.get<SessionInfo>("/api/session");
+  session(): Promise<Answer<"/api/session">> {
+    return this.get("/api/session");
   }
 
-  run(runId: number): Promise<RunInfo> {
-    return this.get<RunInfo>(`/api/runs/${runId}`);
+  run(runId: number): Promise<Answer<"/api/runs/{run_id}">> {
+    return this.get(`/api/runs/${runId}`);
   }
 
-  metrics(runId: number, query: MetricsQuery): Promise<MetricsResponse> {
-    const params: Params = {
+  metrics(runId: number, query: MetricsQuery): Promise<Answer<"/api/runs/{run_id}/metrics">> {
+    const params = {
       names: query.names.join(","),
       start_step: query.startStep,
       end_step: query.endStep,
       points: query.points,
-    };
-    return this.get<MetricsResponse>(`/api/runs/${runId}/metrics`, params);
+    } satisfies Query<"/api/runs/{run_id}/metrics">;
+    return this.get(`/api/runs/${runId}/metrics`, params);
   }
 
-  events(afterSeq: number, limit = 500): Promise<EventPage> {
-    return this.get<EventPage>("/api/events", { after_seq: afterSeq, limit });
+  events(afterSeq: number, limit = 500): Promise<Answer<"/api/events">> {
+    return this.get("/api/events", { after_seq: afterSeq, limit } satisfies Query<"/api/events">);
   }
 
-  distribution(runId: number, epoch: number | null, bins = 50): Promise<Distribution> {
-    return this.get<Distribution>(`/api/runs/${runId}/distribution`, { epoch: epoch ?? undefined, bins });
+  distribution(runId: number, epoch: number | null, bins = 50): Promise<Answer<"/api/runs/{run_id}/distribution">> {
+    const params = { epoch: epoch ?? undefined, bins } satisfies Query<"/api/runs/{run_id}/distribution">;
+    return this.get(`/api/runs/${runId}/distribution`, params);
   }
 
-  command(runId: number, command: CommandRequest): Promise<CommandAccepted> {
-    return this.request<CommandAccepted>("POST", `/api/runs/${runId}/commands`, undefined, command);
+  command(runId: number, command: CommandRequest): Promise<Answer<"/api/runs/{run_id}/commands", "post">> {
+    return this.request("POST", `/api/runs/${runId}/commands`, undefined, command);
   }
 
   samples(runId: number, query: SampleQuery): Promise<SampleTable> {
-    return this.get<SampleTable>(`/api/runs/${runId}/samples`, {
+    const params = {
       epoch: query.epoch ?? undefined,
       sort: query.sort,
       order: query.order,
@@ -335,54 +145,64 @@ export class ApiClient {
       label: query.label ?? undefined,
       limit: query.limit,
       offset: query.offset,
-    });
+    } satisfies SampleParams;
+    return this.get(`/api/runs/${runId}/samples`, params);
   }
 
-  sampleHistory(runId: number, index: number): Promise<SampleHistory> {
-    return this.get<SampleHistory>(`/api/runs/${runId}/samples/${index}/history`);
+  sampleHistory(runId: number, index: number): Promise<Answer<"/api/runs/{run_id}/samples/{index}/history">> {
+    return this.get(`/api/runs/${runId}/samples/${index}/history`);
   }
 
   /** Ask the run to cluster its samples: a command, applied at the next step boundary, whose
    *  result (the clustering's id) comes as a `command_applied` event. */
-  cluster(runId: number, request: ClusterRequest): Promise<CommandAccepted> {
-    return this.request<CommandAccepted>("POST", `/api/runs/${runId}/clusters`, undefined, request);
+  cluster(runId: number, request: ClusterRequest): Promise<Answer<"/api/runs/{run_id}/clusters", "post">> {
+    return this.request("POST", `/api/runs/${runId}/clusters`, undefined, request);
   }
 
   /** The run's clusterings, oldest first, without their points. */
-  clusterings(runId: number): Promise<Clustering[]> {
-    return this.get<Clustering[]>(`/api/runs/${runId}/clusters`);
+  clusterings(runId: number): Promise<Answer<"/api/runs/{run_id}/clusters">> {
+    return this.get(`/api/runs/${runId}/clusters`);
   }
 
-  clustering(id: number): Promise<Clustering> {
-    return this.get<Clustering>(`/api/clusterings/${id}`);
+  clustering(id: number): Promise<Answer<"/api/clusterings/{clustering_id}">> {
+    return this.get(`/api/clusterings/${id}`);
   }
 
-  slices(): Promise<SliceInfo[]> {
-    return this.get<SliceInfo[]>("/api/slices");
+  slices(): Promise<Answer<"/api/slices">> {
+    return this.get("/api/slices");
   }
 
-  createSlice(slice: SliceCreate): Promise<SliceInfo> {
-    return this.request<SliceInfo>("POST", "/api/slices", undefined, slice);
+  createSlice(slice: Body<"/api/slices", "post">): Promise<Answer<"/api/slices", "post">> {
+    return this.request("POST", "/api/slices", undefined, slice);
   }
 
   async deleteSlice(name: string): Promise<void> {
     await this.send("DELETE", `/api/slices/${encodeURIComponent(name)}`);
   }
 
-  /** Where a slice's rows (with the samples' data) download from. The URL carries no token: the
-   *  browser sends the HttpOnly cookie the page was served with, and saves the streamed file to
-   *  disk itself, so an export of millions of rows never sits in the page's memory. */
-  exportUrl(name: string, format: ExportFormat): string {
-    const url = new URL(`/api/slices/${encodeURIComponent(name)}/export`, this.base);
-    url.search = new URLSearchParams({ format, data: "true" }).toString();
-    return url.toString();
+  /** Ask for an export of a slice's rows; the answer says whether it is ready (or pending). */
+  createExport(name: string, request: ExportCreate): Promise<Answer<"/api/slices/{name}/exports", "post">> {
+    return this.request("POST", `/api/slices/${encodeURIComponent(name)}/exports`, undefined, request);
   }
 
-  /** The WebSocket URL of the event stream, resuming after `afterSeq`. */
+  exportStatus(id: string): Promise<Answer<"/api/exports/{export_id}">> {
+    return this.get(`/api/exports/${encodeURIComponent(id)}`);
+  }
+
+  /** Where a ready export's file downloads from. The URL carries no token: the browser sends the
+   *  HttpOnly cookie the page was served with (which the server accepts for this download only)
+   *  and streams the file to disk, so an export of millions of rows never sits in page memory. */
+  exportFileUrl(id: string): string {
+    return new URL(`/api/exports/${encodeURIComponent(id)}/file`, this.base).toString();
+  }
+
+  /** The WebSocket URL of the event stream, resuming after `afterSeq`. A browser cannot set
+   *  headers on a WebSocket, so the token goes in this URL's query (never in the address bar). */
   streamUrl(afterSeq: number): string {
     const url = new URL("/api/stream", this.base);
     url.protocol = this.base.protocol === "https:" ? "wss:" : "ws:";
     url.search = new URLSearchParams({ token: this.token, after_seq: String(afterSeq) }).toString();
+    url.hash = "";
     return url.toString();
   }
 
@@ -408,6 +228,8 @@ export class ApiClient {
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
+      // The header authorises; the page's cookie is for the page, its assets and downloads only.
+      credentials: "omit",
     });
     if (!response.ok) {
       throw new ApiError(response.status, await errorMessage(response));
@@ -417,7 +239,7 @@ export class ApiClient {
 }
 
 /** The server's `detail` as one line: a string as is, a pydantic error list as "field: message; ...". */
-async function errorMessage(response: Response): Promise<string> {
+export async function errorMessage(response: Response): Promise<string> {
   const fallback = `${response.status} ${response.statusText || "error"}`;
   let body: unknown;
   try {

@@ -3,11 +3,13 @@
 // (and so which commands are possible); the end of an epoch refreshes the distribution (and with it
 // the per-sample table); a command's outcome reaches whoever waits for it.
 
-import type { ApiClient, ApiEvent, MetricsResponse, RunInfo } from "./api";
-import type { Columns, StepChart, StepRange } from "./charts";
+import type { ApiClient, RunInfo } from "./api";
+import type { StepChart, StepRange } from "./charts";
 import type { ClusterView } from "./clusters";
+import { columnsOf, type Columns } from "./columns";
 import type { DistributionView } from "./distribution";
-import { STATE_CHANGING, logEntry, numberField, stringField, testResult } from "./events";
+import { parseEvents, type ProgressEvent } from "./event-types";
+import { STATE_CHANGING, logEntry, testResult } from "./events";
 import { CommandOutcomes } from "./outcomes";
 import type { SliceList } from "./slices";
 import { EventStream, type Delivery } from "./socket";
@@ -146,16 +148,16 @@ export class Dashboard {
     const entries: LogEntry[] = [];
     const tests: TestResult[] = [];
     for (let page = 0; page < MAX_EVENT_PAGES; page++) {
-      const { events, last_seq } = await this.api.events(after, limit);
-      for (const event of events) {
+      const { events: raw, last_seq } = await this.api.events(after, limit);
+      for (const event of parseEvents(raw)) {
         const entry = logEntry(event);
         if (entry !== null) entries.push(entry);
         this.outcomes.receive(event); // after a gap in the stream, an outcome may be here only
         const result = this.runId === null || event.run_id === this.runId ? testResult(event) : null;
         if (result !== null) tests.push(result);
       }
-      const newest = events.length > 0 ? events[events.length - 1]!.seq : after;
-      if (events.length < limit) {
+      const newest = raw.length > 0 ? raw[raw.length - 1]!.seq : after;
+      if (raw.length < limit) {
         after = Math.max(newest, last_seq);
         break;
       }
@@ -194,7 +196,7 @@ export class Dashboard {
           this.onProgress(event, views.charts);
           break;
         case "status": {
-          const status = stringField(event, "status");
+          const status = event.payload.status;
           if (status !== null) this.store.patchRun({ status });
           break;
         }
@@ -202,16 +204,16 @@ export class Dashboard {
           if (event.epoch !== null) this.store.patchRun({ epoch: event.epoch });
           break;
         case "epoch_summary":
-          if ((stringField(event, "split") ?? "train") === "train") endedEpoch = Math.max(endedEpoch ?? -1, event.epoch ?? -1);
+          if (event.payload.split === "train") endedEpoch = Math.max(endedEpoch ?? -1, event.epoch ?? -1);
           break;
         case "command_rejected":
-          this.store.showMessage(`${stringField(event, "command") ?? "command"} rejected: ${stringField(event, "reason") ?? "not possible now"}`);
+          this.store.showMessage(`${event.payload.command ?? "command"} rejected: ${event.payload.reason ?? "not possible now"}`);
           break;
         case "eval": {
           const result = testResult(event);
           if (result !== null) tests.push(result);
-          else if (stringField(event, "split") === "val" && event.step !== null) {
-            views.charts.val.append(event.step, [numberField(event, "loss") ?? NaN, numberField(event, "accuracy") ?? NaN]);
+          else if (event.payload.split === "val" && event.step !== null) {
+            views.charts.val.append(event.step, [event.payload.loss ?? NaN, event.payload.accuracy ?? NaN]);
           }
           break;
         }
@@ -223,12 +225,10 @@ export class Dashboard {
     if (endedEpoch !== null) views.distribution.refresh(endedEpoch >= 0 ? endedEpoch : undefined);
   }
 
-  private onProgress(event: ApiEvent, charts: Charts): void {
-    const step = numberField(event, "step") ?? event.step;
+  private onProgress(event: ProgressEvent, charts: Charts): void {
+    const step = event.payload.step ?? event.step;
     if (step === null) return;
-    const loss = numberField(event, "loss");
-    const lr = numberField(event, "lr");
-    const speed = numberField(event, "samples_per_second");
+    const { loss, lr, samples_per_second: speed } = event.payload;
     if (loss !== null) charts.trainLoss.append(step, [loss, loss, loss]); // one step: min = max = value
     if (lr !== null) charts.lr.append(step, [lr]);
     if (speed !== null) charts.throughput.append(step, [speed]);
@@ -257,39 +257,4 @@ export class Dashboard {
     if (this.views === null) throw new Error("Dashboard.start() has not been called");
     return this.views;
   }
-}
-
-/** The server's metric columns as chart columns, aligned on the union of their steps. With
- *  `envelope` (one metric), the columns are value, min, max. */
-export function columnsOf(response: MetricsResponse, names: readonly string[], envelope = false): Columns {
-  const series = names.map((name) => response.series[name]);
-  const total = Math.max(0, ...series.map((s) => s?.total ?? 0));
-  const only = series[0];
-  if (series.length === 1) {
-    // The common case: one curve, copied straight into typed arrays.
-    const n = only?.step.length ?? 0;
-    const column = (values: (number | null)[] | undefined) => Float64Array.from({ length: n }, (_, i) => values?.[i] ?? NaN);
-    return {
-      x: Float64Array.from(only?.step ?? []),
-      ys: envelope ? [column(only?.value), column(only?.min), column(only?.max)] : [column(only?.value)],
-      total,
-    };
-  }
-  const rows = new Map<number, Float64Array>();
-  series.forEach((s, column) => {
-    s?.step.forEach((step, i) => {
-      let row = rows.get(step);
-      if (row === undefined) {
-        row = new Float64Array(names.length).fill(NaN);
-        rows.set(step, row);
-      }
-      row[column] = s.value[i] ?? NaN;
-    });
-  });
-  const steps = [...rows.keys()].sort((a, b) => a - b);
-  return {
-    x: Float64Array.from(steps),
-    ys: names.map((_, column) => Float64Array.from(steps, (step) => rows.get(step)![column]!)),
-    total,
-  };
 }

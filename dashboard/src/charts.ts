@@ -6,20 +6,13 @@
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 
+import { ColumnBuffer, type Columns } from "./columns";
 import { element } from "./dom";
 import { formatCompact, formatCount, formatValue } from "./format";
 
 export interface StepRange {
   start: number;
   end: number;
-}
-
-/** Equal-length columns: steps, then one column per line. NaN marks a missing value. */
-export interface Columns {
-  x: Float64Array;
-  ys: Float64Array[];
-  /** Raw points the server holds for this range (before downsampling), when known. */
-  total?: number;
 }
 
 /** Reads the chart's columns for a step range (null: the whole run). */
@@ -57,67 +50,6 @@ export interface StepChartOptions {
 const DEFAULTS = { height: 220, maxPoints: 4000, markers: false };
 /** After a failed read, how long before growing past `maxPoints` triggers another one. */
 const RETRY_MS = 5000;
-
-/** Growable columns of Float64Array: appending is amortised O(1) and allocates only on doubling. */
-export class ColumnBuffer {
-  private xs: Float64Array;
-  private ys: Float64Array[];
-  length = 0;
-
-  constructor(width: number, capacity = 1024) {
-    this.xs = new Float64Array(capacity);
-    this.ys = Array.from({ length: width }, () => new Float64Array(capacity));
-  }
-
-  get lastX(): number {
-    return this.length === 0 ? -Infinity : this.xs[this.length - 1]!;
-  }
-
-  /** The newest value of one column (NaN when empty). */
-  last(column: number): number {
-    return this.length === 0 ? NaN : (this.ys[column]?.[this.length - 1] ?? NaN);
-  }
-
-  replace(columns: Columns): void {
-    this.length = 0;
-    this.reserve(columns.x.length);
-    this.xs.set(columns.x);
-    this.ys.forEach((column, i) => column.set(columns.ys[i] ?? new Float64Array(columns.x.length).fill(NaN)));
-    this.length = columns.x.length;
-  }
-
-  push(x: number, values: readonly number[]): void {
-    this.reserve(this.length + 1);
-    this.xs[this.length] = x;
-    this.ys.forEach((column, i) => (column[this.length] = values[i] ?? NaN));
-    this.length += 1;
-  }
-
-  /** The data as uPlot takes it: views (no copies) unless a column has gaps, which become nulls. */
-  aligned(): uPlot.AlignedData {
-    const n = this.length;
-    return [this.xs.subarray(0, n), ...this.ys.map((column) => withGaps(column.subarray(0, n)))];
-  }
-
-  private reserve(size: number): void {
-    if (size <= this.xs.length) return;
-    const capacity = Math.max(size, this.xs.length * 2);
-    this.xs = grow(this.xs, capacity, this.length);
-    this.ys = this.ys.map((column) => grow(column, capacity, this.length));
-  }
-}
-
-function grow(column: Float64Array, capacity: number, used: number): Float64Array {
-  const next = new Float64Array(capacity);
-  next.set(column.subarray(0, used));
-  return next;
-}
-
-/** uPlot reads null as a gap but NaN as a number; only columns that have gaps pay for a copy. */
-function withGaps(column: Float64Array): Float64Array | (number | null)[] {
-  if (!column.some(Number.isNaN)) return column;
-  return Array.from(column, (value) => (Number.isNaN(value) ? null : value));
-}
 
 export class StepChart {
   private readonly options: StepChartOptions & typeof DEFAULTS;

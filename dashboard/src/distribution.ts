@@ -325,7 +325,7 @@ export class DistributionView {
 }
 
 /** The range [low, high] on a histogram: its epoch, and the samples of the bins it holds. */
-function selectionOn(distribution: Distribution, low: number, high: number): LossSelection {
+export function selectionOn(distribution: Distribution, low: number, high: number): LossSelection {
   const { edges, counts } = distribution;
   let count = 0;
   counts.forEach((n, i) => {

@@ -1,23 +1,12 @@
 // What the server's events mean to the page: the line each one adds to the event log, and the
-// values read from their payloads. Payloads are untyped JSON, so every read is checked.
+// test results they carry. The events arrive typed (event-types.ts), one payload type per kind.
 
-import type { ApiEvent } from "./api";
+import { kindName, type EventKind, type ServerEvent } from "./event-types";
 import { formatCount, formatDuration, formatPercent, formatValue } from "./format";
 import type { LogEntry, TestResult } from "./state";
 
-/** A finite number from the payload, or null. */
-export function numberField(event: ApiEvent, name: string): number | null {
-  const value = event.payload[name];
-  return typeof value === "number" && Number.isFinite(value) ? value : null;
-}
-
-export function stringField(event: ApiEvent, name: string): string | null {
-  const value = event.payload[name];
-  return typeof value === "string" ? value : null;
-}
-
 /** Kinds after which the run's state (and so the commands possible) may have changed. */
-export const STATE_CHANGING = new Set([
+export const STATE_CHANGING: ReadonlySet<EventKind> = new Set<EventKind>([
   "status",
   "command_applied",
   "command_rejected",
@@ -28,77 +17,76 @@ export const STATE_CHANGING = new Set([
 ]);
 
 /** The event log's line for an event, or null for kinds the log leaves out (progress). */
-export function logEntry(event: ApiEvent): LogEntry | null {
+export function logEntry(event: ServerEvent): LogEntry | null {
   const described = describe(event);
   if (described === null) return null;
   const [text, tone] = described;
   const where = event.step === null ? "" : `step ${formatCount(event.step)} · `;
-  return { seq: event.seq, kind: event.kind, step: event.step, time: event.time, text: where + text, tone };
+  return { seq: event.seq, kind: kindName(event), step: event.step, time: event.time, text: where + text, tone };
 }
 
 /** The test result an `eval` event with split "test" carries, or null for any other event. */
-export function testResult(event: ApiEvent): TestResult | null {
-  if (event.kind !== "eval" || stringField(event, "split") !== "test") return null;
-  return {
-    seq: event.seq,
-    step: event.step,
-    loss: numberField(event, "loss"),
-    accuracy: numberField(event, "accuracy"),
-    samples: numberField(event, "samples"),
-    time: event.time,
-  };
+export function testResult(event: ServerEvent): TestResult | null {
+  if (event.kind !== "eval" || event.payload.split !== "test") return null;
+  const { loss, accuracy, samples } = event.payload;
+  return { seq: event.seq, step: event.step, loss, accuracy, samples, time: event.time };
 }
 
-function describe(event: ApiEvent): [string, LogEntry["tone"]] | null {
+function describe(event: ServerEvent): [string, LogEntry["tone"]] | null {
   switch (event.kind) {
     case "command_applied":
-      return [`${commandText(event)}`, "good"];
+      return [commandText(event.payload.command, event.payload.args), "good"];
     case "command_rejected":
-      return [`${commandText(event)} rejected: ${stringField(event, "reason") ?? "not possible now"}`, "warn"];
+      return [`${commandText(event.payload.command, event.payload.args)} rejected: ${event.payload.reason ?? "not possible now"}`, "warn"];
     case "status":
-      return [`status ${stringField(event, "status") ?? "?"}`, "info"];
+      return [`status ${event.payload.status ?? "?"}`, "info"];
     case "eval": {
-      const accuracy = numberField(event, "accuracy");
-      const parts = [`${stringField(event, "split") ?? "eval"} loss ${formatValue(numberField(event, "loss"))}`];
+      const { split, loss, accuracy } = event.payload;
+      const parts = [`${split ?? "eval"} loss ${formatValue(loss)}`];
       if (accuracy !== null) parts.push(`accuracy ${formatPercent(accuracy)}`);
       return [parts.join(" · "), "info"];
     }
     case "epoch_summary": {
       const epoch = event.epoch === null ? "" : ` ${event.epoch}`;
-      return [`epoch${epoch} done · ${stringField(event, "split") ?? "train"} loss ${formatValue(numberField(event, "loss"))}`, "info"];
+      return [`epoch${epoch} done · ${event.payload.split} loss ${formatValue(event.payload.loss)}`, "info"];
     }
     case "checkpoint":
-      return [`checkpoint (${stringField(event, "reason") ?? "saved"}) ${stringField(event, "path") ?? ""}`.trim(), "info"];
+      return [`checkpoint (${event.payload.reason ?? "saved"}) ${event.payload.path ?? ""}`.trim(), "info"];
+    case "resumed_from_checkpoint":
+      return [`resumed from checkpoint ${event.payload.path ?? ""}`.trim(), "info"];
+    case "resume_fast_forward":
+      return [`resume skipped ${formatCount(event.payload.batches)} batches: ${event.payload.reason ?? ""}`, "warn"];
+    case "samples_dropped":
+      return [`per-sample values dropped (${formatCount(event.payload.packets)} packets): ${event.payload.reason ?? ""}`, "warn"];
+    case "store_overflow":
+      return [`store dropped ${formatCount(event.payload.dropped_records)} records: ${event.payload.reason ?? ""}`, "warn"];
     case "error":
-      return [`error ${stringField(event, "type") ?? ""}: ${stringField(event, "message") ?? ""}`, "bad"];
+      return [`error ${event.payload.type ?? ""}: ${event.payload.message ?? ""}`, "bad"];
     case "run_finished": {
-      const status = stringField(event, "status") ?? "finished";
-      const seconds = numberField(event, "seconds");
+      const status = event.payload.status ?? "finished";
+      const seconds = event.payload.seconds;
       const took = seconds === null ? "" : ` in ${formatDuration(seconds)}`;
       return [`run ${status}${took}`, status === "failed" ? "bad" : "good"];
     }
     case "run_created":
-      return [`run created${stringField(event, "name") ? ` "${stringField(event, "name")}"` : ""}`, "info"];
+      return [`run created${event.payload.name ? ` "${event.payload.name}"` : ""}`, "info"];
     case "waiting":
       return ["waiting for Run", "info"];
     case "progress":
     case "epoch_started":
       return null;
-    default:
-      return [event.kind.replaceAll("_", " "), "info"];
+    case "other":
+      return [event.name.replaceAll("_", " "), "info"];
   }
 }
 
 /** "set_lr lr=0.01", "train_more epochs=2", "pause". */
-function commandText(event: ApiEvent): string {
-  const command = stringField(event, "command") ?? "command";
-  const args = event.payload["args"];
-  if (typeof args !== "object" || args === null) return command;
-  const given = Object.entries(args as Record<string, unknown>).filter(([, value]) => value !== null);
+function commandText(command: string | null, args: Record<string, unknown>): string {
+  const given = Object.entries(args).filter(([, value]) => value !== null);
   const parts = given.map(([name, value]) => {
     // Arguments as given (0.001 stays 0.001), so the log matches what was typed.
     const shown = typeof value === "number" ? String(value) : JSON.stringify(value);
     return `${name}=${shown}`;
   });
-  return [command, ...parts].join(" ");
+  return [command ?? "command", ...parts].join(" ");
 }

@@ -2,7 +2,7 @@
 
 import "./style.css";
 
-import { ApiClient, tokenFromLocation } from "./api";
+import { ApiClient } from "./api";
 import { Dashboard, type Charts } from "./app";
 import { StepChart } from "./charts";
 import { ClusterView } from "./clusters";
@@ -16,11 +16,13 @@ import { SamplesTable } from "./samples";
 import { SliceForm, SliceList } from "./slices";
 import { Store } from "./state";
 import { renderEventLog, renderTestResults } from "./tables";
+import { browserTokenPlace, takeToken } from "./token";
 
 const COLORS = { loss: "#2f6fdf", val: "#d0603b", accuracy: "#2e9e5b", lr: "#8a4fd0", speed: "#0f8a8a" };
 
 function main(): void {
-  const token = tokenFromLocation(window.location);
+  // First: the token leaves the address bar before anything else can read or record the URL.
+  const token = takeToken(browserTokenPlace());
   const api = new ApiClient(new URL(window.location.href), token);
   const store = new Store();
   const dashboard = new Dashboard(api, store);

@@ -3,8 +3,7 @@
 // reason); a view that sent one waits for that here. Command ids are counted per run. The event
 // can arrive before the POST that queued the command has answered, so recent outcomes are kept.
 
-import type { ApiEvent } from "./api";
-import { stringField } from "./events";
+import type { ServerEvent } from "./event-types";
 
 export type Outcome =
   | { applied: true; result: Record<string, unknown> }
@@ -18,15 +17,15 @@ export class CommandOutcomes {
   private readonly waiting = new Map<string, (outcome: Outcome) => void>();
 
   /** Take note of an event; anything but a command outcome is ignored. */
-  receive(event: ApiEvent): void {
+  receive(event: ServerEvent): void {
     if (event.kind !== "command_applied" && event.kind !== "command_rejected") return;
-    const id = event.payload["id"];
-    if (typeof id !== "number" || event.run_id === null) return;
+    const id = event.payload.id;
+    if (id === null || event.run_id === null) return;
     const key = `${event.run_id}:${id}`;
     const outcome: Outcome =
       event.kind === "command_applied"
-        ? { applied: true, result: asRecord(event.payload["result"]) }
-        : { applied: false, reason: stringField(event, "reason") ?? "not possible now" };
+        ? { applied: true, result: event.payload.result }
+        : { applied: false, reason: event.payload.reason ?? "not possible now" };
     const resolve = this.waiting.get(key);
     if (resolve !== undefined) {
       this.waiting.delete(key);
@@ -60,8 +59,4 @@ export class CommandOutcomes {
       });
     });
   }
-}
-
-function asRecord(value: unknown): Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : {};
 }

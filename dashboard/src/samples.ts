@@ -3,9 +3,13 @@
 // any column and filtered by flag or label, each row flagged "hard" or "mislabelled" by the
 // server's rule. Clicking a row shows that sample's history.
 //
-// The table follows the epoch the distribution shows. Reading it costs the server a pass over
-// every epoch's values, so while it follows the newest epoch it re-reads at most every few
-// seconds; what the user asks for (a sort, a filter, a page, an older epoch) is read at once.
+// The table follows the epoch the distribution shows. An epoch's table is written when the epoch
+// ends, so while one is in progress (the server's `live_epoch`) the caption says so, marked live,
+// and an empty table says when it will fill, instead of looking empty or current.
+//
+// Reading it costs the server a pass over every epoch's values, so while it follows the newest
+// epoch it re-reads at most every few seconds; what the user asks for (a sort, a filter, a page,
+// an older epoch) is read at once.
 
 import type { ApiClient, SampleQuery, SampleRow, SampleSort, SampleTable } from "./api";
 import { element, setText } from "./dom";
@@ -83,7 +87,7 @@ export class SamplesTable {
     this.options = { ...DEFAULTS, ...options };
     this.query = { epoch: null, sort: "loss", order: "desc", flag: null, label: null, limit: this.options.pageSize, offset: 0 };
     this.buildHead();
-    this.renderBody([], "No per-sample losses recorded yet.");
+    this.renderBody([], NOTHING_YET);
     elements.show.addEventListener("change", () => {
       const value = elements.show.value;
       this.change({ flag: value === "hard" || value === "mislabelled" ? value : null });
@@ -186,9 +190,10 @@ export class SamplesTable {
   private render(runId: number, result: SampleTable): void {
     this.shown = result;
     const filtered = this.query.flag !== null || this.query.label !== null;
-    this.renderBody(result.rows, filtered ? "No sample matches these filters." : "No per-sample losses recorded yet.", runId);
+    this.renderBody(result.rows, emptyText(result, filtered), runId);
     this.elements.table.dataset["epoch"] = result.epoch === null ? "" : String(result.epoch);
     this.elements.table.dataset["total"] = String(result.total);
+    this.elements.table.dataset["liveEpoch"] = String(liveEpochOf(result) ?? "");
     this.elements.caption.replaceChildren(...describe(result));
     this.renderPager();
   }
@@ -271,9 +276,43 @@ export class SamplesTable {
   }
 }
 
-/** The caption: which epoch, how many flagged, by what rule, and how gradient norms were measured. */
+const NOTHING_YET = "No per-sample losses recorded yet.";
+
+function liveEpochOf(result: SampleTable): number | null {
+  return result.live_epoch ?? null;
+}
+
+/** What the table says about the epoch in progress, when it shows an older one (or none yet). */
+export function liveNotice(result: SampleTable): string | null {
+  const live = liveEpochOf(result);
+  if (live === null || (result.epoch !== null && result.epoch >= live)) return null;
+  return `Epoch ${live} is in progress: its per-sample table fills when the epoch ends.`;
+}
+
+/** The row an empty table shows: when its table will fill, or that the filters match nothing. */
+export function emptyText(result: SampleTable, filtered: boolean): string {
+  if (result.epoch === null) {
+    const live = liveEpochOf(result);
+    return live === null
+      ? `${NOTHING_YET} The table fills when the first epoch ends.`
+      : `No epoch has ended yet: the table fills when epoch ${live} ends.`;
+  }
+  return filtered ? "No sample matches these filters." : NOTHING_YET;
+}
+
+/** The caption: which epoch, how many flagged, by what rule, and how gradient norms were
+ *  measured; and, marked live, the epoch in progress when it is not the one shown. */
 function describe(result: SampleTable): Node[] {
-  if (result.epoch === null) return [document.createTextNode("No per-sample losses recorded yet.")];
+  const notice = liveNotice(result);
+  const live: Node[] = [];
+  if (notice !== null) {
+    const line = element("span", "caption-live");
+    const badge = element("span", "mode", "live");
+    badge.dataset["mode"] = "live";
+    line.append(badge, ` ${notice}`);
+    live.push(line);
+  }
+  if (result.epoch === null) return live;
   const counts = element(
     "span",
     "caption-counts",
@@ -292,7 +331,7 @@ function describe(result: SampleTable): Node[] {
       ),
     );
   }
-  return [counts, rules];
+  return [counts, ...live, rules];
 }
 
 function ruleText(flag: string, rule: string): HTMLElement {

@@ -2,14 +2,14 @@
 // with `after_seq` so nothing is lost, drops anything it has already seen so nothing is duplicated,
 // and hands events over at most once per animation frame through a bounded queue.
 
-import type { ApiEvent } from "./api";
+import { parseEvent, type ServerEvent } from "./event-types";
 
 export type StreamState = "connecting" | "open" | "reconnecting" | "stopped";
 
 /** What one delivery holds. `gapAfter` is set when the queue overflowed and events were dropped:
  *  the receiver must re-read its state, and the event log from that sequence number on. */
 export interface Delivery {
-  events: ApiEvent[];
+  events: ServerEvent[];
   gapAfter: number | null;
 }
 
@@ -110,9 +110,10 @@ export class EventStream {
     }
     const events = (message as { events?: unknown }).events;
     if (!Array.isArray(events)) return;
-    for (const event of events as ApiEvent[]) {
+    for (const raw of events) {
+      const event = parseEvent(raw);
       // After a reconnect the server may resend what we already have: keep each seq once.
-      if (typeof event.seq !== "number" || event.seq <= this.lastSeq) continue;
+      if (event === null || event.seq <= this.lastSeq) continue;
       this.lastSeq = event.seq;
       this.queue.push(event);
     }
@@ -131,7 +132,7 @@ export class EventStream {
 /** A FIFO with a bound. When full it first discards `progress` events (their data is in the
  *  metrics history, which the receiver re-reads on a gap), then the oldest of the rest. */
 export class EventQueue {
-  private items: ApiEvent[] = [];
+  private items: ServerEvent[] = [];
   private gapAfter: number | null = null;
   private readonly capacity: number;
 
@@ -147,10 +148,10 @@ export class EventQueue {
     return this.items.length;
   }
 
-  push(event: ApiEvent): void {
+  push(event: ServerEvent): void {
     this.items.push(event);
     if (this.items.length <= this.capacity) return;
-    let kept = this.items.filter((item) => item.kind !== "progress");
+    let kept: ServerEvent[] = this.items.filter((item) => item.kind !== "progress");
     if (kept.length > this.capacity) kept = kept.slice(kept.length - this.capacity);
     const keptSet = new Set(kept);
     const firstDropped = this.items.find((item) => !keptSet.has(item));

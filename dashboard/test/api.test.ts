@@ -1,0 +1,97 @@
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+
+import { ApiClient, ApiError } from "../src/api";
+
+/** The requests the client made, answered from `answers` in order. */
+function fakeFetch(...answers: Response[]) {
+  const calls: { url: string; init: RequestInit }[] = [];
+  const fetch = vi.fn(async (url: URL | string, init: RequestInit = {}) => {
+    calls.push({ url: String(url), init });
+    const answer = answers.shift();
+    if (answer === undefined) throw new Error("no more answers");
+    return answer;
+  });
+  vi.stubGlobal("fetch", fetch);
+  return calls;
+}
+
+const json = (body: unknown, status = 200) => new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
+
+describe("ApiClient", () => {
+  // A page behind a forwarded port, opened at a sub-page with a hash: only the origin counts.
+  const api = new ApiClient(new URL("http://localhost:18080/some/page?run=2#top"), "tok en");
+
+  beforeEach(() => vi.unstubAllGlobals());
+  afterEach(() => vi.unstubAllGlobals());
+
+  it("sends the token in the Authorization header, never by cookie, to the page's own origin", async () => {
+    const calls = fakeFetch(json({ id: "s", project: "p", dir: "/d", pid: 1, version: "0", runs: [] }));
+    await api.session();
+    expect(calls).toHaveLength(1);
+    const { url, init } = calls[0]!;
+    expect(url).toBe("http://localhost:18080/api/session");
+    expect(init.method).toBe("GET");
+    expect(init.headers).toEqual({ Authorization: "Bearer tok en" });
+    expect(init.credentials).toBe("omit");
+    expect(url).not.toContain("token");
+  });
+
+  it("puts the query's set parameters in the URL and leaves the rest to the server", async () => {
+    const calls = fakeFetch(json({}), json({}));
+    await api.samples(3, { epoch: null, sort: "aum", order: "asc", flag: "hard", label: null, limit: 50, offset: 100 });
+    expect(new URL(calls[0]!.url).pathname).toBe("/api/runs/3/samples");
+    expect(Object.fromEntries(new URL(calls[0]!.url).searchParams)).toEqual({ sort: "aum", order: "asc", flag: "hard", limit: "50", offset: "100" });
+    await api.metrics(3, { names: ["val_loss", "val_accuracy"], startStep: 10, points: 2000 });
+    expect(Object.fromEntries(new URL(calls[1]!.url).searchParams)).toEqual({ names: "val_loss,val_accuracy", start_step: "10", points: "2000" });
+  });
+
+  it("posts JSON bodies with the header", async () => {
+    const calls = fakeFetch(json({ id: 1, kind: "set_lr", args: { lr: 0.01 } }, 202));
+    const accepted = await api.command(1, { kind: "set_lr", lr: 0.01 });
+    expect(accepted.kind).toBe("set_lr");
+    expect(calls[0]!.init).toMatchObject({ method: "POST", body: '{"kind":"set_lr","lr":0.01}' });
+    expect(calls[0]!.init.headers).toEqual({ Authorization: "Bearer tok en", "Content-Type": "application/json" });
+  });
+
+  it("asks for an export by POST and reads it back by id, names escaped", async () => {
+    const calls = fakeFetch(json({ id: "e/1", status: "pending" }, 202), json({ id: "e/1", status: "ready" }));
+    await api.createExport("low loss", { format: "csv", data: true });
+    await api.exportStatus("e/1");
+    expect(calls.map((c) => [c.init.method, c.url])).toEqual([
+      ["POST", "http://localhost:18080/api/slices/low%20loss/exports"],
+      ["GET", "http://localhost:18080/api/exports/e%2F1"],
+    ]);
+    expect(JSON.parse(String(calls[0]!.init.body))).toEqual({ format: "csv", data: true });
+  });
+
+  it("downloads an export's file from a URL that carries no token", () => {
+    expect(api.exportFileUrl("abc")).toBe("http://localhost:18080/api/exports/abc/file");
+  });
+
+  it("opens the stream with the token in the WebSocket URL (ws, or wss on https)", () => {
+    const url = new URL(api.streamUrl(41));
+    expect(`${url.protocol}//${url.host}${url.pathname}`).toBe("ws://localhost:18080/api/stream");
+    expect(Object.fromEntries(url.searchParams)).toEqual({ token: "tok en", after_seq: "41" });
+    expect(url.hash).toBe("");
+    expect(new ApiClient(new URL("https://localhost:1/"), "t").streamUrl(0)).toMatch(/^wss:\/\/localhost:1\/api\/stream\?/);
+  });
+
+  it("turns an error status into an ApiError with the server's detail", async () => {
+    fakeFetch(json({ detail: "no slice named 'x'" }, 404));
+    const error = await api.deleteSlice("x").catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ApiError);
+    expect(error).toMatchObject({ status: 404, message: "no slice named 'x'" });
+  });
+
+  it("says which field a validation error is about", async () => {
+    fakeFetch(
+      json({ detail: [{ loc: ["body", "set_lr", "lr"], msg: "Input should be greater than 0" }, { loc: ["body"], msg: "bad" }] }, 422),
+    );
+    await expect(api.command(1, { kind: "set_lr", lr: -1 })).rejects.toThrow("lr: Input should be greater than 0; bad");
+  });
+
+  it("falls back to the status when the error has no JSON detail", async () => {
+    fakeFetch(new Response("<html>oops</html>", { status: 502, statusText: "Bad Gateway" }));
+    await expect(api.session()).rejects.toMatchObject({ status: 502, message: "502 Bad Gateway" });
+  });
+});
