@@ -247,12 +247,13 @@ def test_epoch_start_with_workers_does_not_wait_for_a_stalled_disk() -> None:
         finally:
             done.set()
 
-    # fit() closes the run at the end, which does wait for the disk: stop waiting at the last
-    # epoch's end instead, while the writer is still parked.
+    # fit() closes the run at the end, which does wait for the disk (so does epoch_summary, which
+    # is announced once the epoch's table is written): stop waiting at the last epoch's start
+    # instead, while the writer is still parked.
     epochs_done = threading.Event()
 
     unsubscribe = trainer.run.bus.subscribe(
-        lambda event: epochs_done.set() if event.kind == "epoch_summary" and event.epoch == 2 else None)
+        lambda event: epochs_done.set() if event.kind == "epoch_started" and event.epoch == 2 else None)
     thread = threading.Thread(target=train)
     thread.start()
     try:

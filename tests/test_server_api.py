@@ -728,3 +728,43 @@ def test_the_test_command_runs_an_evaluation(training: LiveSession) -> None:
     assert result.seq < applied.seq
     events = training.get("/api/events", after_seq=result.seq - 1, limit=1)["events"]
     assert events[0]["kind"] == "eval" and events[0]["payload"]["split"] == "test"
+
+
+# ---- offline: nothing the server serves loads anything from outside the machine ----------------
+def test_no_page_the_server_serves_loads_anything_from_outside_the_machine(tmp_path: Path) -> None:
+    import re
+    from urllib.parse import urljoin, urlparse
+
+    from onthefly.server.app import DASHBOARD_DIR
+
+    if not (DASHBOARD_DIR / "index.html").is_file():
+        pytest.fail("the dashboard is not built: run bash scripts/setup.sh")
+    store = onthefly.store.SessionStore("offline")  # a session to serve, without a training process
+    server = DashboardServer(store.dir, project="offline", session_id=store.id)
+    server.start(announce=False)
+    base = f"http://127.0.0.1:{server.port}"
+    auth = {"Authorization": f"Bearer {server.token}"}
+    try:
+        with httpx.Client(base_url=base, headers=auth) as client:
+            for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):  # Swagger UI / ReDoc load CDN scripts
+                assert client.get(path).status_code == 404, path
+            assert client.get("/openapi.json").status_code == 200
+            page = client.get("/")
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+            referenced = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", page.text)
+            assert referenced, page.text[:500]
+            for ref in referenced:
+                url = urlparse(urljoin(base + "/", ref))
+                if url.scheme == "data":
+                    continue  # inline: nothing is fetched
+                assert url.hostname == "127.0.0.1" and url.port == server.port, ref
+                asset = client.get(url.path)
+                assert asset.status_code == 200, ref
+                text = asset.text
+                # What a stylesheet or a script would fetch: url(...), @import, import("..."), fetch("...").
+                loads = re.findall(r"""url\(\s*["']?(https?:)?//|@import\s+["']?(?:https?:)?//|"""
+                                   r"""import\(\s*["'](?:https?:)?//|fetch\(\s*["'](?:https?:)?//""", text)
+                assert not loads, (ref, loads[:3])
+    finally:
+        server.stop(drain_timeout=0)
+        store.close()

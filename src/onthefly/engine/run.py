@@ -619,6 +619,8 @@ class Run:
             self._end_loose_epoch()
         with contextlib.suppress(Exception):
             self.recorder.close()
+        with contextlib.suppress(Exception):
+            self.session.flush()  # the last epoch_summary (published once written) precedes run_finished
         if error is not None:
             status = RunStatus.FAILED
             self.bus.publish("error", {"type": type(error).__name__, "message": str(error)}, **self._where())

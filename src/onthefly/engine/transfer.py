@@ -10,6 +10,7 @@ and the first non-finite loss seen (the training thread fails the run with it).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -124,8 +125,11 @@ class TransferSink:
             self._epoch_means[packet.epoch] = mean
             step = int(self.latest.get("step", 0))
             self._session.metrics([(packet.run_id, "train_loss_epoch", step, packet.epoch, packet.flushed_at, mean)])
-            self._bus.publish("epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
-                              run_id=packet.run_id, step=step, epoch=packet.epoch)
+            # Announced once the epoch's table is committed: a page that reads it on this event
+            # finds it (published from the writer thread).
+            self._session.after_written(functools.partial(
+                self._bus.publish, "epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
+                run_id=packet.run_id, step=step, epoch=packet.epoch))
 
     def live(self) -> tuple[int, Reservoir] | None:
         """(epoch, reservoir) of the training epoch in progress, None between epochs (any thread:

@@ -257,6 +257,10 @@ class SessionStore:
     def close_epoch(self, run_id: int, split: str, epoch: int) -> None:
         self._writer.close_epoch(run_id, split, epoch)
 
+    def after_written(self, callback: Callable[[], None]) -> None:
+        """``callback()`` on the writer thread once everything handed over so far is committed."""
+        self._writer.after_written(callback)
+
     # ---- checkpoints (block until written: a checkpoint asked for is never dropped) --------
     def checkpoint(
         self, run_id: int, *, step: int, epoch: int, batch_in_epoch: int,

@@ -57,6 +57,7 @@ class _CloseEpoch:
 @dataclass
 class _Barrier:
     done: threading.Event
+    then: Callable[[], None] | None = None  # called on the writer thread once committed
 
 
 _STOP = object()
@@ -128,6 +129,14 @@ class StoreWriter:
         barrier = _Barrier(threading.Event())
         self._enqueue(barrier)
         return barrier.done.wait(timeout)
+
+    def after_written(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the writer thread, without waiting here) once everything handed
+        over so far is committed: e.g. announce an epoch only when its table can be read."""
+        if self._closed or not self._thread.is_alive():
+            callback()
+            return
+        self._enqueue(_Barrier(threading.Event(), callback))
 
     def close(self, timeout: float = 60) -> None:
         """Write what is pending and stop the thread. Idempotent."""
@@ -247,6 +256,11 @@ class StoreWriter:
             task.done.set()
         for barrier in barriers:
             barrier.done.set()
+            if barrier.then is not None:
+                try:
+                    barrier.then()
+                except Exception as exc:  # a listener's fault must not stop the writer
+                    print(f"onthefly: a store listener failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def _write_parts(self, conn: sqlite3.Connection, parts: list[WrittenPart]) -> None:
         if parts:
