@@ -257,7 +257,7 @@ class SessionStore:
     def close_epoch(self, run_id: int, split: str, epoch: int) -> None:
         self._writer.close_epoch(run_id, split, epoch)
 
-    def after_written(self, callback: Callable[[], None]) -> None:
+    def after_written(self, callback: Callable[[], object]) -> None:
         """``callback()`` on the writer thread once everything handed over so far is committed."""
         self._writer.after_written(callback)
 

@@ -57,7 +57,7 @@ class _CloseEpoch:
 @dataclass
 class _Barrier:
     done: threading.Event
-    then: Callable[[], None] | None = None  # called on the writer thread once committed
+    then: Callable[[], object] | None = None  # called on the writer thread once committed
 
 
 _STOP = object()
@@ -130,7 +130,7 @@ class StoreWriter:
         self._enqueue(barrier)
         return barrier.done.wait(timeout)
 
-    def after_written(self, callback: Callable[[], None]) -> None:
+    def after_written(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` (on the writer thread, without waiting here) once everything handed
         over so far is committed: e.g. announce an epoch only when its table can be read."""
         if self._closed or not self._thread.is_alive():
