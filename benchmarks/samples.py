@@ -1,4 +1,4 @@
-"""The per-sample store at 1M and 10M rows: ingest rate, and query times on what was written.
+"""The per-sample store's ingest at 1M and 10M rows: what the writer thread sustains.
 
 Ingest: chunks of 16,384 rows (what the engine's recorder hands over per flush) go into a real
 session store, with an epoch closed every tenth of the rows (10 epochs, each a permutation of
@@ -7,13 +7,10 @@ run and alternated with it: the same rows written straight to one Parquet file w
 (zstd). A chunk the writer's bounded queue drops is not ingested: drops are counted, and the
 rows on disk are checked against the rows handed over.
 
-Queries, on the store written last: ``top_k`` (k=20 over every row), ``sample_history`` (one
-random sample) and ``quantile_band`` (0.9-1.0), each against the same answer computed with
-pyarrow and numpy, alternated, median of ``--repeats``. Every answer is checked against its
-baseline, so a fast wrong query cannot pass. A summary table is printed, then machine-readable
-lines, the last one ``top_k_<rows>_ms: X`` for the largest size.
+The queries the dashboard runs over what was written are timed through its HTTP endpoints by
+``benchmarks/endpoints.py``. A summary table is printed, then machine-readable lines.
 
-    .venv/bin/python benchmarks/samples.py [--rows 1000000 10000000] [--repeats 5] [--quick]
+    .venv/bin/python benchmarks/samples.py [--rows 1000000 10000000] [--ingest-repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +31,7 @@ import pyarrow.parquet as pq
 CHUNK_ROWS = 16_384  # rows per flush (one second of a fast CPU loop)
 EPOCHS = 10
 BATCH = 128  # samples per training step, for the step column
-K = 20
 INGEST_TARGET = 1_000_000  # rows/s
-TOP_K_TARGET_MS = 200  # at 10M rows
 
 # The store's float columns, as the recorder hands them over: column views of one [n, 6] block.
 LOSS, MARGIN, PRED, LABEL, CONFIDENCE, GRAD_NORM = range(6)
@@ -136,85 +130,10 @@ def ingest_pyarrow(chunks: list[Any], path: Path) -> dict[str, Any]:
     return {"seconds": seconds, "on_disk": pq.ParquetFile(path).metadata.num_rows, "bytes": path.stat().st_size}
 
 
-# ---- queries: the product's, and the same answers from pyarrow + numpy --------------------------
-
-TOP_COLUMNS = ["index", "loss", "label", "pred", "margin", "correct"]
-HISTORY_COLUMNS = ["epoch", "step", "loss", "margin", "pred", "label", "correct", "confidence", "grad_norm"]
-
-
-def top_k_baseline(files: list[Path], k: int) -> list[dict[str, Any]]:
-    table = pq.read_table(files, columns=TOP_COLUMNS)
-    loss = table.column("loss").to_numpy()
-    key = np.where(np.isfinite(loss), loss, -np.inf)  # non-finite values last, as top_k orders them
-    top = np.argpartition(-key, k)[:k]
-    top = top[np.argsort(-key[top], kind="stable")]
-    return table.take(pa.array(top)).to_pylist()
-
-
-def history_baseline(files: list[Path], index: int) -> list[dict[str, Any]]:
-    rows = []
-    for f in files:  # every part holds a slice of an epoch's permutation: read the rest only on a hit
-        hits = np.flatnonzero(pq.read_table(f, columns=["index"]).column("index").to_numpy() == index)
-        if hits.size:
-            rows.extend(pq.read_table(f, columns=HISTORY_COLUMNS).take(pa.array(hits)).to_pylist())
-    return sorted(rows, key=lambda r: r["step"])
-
-
-def band_baseline(files: list[Path], low: float, high: float) -> np.ndarray:
-    table = pq.read_table(files, columns=["index", "loss"])
-    loss = table.column("loss").to_numpy()
-    lo, hi = np.quantile(loss[np.isfinite(loss)].astype(np.float64), [low, high])  # linear: quantile_cont
-    return table.column("index").to_numpy()[(loss >= lo) & (loss <= hi)]
-
-
-def check_top_k(ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
-    assert len(ours) == len(base) == K, (len(ours), len(base))
-    assert [r["loss"] for r in ours] == [r["loss"] for r in base], "top_k: losses differ from the baseline"
-    assert {(r["index"], r["label"], r["pred"], r["correct"]) for r in ours} == \
-        {(r["index"], r["label"], r["pred"], r["correct"]) for r in base}, "top_k: rows differ from the baseline"
-
-
-def check_history(ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
-    assert len(ours) == EPOCHS, f"sample_history: {len(ours)} rows for a sample seen in {EPOCHS} epochs"
-    assert ours == base, "sample_history: rows differ from the baseline"
-
-
-def check_band(ours: np.ndarray, base: np.ndarray, files: list[Path]) -> None:
-    ours, base = np.sort(ours), np.sort(base)
-    if ours.shape == base.shape and np.array_equal(ours, base):
-        return
-    # Quantile interpolation in float32 vs float64 can move the lower edge by an ulp: allow only
-    # rows whose loss sits at the edge to differ.
-    loss = pq.read_table(files, columns=["loss"]).column("loss").to_numpy()
-    edge = np.quantile(loss.astype(np.float64), 0.9)
-    at_edge = int(np.sum(np.abs(loss - edge) <= 1e-6 * abs(edge)))
-    assert abs(ours.size - base.size) <= at_edge, \
-        f"quantile_band: {ours.size} rows, baseline {base.size} ({at_edge} at the edge)"
-
-
-def time_pair(ours: Callable[[], Any], base: Callable[[], Any], repeats: int,
-              check: Callable[[Any, Any], None]) -> tuple[float, float]:
-    """Median milliseconds of ``ours`` and ``base``, alternated; every answer checked."""
-    check(ours(), base())  # warm-up: imports, page cache, DuckDB's first connection
-    ours_ms, base_ms = [], []
-    for i in range(repeats):
-        order = [(ours, ours_ms), (base, base_ms)] if i % 2 == 0 else [(base, base_ms), (ours, ours_ms)]
-        answers = {}
-        for fn, times in order:
-            t = time.perf_counter()
-            answers[id(times)] = fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        check(answers[id(ours_ms)], answers[id(base_ms)])
-    return statistics.median(ours_ms), statistics.median(base_ms)
-
-
 # ---- one size -----------------------------------------------------------------------------------
 
 
-def bench(rows: int, repeats: int, ingest_repeats: int, scratch: Path) -> dict[str, Any]:
-    from onthefly.store.queries import quantile_band, sample_history, top_k
-    from onthefly.store.samples import part_files
-
+def bench(rows: int, ingest_repeats: int, scratch: Path) -> dict[str, Any]:
     name = label_of(rows)
     run_id = 1  # a fresh session's first run
     t = time.perf_counter()
@@ -226,7 +145,7 @@ def bench(rows: int, repeats: int, ingest_repeats: int, scratch: Path) -> dict[s
     store_rates, base_rates = [], []
     written: dict[str, Any] = {}
     for i in range(ingest_repeats):
-        if written:  # keep only the store the queries will read
+        if written:  # one store on disk at a time
             shutil.rmtree(written["dir"], ignore_errors=True)
         baseline_path = scratch / f"baseline-{name}.parquet"
         # Alternate the order so a drift in machine speed does not favour either side.
@@ -244,66 +163,37 @@ def bench(rows: int, repeats: int, ingest_repeats: int, scratch: Path) -> dict[s
               f"{', write error: ' + repr(written['error']) if written['error'] else ''})  "
               f"pyarrow {base_rates[-1]:,.0f} rows/s ({base['seconds']:.2f} s, {base['bytes'] / 2**20:.0f} MiB)  "
               f"ratio {store_rates[-1] / base_rates[-1]:.3f}", flush=True)
-    del chunks  # the queries read the files
-
-    session_dir = written["dir"]
-    files = list(part_files(session_dir, run_id, "train"))
-    index = int(np.random.default_rng(1).integers(rows // EPOCHS))
-    queries = {
-        "top_k": time_pair(lambda: top_k(files, k=K), lambda: top_k_baseline(files, K), repeats, check_top_k),
-        "sample_history": time_pair(lambda: sample_history(session_dir, run_id, index),
-                                    lambda: history_baseline(files, index), repeats, check_history),
-        "quantile_band": time_pair(lambda: quantile_band(files, 0.9, 1.0), lambda: band_baseline(files, 0.9, 1.0),
-                                   repeats, lambda o, b: check_band(o, b, files)),
-    }
-    for query, (ours_ms, base_ms) in queries.items():
-        print(f"{query}: {ours_ms:.1f} ms, pyarrow+numpy {base_ms:.1f} ms, ratio {ours_ms / base_ms:.3f} "
-              f"(median of {repeats}, answers checked)", flush=True)
-    shutil.rmtree(session_dir, ignore_errors=True)
+    shutil.rmtree(written["dir"], ignore_errors=True)
     return {"name": name, "rows": total, "store_rate": statistics.median(store_rates),
             "base_rate": statistics.median(base_rates),
-            "dropped": written["dropped_records"], "queries": queries}
+            "dropped": written["dropped_records"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--repeats", type=int, default=5, help="query timings per side (median)")
     parser.add_argument("--ingest-repeats", type=int, default=3, help="ingest timings per side (median)")
-    parser.add_argument("--quick", action="store_true", help="1M rows only, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="1M rows only, 2 ingest repeats")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.repeats, args.ingest_repeats = [1_000_000], 2, 2
+        args.rows, args.ingest_repeats = [1_000_000], 2
     home = Path(tempfile.mkdtemp(prefix="otf-bench-"))
     os.environ["ONTHEFLY_HOME"] = str(home)  # before the store is imported: a throwaway home
     try:
-        results = [bench(rows, args.repeats, args.ingest_repeats, home) for rows in args.rows]
+        results = [bench(rows, args.ingest_repeats, home) for rows in args.rows]
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
-    print("\nrows     ingest store/s  pyarrow/s   ratio | top_k ms (pa)      | history ms (pa)    | band ms (pa)")
+    print("\nrows     ingest store/s  pyarrow/s   ratio")
     for r in results:
-        q = r["queries"]
-        cells = "  ".join(f"{q[n][0]:8.1f} ({q[n][1]:7.1f})" for n in ("top_k", "sample_history", "quantile_band"))
-        print(f"{r['name']:<8} {r['store_rate']:14,.0f} {r['base_rate']:11,.0f} {r['store_rate'] / r['base_rate']:7.3f} | "
-              f"{cells}")
+        print(f"{r['name']:<8} {r['store_rate']:14,.0f} {r['base_rate']:11,.0f} {r['store_rate'] / r['base_rate']:7.3f}")
     for r in results:
         ok = "met" if r["store_rate"] >= INGEST_TARGET else "NOT met"
         print(f"target ingest >= {INGEST_TARGET:,} rows/s at {r['name']}: {ok} ({r['store_rate']:,.0f}; "
               f"dropped records {r['dropped']})")
     for r in results:
-        if r["rows"] >= 10_000_000:
-            ms = r["queries"]["top_k"][0]
-            print(f"target top_k < {TOP_K_TARGET_MS} ms at {r['name']}: {'met' if ms < TOP_K_TARGET_MS else 'NOT met'} "
-                  f"({ms:.1f} ms)")
-    for r in results:
         print(f"ingest_{r['name']}_rows_per_s: {r['store_rate']:.0f}")
         print(f"ingest_{r['name']}_ratio: {r['store_rate'] / r['base_rate']:.3f}")
-        for query, (ours_ms, base_ms) in r["queries"].items():
-            print(f"{query}_{r['name']}_ratio: {ours_ms / base_ms:.3f}")
-    for r in sorted(results, key=lambda r: r["rows"]):  # the last line: top_k at the largest size
-        for query in ("sample_history", "quantile_band", "top_k"):
-            print(f"{query}_{r['name']}_ms: {r['queries'][query][0]:.1f}")
 
 
 if __name__ == "__main__":

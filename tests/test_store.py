@@ -576,8 +576,29 @@ def test_the_reader_answers_every_per_sample_view_of_a_run() -> None:
     hardest = reader.hardest_samples(run, k=3)
     top = sorted(table.column("loss").to_pylist(), reverse=True)[:3]
     assert hardest["epoch"] == 1 and [r["loss"] for r in hardest["rows"]] == pytest.approx(top)
+    carried = summary.session_dir / "samples" / f"run-{run}" / "train" / "carried-00001.arrow"
+    carried.unlink(missing_ok=True)
+    reader.carry_dynamics(run)  # what the server does when an epoch completes: the next look is one file
+    assert carried.is_file()
     series = reader.metric_series(run, "train_loss", points=4)
     assert len(series["step"]) <= 4 and series["total"] == len(reader.metrics(run, "train_loss")) > 4
+
+
+def test_each_part_carries_a_bloom_filter_of_its_sample_indices(tmp_path: Path) -> None:
+    """One sample's history looks for it in every part: the filter lets a reader skip the others."""
+    import pyarrow.parquet as pq
+
+    from onthefly.store.samples import SampleChunk, SampleSink
+
+    sink = SampleSink(tmp_path)
+    sink.add(SampleChunk(run_id=1, split="train", epoch=0, step=np.arange(4), index=np.array([7, 1, 5, 3]),
+                         loss=np.ones(4, np.float32), margin=np.ones(4, np.float32), pred=np.zeros(4, np.int64),
+                         label=np.zeros(4, np.int64)))
+    (part,) = sink.close_epoch(1, "train", 0)
+    group = pq.ParquetFile(tmp_path / part.path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert columns["index"].bloom_filter_length > 0
+    assert columns["loss"].bloom_filter_offset is None  # only where a lookup needs it
 
 
 def test_chunks_of_an_epoch_become_one_part_with_every_row_and_column(tmp_path: Path) -> None:

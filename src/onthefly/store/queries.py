@@ -1,5 +1,6 @@
 """Heavy views computed where the data lives: downsampled metric series (in SQLite), loss
-distributions and the hardest samples (over the Parquet per-sample tables)."""
+distributions, the hardest samples and one sample's history (over the Parquet per-sample
+tables). The per-sample table with its statistics across epochs is :mod:`.dynamics`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from .db import connect
 from .duck import cursor
 from .samples import epoch_files, part_files, sample_epochs
 
-__all__ = ["hardest_samples", "histogram", "loss_distribution", "metric_series", "quantile_band",
-           "sample_history", "top_k"]
+__all__ = ["hardest_samples", "histogram", "loss_distribution", "metric_series", "sample_history"]
 
 
 def _finite(value: Any) -> float | None:
@@ -88,7 +88,7 @@ def histogram(losses: np.ndarray, *, epoch: int | None, epochs: list[int], bins:
             "edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def top_k(files: list[Path], k: int, *, column: str = "loss", columns: tuple[str, ...] = (
+def _top_k(files: list[Path], k: int, *, column: str = "loss", columns: tuple[str, ...] = (
         "index", "loss", "label", "pred", "margin", "correct")) -> list[dict[str, Any]]:
     """The ``k`` rows with the highest ``column`` (non-finite values last), in descending order."""
     if not files:
@@ -120,20 +120,6 @@ def sample_history(session_dir: Path, run_id: int, index: int, *, split: str = "
     return [{k: _finite(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
-def quantile_band(files: list[Path], low: float, high: float) -> Any:
-    """Indices whose loss lies between the ``low`` and ``high`` quantiles of the files' losses."""
-    conn = cursor()
-    try:
-        names = [str(f) for f in files]
-        # One aggregate for both quantiles (two separate ones measured twice as slow).
-        ((lo, hi),), = conn.execute('SELECT quantile_cont(loss, [$low, $high]) FROM read_parquet($files) '
-                                    'WHERE isfinite(loss)', {"files": names, "low": low, "high": high}).fetchall()
-        return conn.sql('SELECT "index" FROM read_parquet($files) WHERE loss BETWEEN $lo AND $hi',
-                        params={"files": names, "lo": lo, "hi": hi}).to_arrow_table().column("index").to_numpy()
-    finally:
-        conn.close()
-
-
 def hardest_samples(session_dir: Path, run_id: int, epoch: int | None = None, *, k: int = 20,
                     split: str = "train") -> dict[str, Any]:
     """The ``k`` samples with the highest loss in one epoch (default: the latest)."""
@@ -142,6 +128,6 @@ def hardest_samples(session_dir: Path, run_id: int, epoch: int | None = None, *,
         epoch = epochs[-1] if epochs else None
     if epoch is None:
         return {"epoch": None, "rows": []}
-    rows = top_k(epoch_files(session_dir, run_id, epoch, split), k)
+    rows = _top_k(epoch_files(session_dir, run_id, epoch, split), k)
     return {"epoch": epoch, "rows": [{**r, "loss": _finite(r["loss"]), "margin": _finite(r["margin"])}
                                      for r in rows]}

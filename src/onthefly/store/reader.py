@@ -134,10 +134,19 @@ class SessionReader:
     def sample_stats_at(self, run_id: int, epoch: int | None = None, *, rule: FlagRule | None = None,
                         split: str = "train") -> tuple[int | None, pa.Table]:
         """(epoch, table): :meth:`sample_stats` with the epoch it was computed at (default: the
-        latest complete one), for a ``split`` and a flag rule. A finished epoch's table is cached."""
+        latest complete one), for a ``split`` and a flag rule. Read from the epoch's carried
+        aggregates (derived once, from the previous epoch's), and cached while small."""
         if epoch is None:
             epoch = self.default_epoch(run_id, split)
         return dynamics.sample_stats(self.dir, run_id, epoch, split=split, rule=rule)
+
+    def carry_dynamics(self, run_id: int, epoch: int | None = None, *, split: str = "train") -> None:
+        """Derive and keep the carried per-sample aggregates of ``epoch`` (default: the latest
+        complete one) if they are not on disk yet: the first look at its table is then one
+        file read. For the dashboard server to call (off its event loop) when an epoch completes."""
+        if epoch is None:
+            epoch = self.default_epoch(run_id, split)
+        dynamics.carried_state(self.dir, run_id, epoch, split=split)
 
     def iter_sample_stats(self, run_id: int, epoch: int | None, *, indices: np.ndarray | None = None,
                           rule: FlagRule | None = None, split: str = "train",

@@ -163,7 +163,7 @@ class SampleSink:
         merged = SampleChunk.merged(chunks)
         table = merged.to_arrow()
         rel = Path("samples") / f"run-{run_id}" / split / f"epoch-{epoch:05d}-part-{part:05d}.parquet"
-        write_table(self._dir / rel, table)
+        write_table(self._dir / rel, table, index_filter=True)
         return WrittenPart(
             run_id=run_id,
             split=split,
@@ -184,7 +184,7 @@ def _warm_up(folder: Path) -> None:
     nan = np.full(1, np.nan, dtype=np.float32)
     table = SampleChunk(0, "train", 0, one, one, nan, nan, one, one, nan, nan).to_arrow()
     path = folder / ".warm-up.parquet"  # through a file, as the writer writes: its statics too
-    write_table(path, table)
+    write_table(path, table, index_filter=True)
     path.unlink()
 
 
@@ -193,13 +193,21 @@ def _warm_up(folder: Path) -> None:
 DICTIONARY_COLUMNS = ("run_id", "split", "epoch", "step", "pred", "label", "correct")
 
 
-def write_table(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file under a temporary name, then rename: never half a file."""
+# A Bloom filter of a part's sample indices lets one sample's history (an equality lookup over
+# every part) skip the parts without it: 2-3x faster at 1M samples x 20 epochs (benchmarks/
+# endpoints.py), for 6 % more bytes and about 1 ms more per 65,536-row part on the writer thread.
+INDEX_FILTER_FPP = 0.05
+
+
+def write_table(path: Path, table: pa.Table, *, index_filter: bool = False) -> None:
+    """Write a Parquet file under a temporary name, then rename: never half a file. With
+    ``index_filter``, a Bloom filter of its "index" column goes with it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
     dictionary = [c for c in DICTIONARY_COLUMNS if c in table.column_names]
+    bloom = {"index": {"ndv": max(len(table), 1), "fpp": INDEX_FILTER_FPP}} if index_filter else None
     pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd",
-                   use_dictionary=dictionary, memory_pool=POOL)
+                   use_dictionary=dictionary, memory_pool=POOL, bloom_filter_options=bloom)
     os.replace(tmp, path)
 
 
