@@ -288,3 +288,20 @@ def test_the_distribution_of_the_epoch_in_progress_is_live(tmp_path: Path) -> No
         assert dist["live"] is True and dist["epoch"] == 0 and dist["exact"] is True  # all kept so far
         assert sum(dist["counts"]) == expected and dist["epochs"] == [0]
         assert dist["quantiles"]["p50"] <= dist["quantiles"]["p95"] <= dist["quantiles"]["p99"]
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize(("offset", "limit"), [(0, 50), (37, 20), (990, 50), (400, 600), (2000, 10)])
+def test_a_table_page_is_the_full_sorts_page(descending: bool, offset: int, limit: int) -> None:
+    """The partial sort the table endpoint uses gives exactly the rows of a full sort: missing
+    values last, ties in index order."""
+    from onthefly.server.samples import _page
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 30, size=1000).astype(np.float64)  # many ties
+    values[rng.choice(1000, 40, replace=False)] = np.nan
+    values[:3] = np.inf
+    table = pa.table({"index": np.arange(1000), "loss": values})
+    key = np.where(np.isfinite(values), -values if descending else values, 0.0)
+    reference = np.lexsort((np.arange(1000), key, ~np.isfinite(values)))[offset : offset + limit]
+    assert _page(table, "loss", descending, offset, limit).tolist() == reference.tolist()

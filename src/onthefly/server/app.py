@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +74,10 @@ class Backend:
         self.link = link
         self.clients = 0
         self.delivered: dict[int, int] = {}  # per connected stream: the last seq sent to it
+        self._carry: queue.SimpleQueue[tuple[int, int, str]] = queue.SimpleQueue()
+        if link is not None:
+            link.on_events = self._on_events
+            threading.Thread(target=self._carry_epochs, name="onthefly-carry", daemon=True).start()
         self._rejected: dict[tuple[int, int], str] = {}  # (run, command id) -> why it was rejected
         self._scanned_seq = 0
         self._scan_lock = threading.Lock()
@@ -81,6 +87,22 @@ class Backend:
         every event received so far)."""
         last = self.events.last_seq if seq is None else seq
         return all(seq_ >= last for seq_ in list(self.delivered.values()))
+
+    def _on_events(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if event["kind"] == "epoch_summary" and event["run_id"] is not None and event["epoch"] is not None:
+                self._carry.put((event["run_id"], event["epoch"], str(event["payload"].get("split", "train"))))
+
+    def _carry_epochs(self) -> None:
+        """Worker thread: as each epoch completes, derive its carried per-sample aggregates, so the
+        first look at its table is one file read, not a query over every epoch."""
+        while True:
+            run_id, epoch, split = self._carry.get()
+            try:
+                self.reader.carry_dynamics(run_id, epoch, split=split)
+            except Exception as exc:  # derived data: a view recomputes it; say why it failed
+                print(f"onthefly: could not derive epoch {epoch}'s aggregates: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
 
     def set_clients(self, count: int) -> None:
         self.clients = count

@@ -39,6 +39,7 @@ class ChannelLink:
         self.closing_seq = 0  # the last event it sent
         self.feed_start: int | None = None  # the first event the feed carries (older: the store)
         self.on_closing: Callable[[], None] = lambda: None
+        self.on_events: Callable[[list[dict[str, Any]]], None] = lambda events: None  # on the link's thread
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self._sock.settimeout(None)
         self._send_lock = threading.Lock()
@@ -107,6 +108,7 @@ class ChannelLink:
         if "events" in message:
             for event in message["events"]:
                 self.events.append(event)
+            self.on_events(message["events"])
         elif "runs" in message:
             self.states = {int(k): v for k, v in message["runs"].items()}
             self.ready.set()

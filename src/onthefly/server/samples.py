@@ -48,12 +48,22 @@ BAD_BODY: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "the body cannot be read, or the request cannot be carried out"}}
 
 
-def _sorted(table: pa.Table, column: str, descending: bool) -> np.ndarray:
+def _page(table: pa.Table, column: str, descending: bool, offset: int, limit: int) -> np.ndarray:
+    """The row positions of one page of ``table`` (sorted by index) ordered by ``column``: missing
+    values last, ties by index. A partial sort: a page of 50 among a million rows takes a few ms
+    where sorting them all took ~150."""
     values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    missing = ~np.isfinite(values)
-    key = np.where(missing, 0.0, -values if descending else values)
-    # lexsort: the last key is the primary one; missing values go last, ties by index.
-    return np.lexsort((table.column("index").to_numpy(), key, missing))
+    key = np.where(np.isfinite(values), -values if descending else values, np.inf)
+    end = min(offset + limit, key.size)
+    if offset >= end:
+        return np.empty(0, dtype=np.int64)
+    if end >= key.size // 8:  # a deep page: sort it all (stable: ties stay in index order)
+        return np.argsort(key, kind="stable")[offset:end]
+    kth = np.partition(key, end - 1)[end - 1]
+    below = np.flatnonzero(key < kth)
+    below = below[np.argsort(key[below], kind="stable")]
+    tied = np.flatnonzero(key == kth)[: end - below.size]  # in index order
+    return np.concatenate([below, tied])[offset:end]
 
 
 def evidence_routes(backend: Any) -> APIRouter:
@@ -88,7 +98,7 @@ def evidence_routes(backend: Any) -> APIRouter:
                 table = table.filter(table.column(flag))
             if label is not None:
                 table = table.filter(np.asarray(table.column("label").to_numpy(zero_copy_only=False) == label))
-            order_ = _sorted(table, sort, order == "desc")[offset : offset + limit]
+            order_ = _page(table, sort, order == "desc", offset, limit)
             rows = jsonable(table.take(pa.array(order_)).to_pylist())
             return {"epoch": shown, "epochs": backend.reader.sample_epochs(run_id, split),
                     "total": table.num_rows,
