@@ -189,10 +189,10 @@ def check_new_slice(reader: SessionReader, name: str, run_id: int) -> None:
 def save_slice(store: SessionStore, name: str, run_id: int, definition: Any, epoch: int | None = None,
                *, split: str = "train") -> dict[str, Any]:
     """Resolve ``definition`` and save it as slice ``name`` in the live session ``store``."""
+    store.flush()  # what the run recorded so far (its runs row, its samples) is in the files before they are read
     reader = SessionReader(store.dir)
     check_new_slice(reader, name, run_id)
     spec = parse_definition(definition)
-    store.flush()  # what the run recorded so far is in the files before they are read
     epoch, indices = resolve_slice(reader, run_id, spec, epoch, split=split)
     return store.save_slice(name=name, run_id=run_id, epoch=epoch, split=split,
                             definition=spec.model_dump(), indices=indices)

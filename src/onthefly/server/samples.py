@@ -160,9 +160,9 @@ def evidence_routes(backend: Any) -> APIRouter:
         backend.run_info(body.run_id)
 
         def create() -> dict[str, Any]:
+            backend.ask("flush")  # what the run recorded so far is in the files before they are read
             slicing.check_new_slice(backend.reader, body.name, body.run_id)
             spec = slicing.parse_definition(body.definition)
-            backend.ask("flush")  # what the run recorded so far is in the files before they are read
             epoch, indices = slicing.resolve_slice(backend.reader, body.run_id, spec, body.epoch)
             record: dict[str, Any] = backend.ask(
                 "save_slice", name=body.name, slice_run=body.run_id, epoch=epoch, split="train",
