@@ -176,7 +176,7 @@ def serve(session_dir: Path) -> Any:
     from onthefly.server import DashboardServer
 
     server = DashboardServer(session_dir, project=PROJECT, session_id=session_dir.name)
-    server.start(announce=False)
+    server.start()
     return server
 
 

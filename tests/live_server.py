@@ -91,7 +91,7 @@ class InProcessDashboard:
         self.link.ready.wait(DEADLINE)
         self.server = DashboardServer(run.session.dir, project=run.project, session_id=run.session.id,
                                       link=self.link, events=events)
-        self.server.start(announce=False)
+        self.server.start()
         self.backend, self.port, self.token = self.server.backend, self.server.port, self.server.token
 
     def stop(self) -> None:

@@ -741,7 +741,7 @@ def test_no_page_the_server_serves_loads_anything_from_outside_the_machine(tmp_p
         pytest.fail("the dashboard is not built: run bash scripts/setup.sh")
     store = onthefly.store.SessionStore("offline")  # a session to serve, without a training process
     server = DashboardServer(store.dir, project="offline", session_id=store.id)
-    server.start(announce=False)
+    server.start()
     base = f"http://127.0.0.1:{server.port}"
     auth = {"Authorization": f"Bearer {server.token}"}
     try:

@@ -144,7 +144,7 @@ class DashboardProcess:
 def serve_from_stdin() -> int:
     """The server process: read the configuration line, serve until told to end."""
     from ..store import duck
-    from .link import ChannelLink
+    from .link import ChannelLink, LinkError
     from .runner import DashboardServer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process; it ends us
@@ -162,7 +162,7 @@ def serve_from_stdin() -> int:
                              session_id=config["session_id"], port=int(config["port"]), host=config["host"],
                              token=config["token"], link=link, events=events)
     try:
-        server.start(announce=False)
+        server.start()
     except ConfigError as exc:
         print(json.dumps({"error": str(exc)}), flush=True)
         link.close()
@@ -186,8 +186,8 @@ def serve_from_stdin() -> int:
         server.stop(drain_timeout=3.0, until_seq=link.closing_seq)
         try:
             link.send({"op": "drained"})
-        except Exception:
-            pass
+        except LinkError:
+            pass  # the training process is already gone: nobody waits for this
     else:
         server.stop(drain_timeout=0.0)
     link.close()

@@ -5,10 +5,8 @@ that reads a finished session, or a benchmark."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -74,7 +72,7 @@ class DashboardServer:
         """True while a dashboard (a WebSocket client) is connected."""
         return self.backend.clients > 0
 
-    def start(self, *, announce: bool = True) -> str:
+    def start(self) -> str:
         if not 0 <= self._requested_port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, got {self._requested_port}")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -108,15 +106,7 @@ class DashboardServer:
         self._thread.start()
         if not ready.wait(STARTUP_TIMEOUT) or not server.started:
             raise RuntimeError("the dashboard server did not start; see the messages above")
-        if announce:
-            self.announce()
         return self.url
-
-    def announce(self) -> None:
-        print(f"On The Fly dashboard: {self.url}", file=sys.stderr, flush=True)
-        if os.environ.get("ONTHEFLY_HANDSHAKE") == "json":
-            line = json.dumps({"onthefly": {"url": self.url, "token": self.token, "pid": os.getpid()}})
-            print(line, flush=True)
 
     def stop(self, drain_timeout: float = 3.0, until_seq: int | None = None) -> None:
         """Stop serving (idempotent), after the connected dashboards have been sent the last
