@@ -55,38 +55,6 @@ FIRST_TABLE_TARGET_MS = 300.0
 CLUSTER_TARGET_S = 5.0
 CACHE_TARGET = 64 * 2**20
 
-# The query the carried aggregates replaced (store/dynamics.py before), for the before/after figure.
-OLD_QUERY = """
-WITH per_epoch AS (
-    SELECT "index" AS idx, epoch,
-           avg(loss) AS loss, avg(margin) AS margin, avg(confidence) AS confidence,
-           avg(grad_norm) AS grad_norm, bool_and(correct) AS correct,
-           max(label) AS label, arg_max(pred, step) AS pred
-    FROM read_parquet($files)
-    GROUP BY idx, epoch
-), ordered AS (
-    SELECT *, lag(correct) OVER (PARTITION BY idx ORDER BY epoch) AS was_correct FROM per_epoch
-)
-SELECT idx AS "index",
-       max(label) AS label,
-       arg_max(pred, epoch) AS pred,
-       arg_max(correct, epoch) AS correct,
-       arg_max(loss, epoch) AS loss,
-       arg_max(margin, epoch) AS margin,
-       arg_max(confidence, epoch) AS confidence,
-       arg_max(grad_norm, epoch) AS grad_norm,
-       count(*)::INTEGER AS epochs,
-       avg(margin) AS aum,
-       (count(*) FILTER (WHERE was_correct AND NOT correct))::INTEGER AS forgetting,
-       avg(confidence) AS confidence_mean,
-       coalesce(stddev_pop(confidence), 0) AS variability
-FROM ordered
-GROUP BY idx
-HAVING max(epoch) = $epoch
-ORDER BY idx
-"""
-
-
 def old_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, split: str = "train",
                      rule: Any = None, indices: Any = None) -> tuple[int | None, Any]:
     """``store.dynamics.sample_stats`` as it was: every epoch's parts in one query, every time
@@ -94,21 +62,15 @@ def old_sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *
     import pyarrow as pa
 
     from onthefly.signals.dynamics import STATS_SCHEMA, FlagRule, add_flags
-    from onthefly.store.duck import cursor
+    from onthefly.store.dynamics import reference_stats
     from onthefly.store.samples import epoch_of, part_files
 
     parts = list(part_files(session_dir, run_id, split))
     if epoch is None:
         epoch = max((epoch_of(p) for p in parts), default=None)
-    files = [str(p) for p in parts if epoch is not None and epoch_of(p) <= epoch]
-    if not files:
+    if epoch is None or not any(epoch_of(p) <= epoch for p in parts):
         return epoch, STATS_SCHEMA.empty_table()
-    conn = cursor()
-    try:
-        table = conn.sql(OLD_QUERY, params={"files": files, "epoch": epoch}).to_arrow_table()
-    finally:
-        conn.close()
-    table = add_flags(table, rule or FlagRule())
+    table = add_flags(reference_stats(session_dir, run_id, epoch, split=split), rule or FlagRule())
     if indices is not None:
         table = table.filter(np.isin(table.column("index").to_numpy(), indices))
     return epoch, pa.Table.from_batches(table.to_batches(), schema=STATS_SCHEMA)

@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -17,39 +16,10 @@ import pytest
 from onthefly.signals.dynamics import STAT_COLUMNS, FlagRule, add_flags
 from onthefly.store import dynamics
 from onthefly.store.db import connect, create_schema
-from onthefly.store.dynamics import carried_state, sample_stats
+from onthefly.store.dynamics import carried_state, reference_stats, sample_stats
 from onthefly.store.samples import SampleChunk, SampleSink, epoch_of, part_files, write_table
 
-# The query over every epoch's parts that the carried state replaced: the definition to match.
-REFERENCE = """
-WITH per_epoch AS (
-    SELECT "index" AS idx, epoch,
-           avg(loss) AS loss, avg(margin) AS margin, avg(confidence) AS confidence,
-           avg(grad_norm) AS grad_norm, bool_and(correct) AS correct,
-           max(label) AS label, arg_max(pred, step) AS pred
-    FROM read_parquet($files)
-    GROUP BY idx, epoch
-), ordered AS (
-    SELECT *, lag(correct) OVER (PARTITION BY idx ORDER BY epoch) AS was_correct FROM per_epoch
-)
-SELECT idx AS "index",
-       max(label) AS label,
-       arg_max(pred, epoch) AS pred,
-       arg_max(correct, epoch) AS correct,
-       arg_max(loss, epoch) AS loss,
-       arg_max(margin, epoch) AS margin,
-       arg_max(confidence, epoch) AS confidence,
-       arg_max(grad_norm, epoch) AS grad_norm,
-       count(*)::INTEGER AS epochs,
-       avg(margin) AS aum,
-       (count(*) FILTER (WHERE was_correct AND NOT correct))::INTEGER AS forgetting,
-       avg(confidence) AS confidence_mean,
-       coalesce(stddev_pop(confidence), 0) AS variability
-FROM ordered
-GROUP BY idx
-HAVING max(epoch) = $epoch
-ORDER BY idx
-"""
+# The definition to match: dynamics.REFERENCE_QUERY, the query over every epoch's parts it replaced.
 # Sums over epochs may be added in another order than the reference's (a cold start folds ten
 # epochs at once): the same values up to rounding. Every other column is compared exactly.
 ACROSS_EPOCHS = ("aum", "confidence_mean", "variability")
@@ -57,9 +27,7 @@ ACROSS_EPOCHS = ("aum", "confidence_mean", "variability")
 
 def reference(folder: Path, run_id: int, epoch: int, split: str = "train",
               rule: FlagRule | None = None) -> pa.Table:
-    files = [str(p) for p in part_files(folder, run_id, split) if epoch_of(p) <= epoch]
-    table = duckdb.connect().sql(REFERENCE, params={"files": files, "epoch": epoch}).to_arrow_table()
-    return add_flags(table, rule or FlagRule())
+    return add_flags(reference_stats(folder, run_id, epoch, split=split), rule or FlagRule())
 
 
 def assert_same(ours: pa.Table, expected: pa.Table) -> None:

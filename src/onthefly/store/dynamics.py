@@ -47,7 +47,8 @@ from .duck import cursor
 from .samples import epoch_of, part_files
 from .session import DB_FILE
 
-__all__ = ["CACHE_BYTES", "CARRIED_SCHEMA", "KEEP_EVERY", "cached_bytes", "carried_state", "iter_sample_stats",
+__all__ = ["CACHE_BYTES", "CARRIED_SCHEMA", "KEEP_EVERY", "REFERENCE_QUERY", "cached_bytes", "carried_state",
+           "iter_sample_stats", "reference_stats",
            "sample_stats"]
 
 CACHE_BYTES = 64 * 2**20
@@ -400,3 +401,48 @@ def _remember(key: Any, table: pa.Table) -> None:
         while _cache_bytes > CACHE_BYTES:
             _, (dropped, _) = _cache.popitem(last=False)
             _cache_bytes -= dropped
+
+
+# ---- the definition the carried state matches -------------------------------------------------
+# Every epoch's parts in one query: what this module ran before it carried (linear in epochs, ~15 s
+# at 200 epochs). Kept as the reference the tests compare with and the benchmark's "before".
+REFERENCE_QUERY = """
+WITH per_epoch AS (
+    SELECT "index" AS idx, epoch,
+           avg(loss) AS loss, avg(margin) AS margin, avg(confidence) AS confidence,
+           avg(grad_norm) AS grad_norm, bool_and(correct) AS correct,
+           max(label) AS label, arg_max(pred, step) AS pred
+    FROM read_parquet($files)
+    GROUP BY idx, epoch
+), ordered AS (
+    SELECT *, lag(correct) OVER (PARTITION BY idx ORDER BY epoch) AS was_correct FROM per_epoch
+)
+SELECT idx AS "index",
+       max(label) AS label,
+       arg_max(pred, epoch) AS pred,
+       arg_max(correct, epoch) AS correct,
+       arg_max(loss, epoch) AS loss,
+       arg_max(margin, epoch) AS margin,
+       arg_max(confidence, epoch) AS confidence,
+       arg_max(grad_norm, epoch) AS grad_norm,
+       count(*)::INTEGER AS epochs,
+       avg(margin) AS aum,
+       (count(*) FILTER (WHERE was_correct AND NOT correct))::INTEGER AS forgetting,
+       avg(confidence) AS confidence_mean,
+       coalesce(stddev_pop(confidence), 0) AS variability
+FROM ordered
+GROUP BY idx
+HAVING max(epoch) = $epoch
+ORDER BY idx
+"""
+
+
+def reference_stats(session_dir: Path, run_id: int, epoch: int, *, split: str = "train") -> pa.Table:
+    """The unflagged stats table at ``epoch`` by ``REFERENCE_QUERY`` (the run must have parts)."""
+    files = [str(p) for p in part_files(session_dir, run_id, split) if epoch_of(p) <= epoch]
+    conn = cursor()
+    try:
+        table: pa.Table = conn.sql(REFERENCE_QUERY, params={"files": files, "epoch": epoch}).to_arrow_table()
+    finally:
+        conn.close()
+    return table
