@@ -341,7 +341,8 @@ def test_checkpoint_command_writes_a_registered_checkpoint() -> None:
     trainer = make_trainer(callbacks=(At(3, "checkpoint"),))
     summary = trainer.fit(1)
 
-    (row,) = onthefly.open_session(summary.session_dir).checkpoints(summary.run_id)
+    row, final = onthefly.open_session(summary.session_dir).checkpoints(summary.run_id)
+    assert final["reason"] == "final"
     assert (row["step"], row["epoch"], row["batch_in_epoch"], row["reason"]) == (4, 0, 4, "command")
     folder = Path(row["path"])
     assert folder.is_dir()
@@ -351,14 +352,15 @@ def test_checkpoint_command_writes_a_registered_checkpoint() -> None:
     assert state["progress"]["global_step"] == 4
     (command,) = command_events(summary, "checkpoint")
     assert (command["kind"], command["step"]) == ("command_applied", 4)
-    assert [e["step"] for e in session_events(summary, "checkpoint")] == [4]
+    assert [(e["step"], e["payload"]["reason"]) for e in session_events(summary, "checkpoint")] == [(4, "command"), (8, "final")]
 
 
 def test_checkpoint_command_with_a_path(tmp_path: Path) -> None:
     target = tmp_path / "mine"
     trainer = make_trainer(callbacks=(At(2, "checkpoint", path=str(target)),))
     summary = trainer.fit(1)
-    (row,) = onthefly.open_session(summary.session_dir).checkpoints(summary.run_id)
+    row, final = onthefly.open_session(summary.session_dir).checkpoints(summary.run_id)
+    assert final["reason"] == "final"
     assert Path(row["path"]) == target
     assert (target / "model.safetensors").is_file()
 

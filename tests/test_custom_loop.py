@@ -213,7 +213,8 @@ def test_save_checkpoint_is_registered_and_readable() -> None:
                     folders.append(run.save_checkpoint())
                     saved = {k: v.clone() for k, v in model.state_dict().items()}
 
-    (row,) = onthefly.open_session(run.session.dir).checkpoints(run.run_id)
+    row, final = onthefly.open_session(run.session.dir).checkpoints(run.run_id)
+    assert final["reason"] == "final"  # the weights the run ended with
     assert Path(row["path"]) == folders[0]
     assert (row["step"], row["epoch"], row["batch_in_epoch"], row["reason"]) == (5, 0, 5, "manual")
     tensors, state = read_checkpoint(folders[0])

@@ -90,8 +90,10 @@ def test_session_folder_layout_and_formats(onthefly_home: Path) -> None:
     ).fetchall()
     assert per_epoch == [(0, 256, 256, 0, 255), (1, 256, 256, 0, 255)]
 
-    # Checkpoints: weights in safetensors, the rest in a tensors-only file.
-    (row,) = open_session(folder).checkpoints()
+    # Checkpoints: weights in safetensors, the rest in a tensors-only file; the final model is
+    # always saved when the run ends.
+    row, final = open_session(folder).checkpoints()
+    assert (final["reason"], final["step"]) == ("final", summary.steps)
     assert Path(row["path"]) == checkpoint.folder
     assert row["path"].startswith(str(folder / "checkpoints"))
     assert row["step"] == 5

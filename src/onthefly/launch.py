@@ -84,6 +84,12 @@ class _Dashboard:
             run.add_close_callback(self.server.stop)
 
 
+def _resume_from_env(options: dict[str, Any]) -> None:
+    """`onthefly run SCRIPT --resume FILE.otf` says where to resume through ONTHEFLY_RESUME_FROM."""
+    if options.get("resume_from") is None and os.environ.get("ONTHEFLY_RESUME_FROM"):
+        options["resume_from"] = os.environ["ONTHEFLY_RESUME_FROM"]
+
+
 def quickstart(
     *,
     project: str,
@@ -111,6 +117,7 @@ def quickstart(
     :class:`~onthefly.Trainer`'s (device, amp, grad_clip, accumulate_grad_batches, scheduler,
     inputs/targets/forward_fn, callbacks, wait_for_run, resume_from, progress, grad_norm).
     """
+    _resume_from_env(options)
     board = _Dashboard(keep_alive)
     trainer = Trainer(
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
@@ -141,6 +148,7 @@ def start_run(
         device = options.get("device") or model_device(model)
         evaluator = Evaluator(model, PerSampleLoss(loss_fn), BatchSpec(inputs, targets, forward_fn), device,
                               {"val": val_loader, "test": test_loader})
+    _resume_from_env(options)
     board = _Dashboard(keep_alive)
     run = Run(project=project, run_name=run_name, model=model, optimizer=optimizer, evaluator=evaluator,
               keep_alive=board.keep_alive(),

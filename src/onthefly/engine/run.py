@@ -48,6 +48,7 @@ from ..signals.quantiles import Reservoir
 from ..signals.recorder import LOSS, ClassSignals, Derive, Indices, SampleRecorder
 from ..store.checkpoints import read_checkpoint
 from ..store.session import SessionStore
+from ..store.sources import ResumeSource, resume_source
 from .callbacks import HOOKS, Callback, overrides
 from .checks import check_first_step, check_step_shapes, non_finite_error
 from .control import Command, CommandQueue, RunStatus
@@ -123,9 +124,13 @@ class Run:
         # map-style twin of an IterableDataset); None: the training dataset.
         self.export_dataset = export_dataset
 
-        checkpoint = read_checkpoint(Path(resume_from)) if resume_from is not None else None  # before clean-up
+        # Found (an archive is imported) and read before the new session's clean-up runs.
+        source = resume_source(resume_from) if resume_from is not None else None
+        checkpoint = read_checkpoint(source.checkpoint) if source is not None else None
         self._owns_session = session is None
-        self.session = session or SessionStore(project, keep=[Path(resume_from)] if resume_from is not None else [])
+        if session is None and source is not None and source.session_dir is not None:
+            session = SessionStore.reopen(source.session_dir)  # an archive's session: its curves go on
+        self.session = session or SessionStore(project, keep=[source.checkpoint] if source is not None else [])
         self.bus = EventBus(seq_source=self.session.next_seq)
         self.bus.subscribe(self._persist)
         self.session.overflow_listener = lambda dropped: self.bus.publish(
@@ -134,7 +139,16 @@ class Run:
         # Per-sample gradient norms (optional): hooks on the model's Linear layers, none when off.
         self.grad_norms = GradNormTracker(model) if grad_norm else None
         self.config = {**(config or {}), "grad_norm": self.grad_norms.method if self.grad_norms else None}
-        self.run_id = self.session.new_run(run_name, config=self.config)
+        continued = self._continued_run(source)
+        if continued is not None:  # the checkpoint is where its run stopped: the same run goes on
+            self.run_id = continued
+            self.name = run_name = str((self.session.run_record(continued) or {}).get("name", run_name))
+            self.session.set_run_config(continued, self.config)
+        else:
+            in_session = source is not None and source.session_dir is not None
+            self.run_id = self.session.new_run(
+                run_name, config=self.config, parent_id=source.run_id if in_session else None,  # type: ignore[union-attr]
+                parent_checkpoint_id=source.checkpoint_id if in_session else None)  # type: ignore[union-attr]
 
         self.global_step = 0
         self.epoch = 0
@@ -166,14 +180,16 @@ class Run:
         self._loose_epoch: int | None = None  # epoch recorded from step(indices=...) outside batches()
         self._reported_drops = 0
         self._closed = False
+        self._checkpoint_at: tuple[int, int] | None = None  # (step, id) of the newest checkpoint saved
         if checkpoint is not None:
+            assert source is not None
             try:
-                self._restore(*checkpoint, source=Path(resume_from))  # type: ignore[arg-type]
+                self._restore(*checkpoint, source=source)
             except BaseException as exc:
                 self.close(exc)  # the session records why, and is not left looking "running"
                 raise
-        self.bus.publish("run_created", {"name": run_name, "project": project,
-                                         "session": str(self.session.dir)}, **self._where())
+        self.bus.publish("run_created", {"name": run_name, "project": project, "session": str(self.session.dir),
+                                         "continued": continued is not None}, **self._where())
 
     # ---- what any thread may read or ask -----------------------------------------------------
     @property
@@ -461,12 +477,16 @@ class Run:
         if result is None:
             return None
         self.last_eval[split] = result
+        tested: dict[str, Any] = {}
+        if split == "test":  # every test names the checkpoint of the weights it tested
+            checkpoint_id, why_not = self._checkpoint_here("test")
+            tested = {"checkpoint_id": checkpoint_id} if why_not is None else {"checkpoint_error": why_not}
         now = time.time()
         self.session.metrics([
             (self.run_id, f"{split}_{name}", self.global_step, self.epoch, now, value)
             for name, value in result.items() if name != "samples"
         ])
-        self.bus.publish("eval", {"split": split, **result}, **self._where())
+        self.bus.publish("eval", {"split": split, **result, **tested}, **self._where())
         return result
 
     def _eval_rows(self, split: str) -> SampleRows:
@@ -510,13 +530,35 @@ class Run:
             "epoch_loss_sum": {"bins": torch.from_numpy(total.bins.copy()), "count": total.count,
                                "nonfinite": total.nonfinite},
         }
-        _, folder = self.session.checkpoint(
+        checkpoint_id, folder = self.session.checkpoint(
             self.run_id, step=self.global_step, epoch=progress.epoch, batch_in_epoch=progress.batch_in_epoch,
             model_tensors=model_tensors, state=state, reason=reason,
             folder=Path(path) if path is not None else None,
         )
-        self.bus.publish("checkpoint", {"path": str(folder), "reason": reason}, **self._where())
+        self._checkpoint_at = (self.global_step, checkpoint_id)
+        self.bus.publish("checkpoint", {"path": str(folder), "reason": reason, "checkpoint_id": checkpoint_id},
+                         **self._where())
         return folder
+
+    def _checkpoint_here(self, reason: str) -> tuple[int | None, str | None]:
+        """(id, None) of a checkpoint of the weights as they are now (saved unless one was just
+        saved at this step), or (None, why not)."""
+        if self._checkpoint_at is not None and self._checkpoint_at[0] == self.global_step:
+            return self._checkpoint_at[1], None
+        try:
+            self.save_checkpoint(reason=reason)
+        except (OnTheFlyError, OSError) as exc:  # e.g. a full disk: say so, never lose the run
+            return None, f"{type(exc).__name__}: {exc}"
+        assert self._checkpoint_at is not None
+        return self._checkpoint_at[1], None
+
+    def _continued_run(self, source: ResumeSource | None) -> int | None:
+        """The run a resume continues: in its own session, from the point where it stopped (its
+        newest checkpoint, no step recorded after it); None: the resume is a new run."""
+        if source is None or source.session_dir is None or source.run_id is None or source.step is None:
+            return None
+        later = self.session.later_than(source.run_id, source.step)
+        return source.run_id if not later else None
 
     def _progress(self) -> Progress:
         if self._epoch_done:  # the epoch is over: what follows is the next one's start
@@ -533,8 +575,8 @@ class Run:
             samples = self.recorder.position_in_epoch if self.batch_in_epoch else 0
         return Progress(self.epoch, self.batch_in_epoch, self.global_step, self.target_epochs, samples)
 
-    def _restore(self, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
-        self._objects.load(model_tensors, state, source)
+    def _restore(self, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: ResumeSource) -> None:
+        self._objects.load(model_tensors, state, source.checkpoint)
         progress = Progress(**state["progress"])
         self.epoch = progress.epoch
         self.batch_in_epoch = progress.batch_in_epoch
@@ -545,8 +587,17 @@ class Run:
             self.sink.resume_epoch(progress.epoch, ExactSum(saved["bins"].numpy(), saved["count"],
                                                             saved["nonfinite"]))
         self.resume.restore(state, progress)
-        self.bus.publish("resumed_from_checkpoint", {"path": str(source), **progress.as_dict()},
-                         **self._where())
+        if source.checkpoint_id is not None and source.session_dir is not None:
+            self._checkpoint_at = (progress.global_step, source.checkpoint_id)  # its own session holds it
+        self.bus.publish("resumed_from_checkpoint", {"path": str(source.checkpoint), "checkpoint_id": source.checkpoint_id,
+                                                     **progress.as_dict()}, **self._where())
+        # The first step trained now is checked against the loss the session recorded for it.
+        if source.next_loss is not None and source.next_loss[0] == progress.global_step + 1:
+            self.sink.expect_loss(*source.next_loss)
+        else:
+            self.bus.publish("resume_unverified", {"reason": "the session recorded no step after this checkpoint "
+                                                             "to compare the first resumed step with"},
+                             **self._where())
 
     # ---- what commands do -------------------------------------------------------------------
     def _effects(self) -> dict[str, Effect]:
@@ -615,6 +666,13 @@ class Run:
             return
         self._closed = True
         self.controller.closed = True
+        if error is None and self.global_step > 0 and self._loose_epoch is None:
+            # The final model is always in the session (and so in its export): saved unless the
+            # newest checkpoint already holds these weights.
+            with contextlib.suppress(Exception):
+                _, why_not = self._checkpoint_here("final")
+                if why_not is not None:
+                    self.bus.publish("final_checkpoint_failed", {"reason": why_not}, **self._where())
         with contextlib.suppress(Exception):
             self._end_loose_epoch()
         with contextlib.suppress(Exception):

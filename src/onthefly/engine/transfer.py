@@ -73,6 +73,21 @@ class TransferSink:
         # A uniform sample of the epoch in progress's per-sample losses: live, approximate views.
         self._live: tuple[int, Reservoir] | None = None
         self.nonfinite: tuple[int, int] | None = None  # (step, samples) of the first NaN/inf loss
+        self._expected: tuple[int, float] | None = None  # a resumed run's first step and its recorded loss
+
+    def expect_loss(self, step: int, loss: float) -> None:
+        """Training thread, before the first resumed step: check that step's loss against ``loss``."""
+        self._expected = (step, loss)
+
+    def _check_resumed(self, run_id: int, epoch: int, loss: float) -> None:
+        assert self._expected is not None
+        step, recorded = self._expected
+        self._expected = None
+        # The same machine gives the same bits; elsewhere kernels may round differently.
+        same = loss == recorded or abs(loss - recorded) <= 1e-6 * max(1.0, abs(recorded))
+        self._bus.publish("resume_verified" if same else "resume_differs",
+                          {"step": step, "loss": loss, "recorded": recorded, "difference": loss - recorded},
+                          run_id=run_id, step=step, epoch=epoch)
 
     def __call__(self, packet: HostPacket) -> None:
         if len(packet.indices):
@@ -109,6 +124,8 @@ class TransferSink:
         rate = packet.samples_per_second
         rate_rows = [(packet.run_id, "throughput", last_step, packet.epoch, now, rate)] if math.isfinite(rate) else []
         self._session.metrics([*loss_rows, *lr_rows, *rate_rows])
+        if self._expected is not None and self._expected[0] in steps:
+            self._check_resumed(packet.run_id, packet.epoch, float(means[np.searchsorted(steps, self._expected[0])]))
         self.latest = {"step": last_step, "loss": loss_rows[-1][-1], "lr": float(packet.lrs[-1]),
                        "samples_per_second": rate if rate_rows else self.latest.get("samples_per_second", math.nan)}
         self._bus.publish("progress", {**self.latest, "batch_in_epoch": self._batch_in_epoch()},

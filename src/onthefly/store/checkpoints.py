@@ -2,7 +2,7 @@
 
 Nothing here unpickles code: weights load with safetensors, the rest with
 ``torch.load(..., weights_only=True)``. A checkpoint is written into a temporary folder and
-renamed into place, so a crash mid-write never leaves a checkpoint that looks complete.
+synced, and renamed into place, so a crash mid-write never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
         save_file(dict(model_tensors), str(tmp / MODEL_FILE))
         torch.save(dict(state), tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
+        _sync(tmp)  # the files' bytes reach the disk before the rename makes them the checkpoint
         if folder.exists():  # an empty folder or an earlier checkpoint: set it aside, then swap
             old = folder.with_name(folder.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -76,10 +77,34 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
+        _sync_dir(folder.parent)  # and the rename itself survives a power cut
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder_size(folder)
+
+
+def _sync(folder: Path) -> None:
+    for name in (MODEL_FILE, STATE_FILE, MANIFEST_FILE):
+        fd = os.open(folder / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _sync_dir(folder)
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform that cannot open folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

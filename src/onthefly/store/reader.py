@@ -96,9 +96,22 @@ class SessionReader:
                                      points=points)
 
     def checkpoints(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        """The checkpoint registry; ``path`` is absolute (the registry keeps paths inside the
+        session relative to its folder, so that it moves whole)."""
         if run_id is None:
-            return self._query("SELECT * FROM checkpoints ORDER BY id")
-        return self._query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY id", (run_id,))
+            rows = self._query("SELECT * FROM checkpoints ORDER BY id")
+        else:
+            rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY id", (run_id,))
+        for row in rows:
+            row["path"] = str(self.dir / row["path"])  # an absolute path stays as it is
+        return rows
+
+    def checkpoint(self, checkpoint_id: int) -> dict[str, Any]:
+        for row in self.checkpoints():
+            if row["id"] == checkpoint_id:
+                return row
+        ids = ", ".join(str(r["id"]) for r in self.checkpoints()) or "none"
+        raise NotFoundError(f"no checkpoint {checkpoint_id} in session {self.dir.name} (its checkpoints: {ids})")
 
     def samples(self, run_id: int | None = None, *, epoch: int | None = None,
                 split: str = "train") -> pa.Table:

@@ -9,12 +9,14 @@ system may have reused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +30,7 @@ import torch
 
 from .._version import __version__
 from ..errors import StateError, StoreError
+from ..units import human_bytes
 from .checkpoints import write_checkpoint
 from .db import SCHEMA_VERSION, connect, create_schema
 from .samples import SampleChunk, write_table
@@ -39,18 +42,31 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "Removed",
     "SessionInfo",
     "SessionStore",
     "clean_sessions",
+    "folder_bytes",
+    "held_here",
     "is_alive",
+    "is_imported",
     "list_sessions",
     "onthefly_home",
+    "release_held",
+    "remove_session",
     "sessions_root",
 ]
 
 DB_FILE = "session.sqlite"
-_HELD_LOCKS: list[IO[str]] = []  # locks of this process's closed sessions, released at exit
+# The locks of this process's closed sessions (by folder), released at exit; or taken over when
+# this process reopens one of them.
+_HELD_LOCKS: dict[Path, IO[str]] = {}
 LOCK_FILE = "session.lock"
+# Written by `onthefly import`: the folder is the user's saved work, never cleaned up automatically.
+IMPORTED_FILE = "imported.json"
+ENVIRONMENT_FILE = "environment.json"  # where the session was recorded (torch, CUDA, flags)
+SOURCE_DIR = "source"  # the training script's text, kept for traceability (never executed)
+MAX_SOURCE_BYTES = 1 << 20
 
 
 def onthefly_home() -> Path:
@@ -72,6 +88,18 @@ def _try_lock(path: Path) -> IO[str] | None:
         handle.close()
         return None
     return handle
+
+
+def held_here(session_dir: Path) -> bool:
+    """True for a session this process ran and closed (it keeps its lock until it exits)."""
+    return session_dir.resolve() in _HELD_LOCKS
+
+
+def release_held(session_dir: Path) -> None:
+    """Let go of this process's lock on a closed session about to be deleted or replaced."""
+    handle = _HELD_LOCKS.pop(session_dir.resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 def is_alive(session_dir: Path) -> bool:
@@ -101,6 +129,7 @@ class SessionInfo:
     alive: bool
     created: float
     size_bytes: int
+    imported: bool = False  # added by `onthefly import`: kept until the user removes it
 
 
 def _read_info(session_dir: Path) -> SessionInfo:
@@ -120,8 +149,33 @@ def _read_info(session_dir: Path) -> SessionInfo:
             pass  # reported as "unreadable" below
     if status == "running" and not alive:
         status = "interrupted"
-    size = sum(p.stat().st_size for p in session_dir.rglob("*") if p.is_file())
-    return SessionInfo(session_dir.name, session_dir, project, status, alive, created, size)
+    return SessionInfo(session_dir.name, session_dir, project, status, alive, created,
+                       folder_bytes(session_dir), is_imported(session_dir))
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # a file renamed away while we look
+            if p.is_file():
+                total += p.stat().st_size
+    return total
+
+
+def is_imported(session_dir: Path) -> bool:
+    return (session_dir / IMPORTED_FILE).is_file()
+
+
+def keep_sessions_from_env() -> int:
+    """ONTHEFLY_KEEP_SESSIONS=N keeps the N most recent ended sessions at clean-up (default 0)."""
+    text = os.environ.get("ONTHEFLY_KEEP_SESSIONS", "0").strip() or "0"
+    try:
+        keep = int(text)
+    except ValueError:
+        raise StoreError(f"ONTHEFLY_KEEP_SESSIONS must be a whole number, got {text!r}") from None
+    if keep < 0:
+        raise StoreError(f"ONTHEFLY_KEEP_SESSIONS must be 0 or more, got {keep}")
+    return keep
 
 
 def list_sessions(home: Path | None = None) -> list[SessionInfo]:
@@ -133,68 +187,178 @@ def list_sessions(home: Path | None = None) -> list[SessionInfo]:
     )
 
 
-def clean_sessions(home: Path | None = None, *, keep: Iterable[Path] = ()) -> list[Path]:
-    """Remove the folders of sessions whose process is gone. Live sessions are never touched,
-    nor any folder that contains a path in ``keep`` (e.g. a checkpoint being resumed)."""
+@dataclass
+class Removed:
+    """A session folder the clean-up removed."""
+
+    id: str
+    size_bytes: int
+
+
+def clean_sessions(home: Path | None = None, *, keep: Iterable[Path] = (),
+                   keep_recent: int | None = None) -> list[Removed]:
+    """Remove the folders of sessions whose process is gone. Never touched: live sessions,
+    imported ones (the user's saved work), any folder that contains a path in ``keep`` (e.g. a
+    checkpoint being resumed), and the ``keep_recent`` most recent ended sessions (default:
+    ONTHEFLY_KEEP_SESSIONS, else 0)."""
     root = sessions_root(home)
     if not root.is_dir():
         return []
     kept = [Path(p).resolve() for p in keep]
-    removed = []
+    recent = keep_sessions_from_env() if keep_recent is None else keep_recent
+    dead = []
     for folder in root.iterdir():
-        if not folder.is_dir() or is_alive(folder):
+        if not folder.is_dir() or is_imported(folder) or is_alive(folder):
             continue
         resolved = folder.resolve()
         if any(k == resolved or resolved in k.parents for k in kept):
             continue
+        dead.append(folder)
+    dead.sort(key=lambda f: f.name, reverse=True)  # ids begin with their creation time
+    removed = []
+    for folder in dead[recent:]:
+        size = folder_bytes(folder)
         shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
+        removed.append(Removed(folder.name, size))
     return removed
 
 
+def remove_session(session_dir: Path) -> int:
+    """Delete a session folder (`onthefly remove`); refuses a live one. Returns the bytes freed."""
+    if is_alive(session_dir) and not held_here(session_dir):
+        raise StateError(f"session {session_dir.name} is still running (its process holds it); stop it first")
+    release_held(session_dir)
+    size = folder_bytes(session_dir)
+    shutil.rmtree(session_dir)
+    return size
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+
+    cuda = torch.cuda.is_available()
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": cuda,
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
+    }
+
+
+def _save_source(folder: Path) -> None:
+    """Keep the text of the script that started training (``__main__``), for traceability."""
+    import __main__
+
+    script = getattr(__main__, "__file__", None)
+    if not script:
+        return
+    path = Path(script)
+    with contextlib.suppress(OSError):
+        if path.suffix == ".py" and path.is_file() and path.stat().st_size <= MAX_SOURCE_BYTES:
+            (folder / SOURCE_DIR).mkdir(exist_ok=True)
+            (folder / SOURCE_DIR / path.name).write_bytes(path.read_bytes())
+
+
 class SessionStore:
-    """The live session of this process: its folder, database and writer thread."""
+    """The live session of this process: its folder, database and writer thread.
+
+    ``SessionStore(project)`` starts a new session (and cleans up ended ones);
+    :meth:`reopen` takes an existing folder over, e.g. an imported session to train further in."""
 
     def __init__(self, project: str, *, home: Path | None = None, keep: Iterable[Path] = ()) -> None:
         root = sessions_root(home)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            clean_sessions(home, keep=keep)
-            self.id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-            self.dir = root / self.id
-            self.dir.mkdir()
-            lock = _try_lock(self.dir / LOCK_FILE)
-            if lock is None:  # pragma: no cover - a fresh random folder cannot be locked by others
-                raise StoreError(f"session folder {self.dir} is locked by another process")
-            self._lock_handle = lock
-            lock.write(str(os.getpid()))
-            lock.flush()
-            self.db_path = self.dir / DB_FILE
+            self.removed = clean_sessions(home, keep=keep)
+            session_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+            folder = root / session_id
+            folder.mkdir()
+            self._take(folder)
             conn = connect(self.db_path)
             create_schema(conn)
             conn.execute(
                 "INSERT INTO session (id, project, created, pid, host, version, schema_version, status)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                (self.id, project, time.time(), os.getpid(), socket.gethostname(), __version__,
+                (session_id, project, time.time(), os.getpid(), socket.gethostname(), __version__,
                  SCHEMA_VERSION, "running"),
             )
             conn.commit()
             conn.close()
+            (folder / ENVIRONMENT_FILE).write_text(json.dumps(_environment(), indent=1))
+            _save_source(folder)
         except OSError as exc:
             raise StoreError(
                 f"cannot create a session under {root}: {exc}. Set ONTHEFLY_HOME to a writable folder."
             ) from exc
+        self._start(project, next_ids={})
+        if self.removed:
+            total = sum(r.size_bytes for r in self.removed)
+            print(f"onthefly: removed {len(self.removed)} ended session(s) ({human_bytes(total)}): "
+                  f"{', '.join(r.id for r in self.removed)}. Sessions are working storage: "
+                  "`onthefly export` saves one; ONTHEFLY_KEEP_SESSIONS=N keeps the N most recent.",
+                  file=sys.stderr)
+
+    @classmethod
+    def reopen(cls, folder: Path) -> SessionStore:
+        """Take over an ended session's folder (an imported one, say) to record more in it: ids
+        continue after the highest recorded ones, and the folder is marked running again."""
+        folder = Path(folder)
+        if not (folder / DB_FILE).is_file():
+            raise StoreError(f"{folder} is not an On The Fly session folder (no {DB_FILE})")
+        self = cls.__new__(cls)
+        self.removed = []
+        try:
+            self._take(folder)
+            conn = connect(self.db_path)
+            try:
+                create_schema(conn)  # tables a newer version added (CREATE ... IF NOT EXISTS)
+                row = conn.execute("SELECT project FROM session").fetchone()
+                if row is None:
+                    raise StoreError(f"{folder / DB_FILE} has no session row; it is not a usable session")
+                next_ids = {
+                    table: int(conn.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0]) + 1
+                    for table, column in (("runs", "id"), ("checkpoints", "id"), ("slices", "id"),
+                                          ("clusterings", "id"), ("events", "seq"))
+                }
+                conn.execute("UPDATE session SET status = 'running', ended = NULL, error = NULL, pid = ?",
+                             (os.getpid(),))
+                conn.commit()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            self._lock_handle.close()
+            raise StoreError(f"cannot reopen the session in {folder}: {exc}") from exc
+        self._start(str(row["project"]), next_ids=next_ids)
+        return self
+
+    def _take(self, folder: Path) -> None:
+        lock = _HELD_LOCKS.pop(folder.resolve(), None) or _try_lock(folder / LOCK_FILE)
+        if lock is None:
+            raise StoreError(f"session folder {folder} is in use by another process")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock_handle = lock
+        self.dir = folder
+        self.id = folder.name
+        self.db_path = folder / DB_FILE
+
+    def _start(self, project: str, *, next_ids: Mapping[str, int]) -> None:
         self.project = project
         self._writer = StoreWriter(self.dir, self.db_path)
         self._writer.on_overflow = self._report_overflow
         # Who hears of dropped records; the engine points it at its event bus. Default: a row.
         self.overflow_listener: Callable[[int], object] | None = None
         self._ids_lock = threading.Lock()
-        self._seq = 0
-        self._next_run = 1
-        self._next_checkpoint = 1
-        self._next_slice = 1
-        self._next_clustering = 1
+        self._seq = next_ids.get("events", 1) - 1
+        self._next_run = next_ids.get("runs", 1)
+        self._next_checkpoint = next_ids.get("checkpoints", 1)
+        self._next_slice = next_ids.get("slices", 1)
+        self._next_clustering = next_ids.get("clusterings", 1)
         self._closed = False
 
     # ---- runs -----------------------------------------------------------------------
@@ -211,6 +375,28 @@ class SessionStore:
               json.dumps(dict(config or {}), default=str))], block=True,  # never dropped
         )
         return run_id
+
+    def run_record(self, run_id: int) -> dict[str, Any] | None:
+        """A recorded run's row (for a run resumed into its own session), None if there is none."""
+        self.flush()
+        conn = connect(self.db_path, readonly=True)
+        try:
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return dict(row) if row is not None else None
+        finally:
+            conn.close()
+
+    def later_than(self, run_id: int, step: int) -> bool:
+        """Whether the session recorded anything of the run after ``step`` (a step's loss, a checkpoint)."""
+        self.flush()
+        conn = connect(self.db_path, readonly=True)
+        try:
+            row = conn.execute("SELECT EXISTS(SELECT 1 FROM metrics WHERE run_id = ? AND name = 'train_loss' AND "
+                               "step > ?) OR EXISTS(SELECT 1 FROM checkpoints WHERE run_id = ? AND step > ?)",
+                               (run_id, step, run_id, step)).fetchone()
+            return bool(row[0])
+        finally:
+            conn.close()
 
     def set_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
         """Replace a run's recorded configuration (e.g. once its training loader is known)."""
@@ -273,12 +459,16 @@ class SessionStore:
             self.dir / "checkpoints" / f"run-{run_id}" / f"{ckpt_id:05d}-step-{step:09d}"
         )
 
+        # Inside the session folder the registry keeps the path relative to it: the session stays
+        # whole when it moves (export, import); a folder the user chose is kept as given.
+        recorded = _relative_to(target, self.dir)
+
         def write() -> list[_Sql]:
             size = write_checkpoint(target, model_tensors, state)
             return [_Sql(
                 "INSERT INTO checkpoints (id, run_id, step, epoch, batch_in_epoch, path, reason, time, bytes)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
-                [(ckpt_id, run_id, step, epoch, batch_in_epoch, str(target), reason, time.time(), size)],
+                [(ckpt_id, run_id, step, epoch, batch_in_epoch, recorded, reason, time.time(), size)],
             )]
 
         self._writer.task(write)
@@ -354,10 +544,18 @@ class SessionStore:
         self._writer.close()
         # The lock is held until this process exits, not released here: a later session of the
         # same process (a notebook's second quickstart) must not clean this one away.
-        _HELD_LOCKS.append(self._lock_handle)
+        _HELD_LOCKS[self.dir.resolve()] = self._lock_handle
 
     def __enter__(self) -> SessionStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close("failed" if exc[0] is not None else "finished")
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
