@@ -6,23 +6,16 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from ._version import __version__
 from .errors import OnTheFlyError
+from .units import human_bytes
 
 __all__ = ["main"]
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _positive(text: str) -> int:
@@ -58,7 +51,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("script", help="the Python script to run (it calls onthefly.quickstart or start_run)")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.add_argument("--no-browser", action="store_true", help="only print the dashboard URL")
+    run.add_argument("--resume", metavar="FILE.otf[#CHECKPOINT]", default=None,
+                     help="continue training from an exported session (its final model, or checkpoint "
+                          "CHECKPOINT), in that session; the script's quickstart/start_run resume from it")
     commands.add_parser("sessions", help="list the sessions on this machine, with status and size")
+    exp = commands.add_parser("export", help="save a session to one archive file (.otf) that opens on any machine",
+                              description="Export = save: sessions are working storage, removed when a later "
+                                          "session starts; an exported one can be imported, opened and trained "
+                                          "further anywhere.")
+    exp.add_argument("session", nargs="?", default=None, help="session id or folder (default: the latest session)")
+    exp.add_argument("--out", required=True, help="the archive to write (e.g. baseline.otf)")
+    imp = commands.add_parser("import", help="add an exported session (.otf) to this machine's sessions")
+    imp.add_argument("archive", help="the .otf file")
+    imp.add_argument("--replace", action="store_true", help="replace a session of the same id already here")
+    opn = commands.add_parser("open", help="serve the dashboard over an ended or imported session (or a .otf file)")
+    opn.add_argument("session", help="session id, folder, or .otf archive (imported first)")
+    opn.add_argument("--port", type=int, default=None, help="dashboard port (default: ONTHEFLY_PORT or a free one)")
+    opn.add_argument("--no-browser", action="store_true", help="only print the dashboard URL")
+    rep = commands.add_parser("report", help="write a self-contained HTML report of a session (or a .otf file)")
+    rep.add_argument("session", help="session id, folder, or .otf archive")
+    rep.add_argument("--out", required=True, help="the HTML file to write")
+    rm = commands.add_parser("remove", help="delete a session from this machine (imported ones are kept until then)")
+    rm.add_argument("session", help="session id or folder")
     export = commands.add_parser(
         "export-slice", help="export a slice of a session's samples to CSV, Parquet or JSON",
         description="Export a slice: a saved slice's name, 'hard' or 'mislabelled', or a slice definition "
@@ -83,12 +97,14 @@ def _sessions(console: Console) -> int:
         console.print(f"no sessions under {onthefly_home() / 'sessions'}")
         return 0
     table = Table(title=f"sessions under {onthefly_home() / 'sessions'}")
-    for column in ("id", "project", "status", "process", "size", "created"):
+    for column in ("id", "project", "status", "process", "kept", "size", "created"):
         # The id is what `open_session` takes: never cut it; narrow terminals fold project/created.
         folds = column in ("project", "created")
         table.add_column(column, no_wrap=not folds, overflow="fold" if folds else "ellipsis")
     for s in sessions:
-        table.add_row(s.id, s.project, s.status, "alive" if s.alive else "gone", _size(s.size_bytes),
+        table.add_row(s.id, s.project, s.status, "alive" if s.alive else "gone",
+                      "imported" if s.imported else ("-" if s.alive else "until next session"),
+                      human_bytes(s.size_bytes),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)))
     console.print(table)
     return 0
@@ -119,10 +135,104 @@ def _export_slice(console: Console, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_script(script: str, script_args: list[str], *, open_browser: bool) -> int:
+def _latest_session() -> str:
+    from .errors import NotFoundError
+    from .store import list_sessions, onthefly_home
+
+    sessions = list_sessions()
+    if not sessions:
+        raise NotFoundError(f"no sessions under {onthefly_home() / 'sessions'} to export")
+    return str(sessions[-1].path)
+
+
+def _export(console: Console, args: argparse.Namespace) -> int:
+    from .store.archive import export_session
+    from .store.reader import open_session
+
+    reader = open_session(args.session or _latest_session())
+    with console.status(f"exporting session {reader.dir.name} ..."):
+        result = export_session(reader, args.out)
+    final = result.final_checkpoint
+    console.print(f"wrote {result.path} ({human_bytes(result.bytes)}, {result.members} files); final model: "
+                  + (f"checkpoint {final['id']} of run {final['run_id']} at step {final['step']}" if final
+                     else "none (no checkpoint was saved in this session)"))
+    return 0
+
+
+def _session_folder(console: Console, name: str) -> Path:
+    """A session's folder from an id, a folder, or an archive (imported if it is not here yet)."""
+    from .store.archive import import_session, is_archive, read_manifest
+    from .store.reader import open_session
+    from .store.session import sessions_root
+
+    if is_archive(name):
+        folder = sessions_root() / str(read_manifest(name)["session"]["id"])
+        if not folder.is_dir():
+            with console.status(f"importing {name} ..."):
+                folder = import_session(name)
+            console.print(f"imported {name} as session {folder.name}")
+        return folder
+    return open_session(name).dir
+
+
+def _open(console: Console, args: argparse.Namespace) -> int:
+    import threading
+
+    from .server.runner import DashboardServer
+    from .store.reader import SessionReader
+
+    folder = _session_folder(console, args.session)
+    info = SessionReader(folder).info()
+    server = DashboardServer(folder, project=str(info.get("project", "?")), session_id=folder.name, port=args.port)
+    url = server.start()
+    console.print(f"On The Fly dashboard for session {folder.name}: {url}\n(no training process: views, slices "
+                  "and exports of what was recorded; Ctrl-C to stop)")
+    if not args.no_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(drain_timeout=0.0)
+    return 0
+
+
+def _report(console: Console, args: argparse.Namespace) -> int:
+    from .actions.report import write_report
+    from .store.reader import SessionReader
+
+    folder = _session_folder(console, args.session)
+    path = write_report(SessionReader(folder), args.out)
+    console.print(f"wrote {path}")
+    return 0
+
+
+def _remove(console: Console, args: argparse.Namespace) -> int:
+    from .store.reader import open_session
+    from .store.session import remove_session
+
+    folder = open_session(args.session).dir
+    freed = remove_session(folder)
+    console.print(f"removed session {folder.name} ({human_bytes(freed)})")
+    return 0
+
+
+def _import(console: Console, args: argparse.Namespace) -> int:
+    from .store.archive import import_session
+
+    with console.status(f"importing {args.archive} ..."):
+        folder = import_session(args.archive, replace=args.replace)
+    console.print(f"imported session {folder.name} into {folder} (kept until `onthefly remove {folder.name}`); "
+                  f"`onthefly open {folder.name}` shows it")
+    return 0
+
+
+def _run_script(script: str, script_args: list[str], *, open_browser: bool, resume: str | None = None) -> int:
     import os
     import runpy
-    from pathlib import Path
 
     path = Path(script)
     if not path.is_file():
@@ -133,6 +243,8 @@ def _run_script(script: str, script_args: list[str], *, open_browser: bool) -> i
     os.environ["ONTHEFLY_KEEP_ALIVE"] = "1"
     if open_browser:
         os.environ["ONTHEFLY_OPEN_BROWSER"] = "1"
+    if resume is not None:
+        os.environ["ONTHEFLY_RESUME_FROM"] = resume
     sys.argv = [str(path), *script_args]
     sys.path.insert(0, str(path.resolve().parent))
     try:
@@ -154,9 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                open_browser=not args.no_browser, keep_alive=not args.exit_after)
             return 0 if summary.status in ("finished", "stopped") else 1
         if args.command == "run":
-            return _run_script(args.script, args.args, open_browser=not args.no_browser)
+            return _run_script(args.script, args.args, open_browser=not args.no_browser, resume=args.resume)
         if args.command == "sessions":
             return _sessions(console)
+        handlers = {"export": _export, "import": _import, "open": _open, "report": _report, "remove": _remove}
+        if args.command in handlers:
+            return handlers[args.command](console, args)
         if args.command == "export-slice":
             return _export_slice(console, args)
         parser.print_help()

@@ -11,6 +11,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ from ..store.queries import (
 )
 from ..store.reader import SessionReader
 from ..store.samples import sample_epochs
+from .archives import archive_routes
 from .auth import COOKIE
 from .link import ChannelLink, LinkError
 from .models import (
@@ -79,8 +81,10 @@ class Backend:
             link.on_events = self._on_events
             threading.Thread(target=self._carry_epochs, name="onthefly-carry", daemon=True).start()
         self._rejected: dict[tuple[int, int], str] = {}  # (run, command id) -> why it was rejected
+        self._applied: set[tuple[int, int]] = set()  # (run, command id) carried out
         self._scanned_seq = 0
         self._scan_lock = threading.Lock()
+        self._arrived = threading.Condition()  # notified as events come in from the training process
 
     def drained(self, seq: int | None = None) -> bool:
         """True once every connected stream has been sent every event up to ``seq`` (default:
@@ -92,6 +96,8 @@ class Backend:
         for event in events:
             if event["kind"] == "epoch_summary" and event["run_id"] is not None and event["epoch"] is not None:
                 self._carry.put((event["run_id"], event["epoch"], str(event["payload"].get("split", "train"))))
+        with self._arrived:
+            self._arrived.notify_all()
 
     def _carry_epochs(self) -> None:
         """Worker thread: as each epoch completes, derive its carried per-sample aggregates, so the
@@ -148,11 +154,28 @@ class Backend:
                     if event["kind"] == "command_rejected" and event["run_id"] is not None:
                         self._rejected[(event["run_id"], event["payload"].get("id"))] = \
                             str(event["payload"].get("reason"))
+                    elif event["kind"] == "command_applied" and event["run_id"] is not None:
+                        self._applied.add((event["run_id"], event["payload"].get("id")))
                 self._scanned_seq = events[-1]["seq"]
             reason = self._rejected.get((run_id, command_id))
         if reason is None and (self.link is None or not self.link.live):
             return "the training process ended before it carried this out"
         return reason
+
+    def wait_command(self, run_id: int, command_id: int, timeout: float) -> str | None:
+        """Wait (on a worker thread) until a command was carried out: None, or why it was not."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                reason = self.command_outcome(run_id, command_id)
+                if reason is not None:
+                    return reason
+                if (run_id, command_id) in self._applied:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return f"the training process did not carry it out within {timeout:.0f} s"
+                self._arrived.wait(left)
 
     def run_info(self, run_id: int) -> RunInfo:
         state = self.live_state(run_id)
@@ -306,6 +329,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
         return HardSamples.model_validate(result)
 
     app.include_router(evidence_routes(backend))
+    app.include_router(archive_routes(backend))
 
     # ---- live stream ------------------------------------------------------------------------
     @app.websocket("/api/stream")

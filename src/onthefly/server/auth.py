@@ -23,7 +23,9 @@ __all__ = ["COOKIE", "AuthMiddleware", "cookie_name_for", "is_loopback_host", "n
 
 COOKIE = "onthefly_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-COOKIE_PATHS = re.compile(r"^(/|/assets/[^?]*|/api/exports/[0-9a-f]{32}/file)$")  # GET only
+# GET only: the page, its assets, and the native downloads it starts (which cannot carry a header).
+COOKIE_PATHS = re.compile(r"^(/|/assets/[^?]*|/api/exports/[0-9a-f]{32}/file|/api/session/archives/[0-9a-f]{32}/file"
+                          r"|/api/session/report)$")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

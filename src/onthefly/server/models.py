@@ -265,6 +265,18 @@ class ExportOut(BaseModel):
     filename: str
 
 
+class ArchiveOut(BaseModel):
+    id: str = Field(description="random: the download URL cannot be guessed")
+    status: Literal["pending", "ready", "failed"]
+    filename: str
+    created: float
+    bytes: int | None = None
+    final_checkpoint: dict[str, Any] | None = Field(
+        default=None, description="the final model in the archive: its checkpoint's id, run, step, reason")
+    error: str | None = None
+    note: str | None = None
+
+
 class SliceOut(BaseModel):
     id: int
     name: str
