@@ -2,7 +2,8 @@
 
 The few names users call: ``quickstart`` (we run the loop), ``start_run`` (you keep your loop),
 ``Trainer`` (``quickstart`` with more control), ``Callback``, ``open_session`` (read a session),
-``export_slice`` (write a slice of samples with their signals and data to CSV/Parquet/JSON).
+``export_slice`` (write a slice of samples with their signals and data to CSV/Parquet/JSON),
+``export_session`` / ``import_session`` (save a whole session to one ``.otf`` archive, open it elsewhere).
 They are imported on first use, so ``onthefly --version`` does not wait for torch to load.
 """
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .engine import Callback, FitSummary, Run, RunStatus, Trainer
     from .launch import quickstart, start_run
     from .store import open_session
+    from .store.archive import export_session, import_session
 
 __all__ = [
     "Callback",
@@ -28,7 +30,9 @@ __all__ = [
     "RunStatus",
     "Trainer",
     "__version__",
+    "export_session",
     "export_slice",
+    "import_session",
     "open_session",
     "quickstart",
     "start_run",
@@ -44,6 +48,8 @@ _LAZY = {
     "start_run": ".launch",
     "open_session": ".store",
     "export_slice": ".actions.export",
+    "export_session": ".store.archive",
+    "import_session": ".store.archive",
 }
 
 
