@@ -369,3 +369,19 @@ export_session(s.session_dir, {str(tmp_path / 'src.otf')!r})
         member = tar.extractfile("session/source/my_training.py")
         assert member is not None and member.read() == script.read_bytes()
     assert json.loads(json.dumps(manifest))  # plain JSON throughout
+
+
+def test_an_imported_model_is_tested_as_it_was_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, model = train(1, test=False)
+    archive = export_session(first.session_dir, tmp_path / "done.otf").path
+    final = read_manifest(archive)["final_checkpoint"]
+
+    move_home(monkeypatch, tmp_path, "tester")
+    tested, again = train(1, resume_from=archive, test=True)  # nothing left to train: only the test
+    assert tested.steps == first.steps
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    reader = open_session(tested.session_dir)
+    (test,) = [e for e in reader.events(kind="eval") if e["payload"]["split"] == "test"]
+    assert test["payload"]["checkpoint_id"] == final["id"]  # the weights it tested: the imported final model
+    assert [c["id"] for c in reader.checkpoints()] == [final["id"]]  # nothing new to save
