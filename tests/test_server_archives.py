@@ -124,8 +124,16 @@ def test_onthefly_open_serves_an_imported_archive_without_a_training_process(
             refused = http.post(f"/api/runs/{run_id}/commands", json={"kind": "pause"})
             assert refused.status_code == 409 and "not live" in refused.text
             assert http.get("/api/session/report").status_code == 200
+            saved = http.post("/api/slices", json={"name": "worst", "run_id": run_id,
+                                                   "definition": {"kind": "quantile_band", "low": 0.9}})
+            assert saved.status_code == 201, saved.text  # the open process writes the session's slices
+            assert saved.json()["count"] > 0
+            assert http.get("/api/slices/worst").json()["count"] == saved.json()["count"]
         assert json.loads((tmp_path / "laptop" / "sessions" / session_id / "imported.json").read_text())
     finally:
         server.terminate()
         server.wait(30)
+    reader = open_session(tmp_path / "laptop" / "sessions" / session_id)
+    assert [s["name"] for s in reader.slices()] == ["worst"]
+    assert reader.info()["status"] == "running"  # as exported (live): `open` changes no status
     assert os.path.isdir(tmp_path / "laptop" / "sessions" / session_id)

@@ -178,15 +178,28 @@ def _session_folder(console: Console, name: str) -> Path:
 def _open(console: Console, args: argparse.Namespace) -> int:
     import threading
 
+    from .errors import StoreError
     from .server.runner import DashboardServer
     from .store.reader import SessionReader
+    from .store.session import SessionStore
 
     folder = _session_folder(console, args.session)
     info = SessionReader(folder).info()
-    server = DashboardServer(folder, project=str(info.get("project", "?")), session_id=folder.name, port=args.port)
-    url = server.start()
-    console.print(f"On The Fly dashboard for session {folder.name}: {url}\n(no training process: views, slices "
-                  "and exports of what was recorded; Ctrl-C to stop)")
+    try:  # this process is the session's writer while it serves it (slices); its status stays as it was
+        store: SessionStore | None = SessionStore.reopen(folder, mark_running=False)
+        what = "views, slices and exports of what was recorded"
+    except StoreError:  # its training process is still running: read only from here
+        store, what = None, "read only: its training process still runs and serves its own dashboard"
+    server = DashboardServer(folder, project=str(info.get("project", "?")), session_id=folder.name, port=args.port,
+                             store=store)
+    try:
+        url = server.start()
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    console.print(f"On The Fly dashboard for session {folder.name}: {url}\n(no training process: {what}; "
+                  "Ctrl-C to stop)")
     if not args.no_browser:
         import webbrowser
 
@@ -197,6 +210,8 @@ def _open(console: Console, args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop(drain_timeout=0.0)
+        if store is not None:
+            store.close()
     return 0
 
 

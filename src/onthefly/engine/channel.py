@@ -35,7 +35,8 @@ import numpy as np
 from ..errors import OnTheFlyError
 from .events import EventLog
 
-__all__ = ["PUSH_INTERVAL", "RunChannel", "decode_array", "encode_array", "read_lines", "send_line"]
+__all__ = ["PUSH_INTERVAL", "STORE_OPS", "RunChannel", "decode_array", "encode_array", "read_lines", "send_line",
+           "store_request"]
 
 PUSH_INTERVAL = 0.1  # seconds between pushes of events and state: at most 10 a second
 EVENTS_PER_PUSH = 2000
@@ -246,18 +247,29 @@ class RunChannel:
             epoch, reservoir = live
             seen = reservoir.seen  # read before the values: the sample is at least this recent
             return {"epoch": epoch, "seen": seen, "values": encode_array(reservoir.values())}
-        if op == "save_slice":
-            record: dict[str, Any] = self._session().save_slice(
-                name=message["name"], run_id=int(message["slice_run"]), epoch=message.get("epoch"),
-                split=message["split"], definition=message["definition"], indices=decode_array(message["indices"]))
-            return record
-        if op == "delete_slice":
-            self._session().delete_slice(int(message["slice_id"]), str(message["path"]))
-            return None
-        if op == "flush":
-            self._session().flush()
-            return None
+        if op in STORE_OPS:
+            return store_request(self._session(), message)
         raise _Refused(400, f"unknown channel request {op!r}")
+
+
+# What the server asks of the session's one writer: the training process's store through the
+# channel, or, with no training process (``onthefly open``), the serving process's own.
+STORE_OPS = frozenset({"save_slice", "delete_slice", "flush"})
+
+
+def store_request(session: Any, message: dict[str, Any]) -> Any:
+    op = message["op"]
+    if op == "save_slice":
+        record: dict[str, Any] = session.save_slice(
+            name=message["name"], run_id=int(message["slice_run"]), epoch=message.get("epoch"),
+            split=message["split"], definition=message["definition"], indices=decode_array(message["indices"]))
+        return record
+    if op == "delete_slice":
+        session.delete_slice(int(message["slice_id"]), str(message["path"]))
+        return None
+    assert op == "flush"
+    session.flush()
+    return None
 
 
 class _Refused(Exception):

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from .._version import __version__
-from ..engine.channel import decode_array
+from ..engine.channel import STORE_OPS, decode_array, store_request
 from ..engine.events import EventLog
 from ..errors import OnTheFlyError
 from ..store.queries import (
@@ -67,13 +67,16 @@ class Backend:
     process (when there is one), its live runs and their event feed."""
 
     def __init__(self, session_dir: Path, *, project: str, session_id: str, link: ChannelLink | None = None,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None, store: Any = None) -> None:
         self.reader = SessionReader(session_dir)
         self.session_dir = session_dir
         self.project = project
         self.session_id = session_id
         self.events = events if events is not None else EventLog()
         self.link = link
+        # With no training process (``onthefly open``): this process's own store of the session,
+        # its one writer (slices); None when the session is read-only here.
+        self.store = store
         self.clients = 0
         self.delivered: dict[int, int] = {}  # per connected stream: the last seq sent to it
         self._carry: queue.SimpleQueue[tuple[int, int, str]] = queue.SimpleQueue()
@@ -129,6 +132,8 @@ class Backend:
     def ask(self, op: str, **fields: Any) -> Any:
         """A request to the training process (commands, the live sample, slice records)."""
         if self.link is None:
+            if self.store is not None and op in STORE_OPS:
+                return store_request(self.store, {"op": op, **fields})
             raise HTTPException(409, "no training process serves this session: it takes no commands")
         try:
             return self.link.request(op, **fields)

@@ -51,9 +51,10 @@ class DashboardServer:
 
     def __init__(self, session_dir: Path, *, project: str, session_id: str, port: int | None = None,
                  host: str = "127.0.0.1", token: str | None = None, link: ChannelLink | None = None,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None, store: Any = None) -> None:
         self.token = token or new_token()
-        self.backend = Backend(session_dir, project=project, session_id=session_id, link=link, events=events)
+        self.backend = Backend(session_dir, project=project, session_id=session_id, link=link, events=events,
+                               store=store)
         self.host = host
         self._requested_port = port_from_env() if port is None else port
         self.port = 0

@@ -302,9 +302,10 @@ class SessionStore:
                   file=sys.stderr)
 
     @classmethod
-    def reopen(cls, folder: Path) -> SessionStore:
+    def reopen(cls, folder: Path, *, mark_running: bool = True) -> SessionStore:
         """Take over an ended session's folder (an imported one, say) to record more in it: ids
-        continue after the highest recorded ones, and the folder is marked running again."""
+        continue after the highest recorded ones, and the folder is marked running again (unless
+        ``mark_running=False``: `onthefly open` saves slices in it and leaves its status as it was)."""
         folder = Path(folder)
         if not (folder / DB_FILE).is_file():
             raise StoreError(f"{folder} is not an On The Fly session folder (no {DB_FILE})")
@@ -323,15 +324,17 @@ class SessionStore:
                     for table, column in (("runs", "id"), ("checkpoints", "id"), ("slices", "id"),
                                           ("clusterings", "id"), ("events", "seq"))
                 }
-                conn.execute("UPDATE session SET status = 'running', ended = NULL, error = NULL, pid = ?",
-                             (os.getpid(),))
-                conn.commit()
+                if mark_running:
+                    conn.execute("UPDATE session SET status = 'running', ended = NULL, error = NULL, pid = ?",
+                                 (os.getpid(),))
+                    conn.commit()
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             self._lock_handle.close()
             raise StoreError(f"cannot reopen the session in {folder}: {exc}") from exc
         self._start(str(row["project"]), next_ids=next_ids)
+        self._keeps_status = not mark_running
         return self
 
     def _take(self, folder: Path) -> None:
@@ -360,6 +363,7 @@ class SessionStore:
         self._next_slice = next_ids.get("slices", 1)
         self._next_clustering = next_ids.get("clusterings", 1)
         self._closed = False
+        self._keeps_status = False
 
     # ---- runs -----------------------------------------------------------------------
     def new_run(
@@ -537,10 +541,11 @@ class SessionStore:
         if self._closed:
             return
         self._closed = True
-        self._writer.sql(
-            "UPDATE session SET status = ?, ended = ?, error = ?", [(status, time.time(), error)],
-            block=True,  # the final status is never dropped
-        )
+        if not self._keeps_status:
+            self._writer.sql(
+                "UPDATE session SET status = ?, ended = ?, error = ?", [(status, time.time(), error)],
+                block=True,  # the final status is never dropped
+            )
         self._writer.close()
         # The lock is held until this process exits, not released here: a later session of the
         # same process (a notebook's second quickstart) must not clean this one away.
