@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ._version import __version__
@@ -292,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     except OnTheFlyError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}")
         return 2
 
 

@@ -42,6 +42,7 @@ from .session import (
     DB_FILE,
     ENVIRONMENT_FILE,
     IMPORTED_FILE,
+    LOCK_FILE,
     SOURCE_DIR,
     held_here,
     is_alive,
@@ -67,6 +68,7 @@ MANIFEST = "manifest.json"
 ROOT = "session"  # every member but the manifest lives under it
 MAX_MANIFEST_BYTES = 64 << 20
 CHUNK = 1 << 20
+RESERVED = (IMPORTED_FILE, LOCK_FILE)  # written by this machine's store, never taken from an archive
 
 
 @dataclass
@@ -330,8 +332,10 @@ def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version < 1:
         raise _bad(archive, f"its format version {version!r} is not a positive whole number")
     if version > FORMAT_VERSION:
+        writer = manifest.get("writer")
         raise StoreError(f"{archive} has archive format {version}, written by onthefly "
-                         f"{manifest.get('writer', {}).get('onthefly', '?')}; this onthefly ({__version__}) reads "
+                         f"{writer.get('onthefly', '?') if isinstance(writer, dict) else '?'}; this onthefly "
+                         f"({__version__}) reads "
                          f"format {FORMAT_VERSION} and older. Upgrade onthefly-ai to import it.")
     members = manifest.get("members")
     session = manifest.get("session")
@@ -344,6 +348,10 @@ def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
                 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
             raise _bad(archive, f"the manifest's entry for {name!r} needs a size and a SHA-256")
+    for name in members:  # a file where another member needs a folder: refused here, not as a failed write
+        parent = next((str(p) for p in PurePosixPath(name).parents if str(p) in members), None)
+        if parent is not None:
+            raise _bad(archive, f"member {name!r} lies inside the member {parent!r}")
     if f"{ROOT}/{DB_FILE}" not in members:
         raise _bad(archive, f"the manifest lists no {ROOT}/{DB_FILE}")
     return manifest
@@ -356,8 +364,14 @@ def _safe_id(value: str) -> bool:
 def _check_name(name: str, archive: Path) -> PurePosixPath:
     path = PurePosixPath(name)
     if (not isinstance(name, str) or name.startswith("/") or "\\" in name or path.is_absolute()
-            or any(part in ("..", "") for part in name.split("/")) or path.parts[:1] != (ROOT,) or len(path.parts) < 2):
-        raise _bad(archive, f"member {name!r} escapes the session folder (absolute, '..', or not under {ROOT}/)")
+            or any(part in ("..", ".", "") for part in name.split("/")) or path.parts[:1] != (ROOT,)
+            or len(path.parts) < 2):
+        # '.' and empty parts do not escape, but they alias another member's file (session/./x is session/x)
+        raise _bad(archive, f"member {name!r} escapes the session folder or is not a plain path in it (absolute, "
+                            f"'..', '.', an empty part, a backslash, or not under {ROOT}/)")
+    if path.parts[1] in RESERVED:
+        raise _bad(archive, f"member {name!r} takes the place of {path.parts[1]}, which this machine's store writes "
+                            "itself")
     return path
 
 
@@ -411,13 +425,15 @@ def _extract(archive: Path, target: Path) -> dict[str, Any]:
             if member.size != entry["size"]:  # before reading a byte of it: the bomb guard
                 raise _bad(archive, f"member {name!r} is {member.size} bytes where the manifest says {entry['size']}")
             dest = target / PurePosixPath(name).relative_to(ROOT)
-            dest.parent.mkdir(parents=True, exist_ok=True)
             stream = tar.extractfile(member)
             assert stream is not None
             digest = hashlib.sha256()
             try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 with open(dest, "xb") as sink:
                     _read_exactly(stream, entry["size"], archive, name, sink, digest)
+            except StoreError:  # a StoreError is an OSError: a damaged archive, not a failed write
+                raise
             except OSError as exc:
                 raise StoreError(f"cannot write {dest} while importing {archive}: {exc}") from exc
             if digest.hexdigest() != entry["sha256"]:
