@@ -7,7 +7,8 @@ the page makes carries the token in its Authorization header. Another acts on pe
 sees the epoch in progress marked live in the per-sample table, drags a loss range on the
 distribution, saves it as a slice and exports it (the page says how many rows; the file is checked
 against the stored per-sample rows), sees a failed export's error, clusters the samples, sorts and
-filters the per-sample table. Screenshots are saved to test-artifacts/.
+filters the per-sample table. A third saves the session's files from the page: its archive (which
+imports as that session) and its HTML report. Screenshots are saved to test-artifacts/.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from playwright.sync_api import Page, Request, expect, sync_playwright
 
 import onthefly
 from conftest import REPO
+from onthefly.store.archive import read_manifest
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
@@ -333,6 +335,40 @@ def test_dashboard_turns_per_sample_evidence_into_slices(demo: Demo, page: Page,
     page.get_by_role("button", name="Delete low loss").click()
     expect(message).to_contain_text("Deleted slice 'low loss'")
     expect(slices.locator("tr", has_text="low loss")).to_have_count(0)
+
+
+def test_dashboard_exports_the_session_and_its_report(demo: Demo, page: Page, tmp_path: Path) -> None:
+    page.set_default_timeout(DEADLINE_MS)
+    expect.set_options(timeout=DEADLINE_MS)
+    page.goto(demo.url)
+    expect(page.get_by_test_id("status")).to_have_text("running")
+    session = demo.api("/api/session")
+    message = page.get_by_test_id("message")
+
+    # Export the session while it trains: the page says what it saved, and the browser downloads
+    # an archive that is this session, with the weights saved for the export as its final model.
+    with page.expect_download() as archive:
+        page.get_by_role("button", name="Export session (.otf)").click()
+    expect(message).to_contain_text("Saved the session as ")
+    expect(message).to_have_attribute("data-tone", "info")
+    path = tmp_path / archive.value.suggested_filename
+    archive.value.save_as(path)
+    manifest = read_manifest(path)
+    assert manifest["session"]["id"] == session["id"]
+    final = manifest["final_checkpoint"]
+    assert final is not None and final["run_id"] == 1
+    expect(message).to_contain_text(f"Saved the session as {path.name} (")
+    expect(message).to_contain_text(f"final model: checkpoint {final['id']} of run 1 at step {final['step']:,}.")
+
+    # The report: one HTML file, under the server's name, with its charts drawn in.
+    with page.expect_download() as report:
+        page.get_by_role("button", name="Report (HTML)").click()
+    expect(message).to_contain_text("report")
+    assert report.value.suggested_filename == f"demo-{session['id']}-report.html"
+    path = tmp_path / report.value.suggested_filename
+    report.value.save_as(path)
+    html = path.read_text(encoding="utf-8")
+    assert html.lstrip().lower().startswith("<!doctype html") and "<svg" in html
 
 
 def test_dashboard_page_needs_the_token(demo: Demo, page: Page) -> None:

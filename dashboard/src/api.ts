@@ -79,6 +79,11 @@ export type ExportFormat = ExportCreate["format"];
 /** An export of a slice's rows, written by the server (with sample data: by the training process
  *  at its next step boundary): pending, then ready (`rows`, maybe a `note`) or failed (`error`). */
 export type ExportOut = Answer<"/api/exports/{export_id}">;
+/** An archive (.otf) of the whole session, written by the server once the training process has
+ *  saved its current weights: pending, then ready (`bytes`, its `final_checkpoint`, maybe a
+ *  `note`) or failed (`error`). */
+export type ArchiveOut = Answer<"/api/session/archives/{archive_id}">;
+export type ArchivedCheckpoint = Schemas["ArchivedCheckpoint"];
 
 /** Query parameters; undefined ones are left out (the server's default applies). */
 type Params = Record<string, string | number | boolean | undefined>;
@@ -194,6 +199,26 @@ export class ApiClient {
    *  and streams the file to disk, so an export of millions of rows never sits in page memory. */
   exportFileUrl(id: string): string {
     return new URL(`/api/exports/${encodeURIComponent(id)}/file`, this.base).toString();
+  }
+
+  /** Ask for an archive of the whole session; the answer is pending (poll `archiveStatus`). */
+  createArchive(): Promise<Answer<"/api/session/archives", "post">> {
+    return this.request("POST", "/api/session/archives");
+  }
+
+  archiveStatus(id: string): Promise<Answer<"/api/session/archives/{archive_id}">> {
+    return this.get(`/api/session/archives/${encodeURIComponent(id)}`);
+  }
+
+  /** Where a ready archive downloads from: like `exportFileUrl`, no token, the page's cookie. */
+  archiveFileUrl(id: string): string {
+    return new URL(`/api/session/archives/${encodeURIComponent(id)}/file`, this.base).toString();
+  }
+
+  /** Where the session's report (one self-contained HTML file, written when asked for)
+   *  downloads from: no token, the page's cookie. */
+  reportUrl(): string {
+    return new URL("/api/session/report" satisfies keyof paths, this.base).toString();
   }
 
   /** The WebSocket URL of the event stream, resuming after `afterSeq`. A browser cannot set

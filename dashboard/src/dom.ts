@@ -30,3 +30,16 @@ export function byId<T extends HTMLElement = HTMLElement>(id: string): T {
 export function setText(node: HTMLElement, text: string): void {
   if (node.textContent !== text) node.textContent = text;
 }
+
+/** A native download through a temporary link: the browser streams the file to disk itself (so a
+ *  large file never sits in page memory), authorised by the page's cookie, not a token in the URL.
+ *  `filename` "" keeps the name the server gives (its Content-Disposition). */
+export function download(url: string, filename = ""): void {
+  const link = element("a");
+  link.href = url;
+  link.download = filename;
+  link.hidden = true;
+  document.body.append(link);
+  link.click();
+  link.remove();
+}

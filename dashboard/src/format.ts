@@ -34,6 +34,22 @@ export function formatThroughput(value: number | null | undefined): string {
   return `${grouped.format(Math.round(value))} samples/s`;
 }
 
+const BYTE_UNITS = ["B", "KiB", "MiB", "GiB", "TiB"] as const;
+
+/** A file's size in binary units: "512 B", "1.5 KiB", "12.3 MiB", "123 MiB". */
+export function formatBytes(bytes: number | null | undefined): string {
+  if (bytes == null || !Number.isFinite(bytes) || bytes < 0) return "—";
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < BYTE_UNITS.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  if (unit === 0) return `${bytes} B`;
+  // One decimal below 100 (12.3 MiB); above it a decimal is noise (123 MiB).
+  return `${value < 100 ? value.toFixed(1) : grouped.format(Math.round(value))} ${BYTE_UNITS[unit]}`;
+}
+
 /** A duration in seconds as "42 s", "3 min 5 s" or "2 h 4 min". */
 export function formatDuration(seconds: number): string {
   if (!Number.isFinite(seconds)) return "—";

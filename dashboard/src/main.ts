@@ -13,6 +13,7 @@ import { formatCompact, formatCount, formatPercent, formatRate } from "./format"
 import { Header } from "./header";
 import { SampleHistoryView } from "./history";
 import { SamplesTable } from "./samples";
+import { SessionFiles } from "./session";
 import { SliceForm, SliceList } from "./slices";
 import { Store } from "./state";
 import { renderEventLog, renderTestResults } from "./tables";
@@ -78,6 +79,8 @@ function main(): void {
     { buttons, epochs: byId("input-epochs"), lr: byId("input-lr") },
     () => dashboard.refreshRun(),
   );
+  // Not part of Controls: the session's files do not depend on the run (nor on a training process).
+  new SessionFiles(api, store, { exportSession: byId("button-export-session"), report: byId("button-report") });
 
   const history = new SampleHistoryView(api, byTestId("sample-history"));
   const samples = new SamplesTable(

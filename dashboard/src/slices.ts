@@ -8,7 +8,7 @@
 
 import { ApiError, type ApiClient, type ExportFormat, type SliceCreate, type SliceDefinition, type SliceInfo } from "./api";
 import type { LossSelection } from "./distribution";
-import { element, setText } from "./dom";
+import { download, element, setText } from "./dom";
 import { FORMAT_TITLES, describeOutcome, runExport } from "./exports";
 import { formatCount, formatValue } from "./format";
 import type { Store } from "./state";
@@ -168,7 +168,7 @@ export class SliceList {
     this.store.showMessage(`Exporting '${slice.name}' as ${FORMAT_TITLES[format]}…`, "info");
     const outcome = await runExport(this.api, slice.name, { format, data: true });
     this.store.showMessage(describeOutcome(slice.name, format, outcome), outcome.ok ? "info" : "error");
-    if (outcome.ok) download(this.api.exportFileUrl(outcome.export.id), outcome.export.filename);
+    if (outcome.ok) download(this.api.exportFileUrl(outcome.job.id), outcome.job.filename);
   }
 
   private async remove(slice: SliceInfo): Promise<void> {
@@ -186,17 +186,6 @@ export class SliceList {
 function describeSaved(slice: SliceInfo): string {
   const definition = definitionOf(slice);
   return definition === null ? JSON.stringify(slice.definition) : describeDefinition(definition);
-}
-
-/** A native download through a temporary link: the browser streams the file to disk itself. */
-function download(url: string, filename: string): void {
-  const link = element("a");
-  link.href = url;
-  link.download = filename;
-  link.hidden = true;
-  document.body.append(link);
-  link.click();
-  link.remove();
 }
 
 export interface SliceFormElements {

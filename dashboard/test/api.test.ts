@@ -68,6 +68,21 @@ describe("ApiClient", () => {
     expect(api.exportFileUrl("abc")).toBe("http://localhost:18080/api/exports/abc/file");
   });
 
+  it("asks for a session archive by POST and reads it back by id", async () => {
+    const calls = fakeFetch(json({ id: "a/1", status: "pending" }, 202), json({ id: "a/1", status: "ready" }));
+    await api.createArchive();
+    await api.archiveStatus("a/1");
+    expect(calls.map((c) => [c.init.method, c.url])).toEqual([
+      ["POST", "http://localhost:18080/api/session/archives"],
+      ["GET", "http://localhost:18080/api/session/archives/a%2F1"],
+    ]);
+  });
+
+  it("downloads the session's archive and report from URLs that carry no token", () => {
+    expect(api.archiveFileUrl("abc")).toBe("http://localhost:18080/api/session/archives/abc/file");
+    expect(api.reportUrl()).toBe("http://localhost:18080/api/session/report");
+  });
+
   it("opens the stream with the token in the WebSocket URL (ws, or wss on https)", () => {
     const url = new URL(api.streamUrl(41));
     expect(`${url.protocol}//${url.host}${url.pathname}`).toBe("ws://localhost:18080/api/stream");

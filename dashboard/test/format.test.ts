@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 
-import { formatCompact, formatCount, formatDuration, formatPercent, formatRate, formatThroughput, formatValue } from "../src/format";
+import { formatBytes, formatCompact, formatCount, formatDuration, formatPercent, formatRate, formatThroughput, formatValue } from "../src/format";
 
 describe("format", () => {
   it.each([
@@ -21,6 +21,16 @@ describe("format", () => {
     [NaN, "—"],
     [undefined, "—"],
   ])("formatValue(%s) = %s", (value, text) => expect(formatValue(value)).toBe(text));
+
+  it.each([
+    [512, "512 B"],
+    [1536, "1.5 KiB"],
+    [12_897_485, "12.3 MiB"],
+    [129_000_000, "123 MiB"],
+    [3 * 1024 ** 3, "3.0 GiB"],
+    [null, "—"],
+    [-1, "—"],
+  ])("formatBytes(%s) = %s", (value, text) => expect(formatBytes(value)).toBe(text));
 
   it("writes small learning rates in exponent notation", () => {
     expect(formatRate(0.0005)).toBe("5e-4");

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -32,7 +33,10 @@ def archive_routes(backend: Any) -> APIRouter:
     router = APIRouter()
     jobs: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
-    folder = backend.session_dir / "exports"
+
+    def exports_folder() -> Path:
+        # Read when asked, not here: the OpenAPI document is made with no backend at all.
+        return Path(backend.session_dir) / "exports"
 
     def build(job: dict[str, Any]) -> None:
         """Worker thread: the current weights of every live run saved, then the archive written."""
@@ -47,6 +51,7 @@ def archive_routes(backend: Any) -> APIRouter:
                 if reason is not None:
                     notes.append(f"run {run_id}'s current weights were not saved ({reason}); its newest "
                                  "checkpoint is in the archive")
+            folder = exports_folder()
             folder.mkdir(exist_ok=True)
             result = export_session(backend.reader, folder / f"{job['id']}{ARCHIVE_SUFFIX}")
             update = {"status": "ready", "bytes": result.bytes, "final_checkpoint": result.final_checkpoint,
@@ -91,7 +96,7 @@ def archive_routes(backend: Any) -> APIRouter:
         if job["status"] != "ready":
             raise HTTPException(409, f"session archive {archive_id} is {job['status']}"
                                      + (f": {job['error']}" if job.get("error") else ""))
-        return FileResponse(folder / f"{archive_id}{ARCHIVE_SUFFIX}", filename=job["filename"],
+        return FileResponse(exports_folder() / f"{archive_id}{ARCHIVE_SUFFIX}", filename=job["filename"],
                             media_type="application/x-tar")
 
     @router.get("/api/session/report", response_class=FileResponse,
@@ -99,6 +104,7 @@ def archive_routes(backend: Any) -> APIRouter:
                 summary="A report of the session as it stands: curves, distributions, hard and likely mislabelled "
                         "samples, slices, tests, lineage, events (one HTML file, no network)")
     async def report() -> FileResponse:
+        folder = exports_folder()
         folder.mkdir(exist_ok=True)
         path = await asyncio.to_thread(write_report, backend.reader, folder / f"report-{secrets.token_hex(8)}.html")
         return FileResponse(path, filename=f"{backend.project}-{backend.session_id}-report.html".replace("/", "_"),

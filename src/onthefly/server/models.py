@@ -14,6 +14,8 @@ from ..strict import StrictModel
 
 __all__ = [
     "COMMAND_ADAPTER",
+    "ArchiveOut",
+    "ArchivedCheckpoint",
     "ClusterArgs",
     "ClusteringOut",
     "CommandAccepted",
@@ -265,14 +267,25 @@ class ExportOut(BaseModel):
     filename: str
 
 
+class ArchivedCheckpoint(BaseModel):
+    """A checkpoint as an archive's manifest registers it (store.archive's registry row)."""
+
+    id: int
+    run_id: int
+    step: int
+    epoch: int
+    path: str = Field(description="inside the archive's session folder")
+    reason: str
+
+
 class ArchiveOut(BaseModel):
     id: str = Field(description="random: the download URL cannot be guessed")
     status: Literal["pending", "ready", "failed"]
     filename: str
     created: float
     bytes: int | None = None
-    final_checkpoint: dict[str, Any] | None = Field(
-        default=None, description="the final model in the archive: its checkpoint's id, run, step, reason")
+    final_checkpoint: ArchivedCheckpoint | None = Field(
+        default=None, description="the final model in the archive (None: the session saved no checkpoint)")
     error: str | None = None
     note: str | None = None
 
