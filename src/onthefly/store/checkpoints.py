@@ -7,10 +7,14 @@ synced, and renamed into place, so a crash mid-write never leaves a checkpoint t
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +73,8 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
         torch.save(dict(state), tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
         _sync(tmp)  # the files' bytes reach the disk before the rename makes them the checkpoint
-        if folder.exists():  # an empty folder or an earlier checkpoint: set it aside, then swap
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():  # an empty folder or an earlier checkpoint: swap it out
+            _replace_folder(tmp, folder)
         else:
             os.replace(tmp, folder)
         _sync_dir(folder.parent)  # and the rename itself survives a power cut
@@ -82,6 +82,48 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder_size(folder)
+
+
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Make the complete ``tmp`` the checkpoint ``folder``, replacing what is there. Where two
+    names can be exchanged in one step (Linux), ``folder`` holds the earlier checkpoint or the
+    new one at every moment: a crash never leaves a registered checkpoint missing. Elsewhere the
+    earlier one is set aside first, and a crash between the two renames leaves it in ``.old``."""
+    if _exchange(tmp, folder):
+        shutil.rmtree(tmp, ignore_errors=True)  # it holds the earlier checkpoint now
+        return
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.2+
+    except (OSError, AttributeError):
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` atomically; False where the system or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # an old kernel, a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _sync(folder: Path) -> None:
