@@ -18,9 +18,10 @@ renamed into the sessions folder only when all of it is good.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -28,8 +29,8 @@ import sqlite3
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -68,6 +69,7 @@ MANIFEST = "manifest.json"
 ROOT = "session"  # every member but the manifest lives under it
 MAX_MANIFEST_BYTES = 64 << 20
 CHUNK = 1 << 20
+HASH_AHEAD = 4  # chunks read ahead of the hashing thread
 RESERVED = (IMPORTED_FILE, LOCK_FILE)  # written by this machine's store, never taken from an archive
 
 
@@ -98,15 +100,14 @@ def export_session(session: str | Path | SessionReader, out: str | Path) -> Expo
     out = Path(out)
     if out.is_dir():
         raise StoreError(f"{out} is a folder; give the archive's file name, e.g. {out / (reader.dir.name + ARCHIVE_SUFFIX)}")
-    with tempfile.TemporaryDirectory(prefix="onthefly-export-") as scratch:
-        snapshot = Path(scratch) / DB_FILE
+    with _scratch("export") as scratch:
+        snapshot = scratch / DB_FILE
         _snapshot_db(reader.db_path, snapshot)
         members, final, tested = _members(reader.dir, snapshot)
         sizes = {name: src.stat().st_size for name, src in members.items()}
-        with ThreadPoolExecutor(max_workers=2) as pool:  # hashlib releases the GIL: both cores
-            digests = dict(zip(members, pool.map(_sha256, members.values()), strict=True))
-        info = SessionReader(Path(scratch)).info()
-        manifest = {
+        info = SessionReader(scratch).info()
+        entries = {name: {"size": sizes[name], "sha256": "0" * 64} for name in members}
+        manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "writer": {"onthefly": __version__},
@@ -116,9 +117,19 @@ def export_session(session: str | Path | SessionReader, out: str | Path) -> Expo
                                                         "version", "schema_version")},
             "final_checkpoint": final,
             "tested_checkpoint": tested,
-            "members": {name: {"size": sizes[name], "sha256": digests[name]} for name in members},
+            "members": entries,
         }
-        _write_atomically(out, manifest, members)
+        # Hashing (one thread: hashlib releases the GIL) runs while the kernel copies the members;
+        # the manifest goes first with placeholder digests of the same length, filled in at the end.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="onthefly-hash") as pool:
+            digests = {name: pool.submit(_sha256, source) for name, source in members.items()}
+
+            def complete() -> dict[str, Any]:
+                for name, digest in digests.items():
+                    entries[name]["sha256"] = digest.result()
+                return manifest
+
+            _write_atomically(out, manifest, members, complete)
     return ExportResult(out, out.stat().st_size, len(members), final)
 
 
@@ -202,7 +213,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(out: Path, manifest: dict[str, Any], members: dict[str, Path]) -> None:
+@contextlib.contextmanager
+def _scratch(kind: str) -> Iterator[Path]:
+    """A temporary folder under ``$ONTHEFLY_HOME/tmp`` named after this process, so that a later
+    session removes what a killed export or import left behind."""
+    root = onthefly_home() / "tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=root))
+    except OSError as exc:
+        raise StoreError(f"cannot create a temporary folder under {root}: {exc}. Set ONTHEFLY_HOME to a "
+                         "writable folder.") from exc
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_atomically(out: Path, manifest: dict[str, Any], members: dict[str, Path],
+                      complete: Callable[[], dict[str, Any]]) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -210,34 +239,78 @@ def _write_atomically(out: Path, manifest: dict[str, Any], members: dict[str, Pa
         raise StoreError(f"cannot write the archive {out}: {exc}. Choose a folder you can write to.") from exc
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            data = json.dumps(manifest, indent=1).encode()
-            _add_bytes(tar, MANIFEST, data)
-            for name, source in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = manifest["members"][name]["size"]
-                info.mtime = int(source.stat().st_mtime)
-                info.mode = 0o644
-                with open(source, "rb") as f:
-                    tar.addfile(info, f)
-            tar.close()
-            raw.flush()
-            os.fsync(raw.fileno())
+        with os.fdopen(fd, "wb", buffering=0) as raw:
+            _TarWriter(raw).write(manifest, members, complete)
+            os.fsync(raw.fileno())  # export = save: on the disk before it takes the archive's name
         os.replace(tmp, out)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, StoreError):
             raise StoreError(f"cannot write the archive {out}: {exc}. Nothing was left behind; free some space "
                              "or choose another folder.") from exc
         raise
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(time.time())
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+class _TarWriter:
+    """A POSIX (pax) tar written straight to a file: tarfile makes each header, the kernel copies
+    each member's bytes (``os.sendfile``), so a 100 MB checkpoint is not pushed through Python in
+    10 kB pieces as ``tarfile.addfile`` does."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.written = 0
+
+    def write(self, manifest: dict[str, Any], members: dict[str, Path],
+              complete: Callable[[], dict[str, Any]]) -> None:
+        """The manifest first, as it is now, then every member; then ``complete()``'s manifest
+        (the same length: only fixed-length digests change) over the first one."""
+        data = json.dumps(manifest, indent=1).encode()
+        self._header(MANIFEST, len(data), int(time.time()))
+        manifest_at = self.written
+        self._out(data)
+        self._pad(len(data))
+        for name, source in members.items():
+            size = manifest["members"][name]["size"]
+            with open(source, "rb") as f:
+                self._header(name, size, int(os.fstat(f.fileno()).st_mtime))
+                self._copy(f, size, source)
+            self._pad(size)
+        self._out(bytes(2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
+        self._out(bytes(-self.written % tarfile.RECORDSIZE))
+        final = json.dumps(complete(), indent=1).encode()
+        assert len(final) == len(data), "a digest changed the manifest's length"
+        os.pwrite(self.raw.fileno(), final, manifest_at)
+
+    def _header(self, name: str, size: int, mtime: int) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, mtime, 0o644
+        self._out(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def _copy(self, f: IO[bytes], size: int, source: Path) -> None:
+        left = size
+        while left:
+            try:
+                sent = os.sendfile(self.raw.fileno(), f.fileno(), None, min(left, 1 << 30))
+                self.written += sent
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV):
+                    raise  # a full disk, a write error: said as such
+                chunk = f.read(min(left, CHUNK))  # these files cannot sendfile: copy through here
+                sent = len(chunk)
+                self._out(chunk)
+            if not sent:
+                raise StoreError(f"{source} became shorter while it was being exported; export again")
+            left -= sent
+
+    def _pad(self, size: int) -> None:
+        self._out(bytes(-size % tarfile.BLOCKSIZE))
+
+    def _out(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = self.raw.write(view)
+            view = view[done or 0:]
+        self.written += len(data)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -265,7 +338,7 @@ def import_session(archive: str | Path, *, home: Path | None = None, replace: bo
     try:
         scratch_root.mkdir(parents=True, exist_ok=True)
         root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="import-", dir=scratch_root))
+        scratch = Path(tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=scratch_root))
     except OSError as exc:
         raise StoreError(f"cannot import into {root}: {exc}. Set ONTHEFLY_HOME to a writable folder.") from exc
     try:
@@ -293,14 +366,17 @@ def import_session(archive: str | Path, *, home: Path | None = None, replace: bo
 
 
 @contextlib.contextmanager
-def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
+def _open_tar(archive: Path, *, seekable: bool = False) -> Iterator[tarfile.TarFile]:
+    """The archive's members in order; ``seekable`` reads each member's bytes straight from the
+    file (the streamed mode passes them through 10 kB buffers), and skips past a member's data
+    without reading it."""
     try:
         raw = open(archive, "rb")
     except OSError as exc:
         raise StoreError(f"cannot read {archive}: {exc}") from exc
     try:
         try:
-            tar = tarfile.open(fileobj=raw, mode="r|")  # streamed: one pass, members in order
+            tar = tarfile.open(fileobj=raw, mode="r:" if seekable else "r|")
         except tarfile.TarError as exc:
             raise StoreError(f"{archive} is not an On The Fly session archive (not a tar file: {exc})") from exc
         yield tar
@@ -383,17 +459,24 @@ def _next(tar: tarfile.TarFile, archive: Path) -> tarfile.TarInfo | None:
 
 
 def _read_exactly(stream: IO[bytes], size: int, archive: Path, name: str,
-                  sink: IO[bytes] | None = None, digest: Any = None) -> bytes:
-    """Read a member's ``size`` bytes (and not one more), hashing and writing as it goes."""
+                  sink: IO[bytes] | None = None, digest: Any = None, hasher: ThreadPoolExecutor | None = None) -> bytes:
+    """Read a member's ``size`` bytes (and not one more), hashing and writing as it goes. With a
+    ``hasher`` (one thread), chunks are hashed there while this thread reads and writes the next
+    ones: hashlib and file I/O release the GIL, so the two overlap on two cores."""
     parts = []
     left = size
+    pending: collections.deque[Future[None]] = collections.deque()
     try:
         while left:
             chunk = stream.read(min(CHUNK, left))
             if not chunk:
                 raise _bad(archive, f"it is truncated: {name} ends {left} bytes early")
             left -= len(chunk)
-            if digest is not None:
+            if digest is not None and hasher is not None and size > CHUNK:
+                pending.append(hasher.submit(digest.update, chunk))  # one worker: in order
+                if len(pending) > HASH_AHEAD:
+                    pending.popleft().result()
+            elif digest is not None:
                 digest.update(chunk)
             if sink is not None:
                 sink.write(chunk)
@@ -401,11 +484,14 @@ def _read_exactly(stream: IO[bytes], size: int, archive: Path, name: str,
                 parts.append(chunk)
     except (tarfile.TarError, EOFError) as exc:
         raise _bad(archive, f"it is truncated or damaged in {name} ({exc})") from exc
+    finally:
+        for future in pending:
+            future.result()
     return b"".join(parts)
 
 
 def _extract(archive: Path, target: Path) -> dict[str, Any]:
-    with _open_tar(archive) as tar:
+    with _open_tar(archive, seekable=True) as tar, ThreadPoolExecutor(1, thread_name_prefix="onthefly-hash") as hasher:
         manifest = _manifest(tar, archive)
         expected: dict[str, dict[str, Any]] = manifest["members"]
         seen: set[str] = set()
@@ -431,7 +517,7 @@ def _extract(archive: Path, target: Path) -> dict[str, Any]:
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with open(dest, "xb") as sink:
-                    _read_exactly(stream, entry["size"], archive, name, sink, digest)
+                    _read_exactly(stream, entry["size"], archive, name, sink, digest, hasher)
             except StoreError:  # a StoreError is an OSError: a damaged archive, not a failed write
                 raise
             except OSError as exc:

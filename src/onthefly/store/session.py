@@ -214,6 +214,7 @@ def clean_sessions(home: Path | None = None, *, keep: Iterable[Path] = (),
         if any(k == resolved or resolved in k.parents for k in kept):
             continue
         dead.append(folder)
+    _clean_scratch((home or onthefly_home()) / "tmp")
     dead.sort(key=lambda f: f.name, reverse=True)  # ids begin with their creation time
     removed = []
     for folder in dead[recent:]:
@@ -221,6 +222,23 @@ def clean_sessions(home: Path | None = None, *, keep: Iterable[Path] = (),
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(Removed(folder.name, size))
     return removed
+
+
+def _clean_scratch(root: Path) -> None:
+    """Remove what a killed export or import left in ``tmp/`` (``<kind>-<pid>-*``, pid gone)."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        parts = folder.name.split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # pragma: no cover - another user's process: leave it
+            continue
 
 
 def remove_session(session_dir: Path) -> int:
