@@ -219,6 +219,9 @@ print("STEPS", summary.steps, summary.session_dir.name, flush=True)
     assert "final model: checkpoint" in exported.stdout and out.is_file()
 
     other = {**subprocess_env, "ONTHEFLY_HOME": str(tmp_path / "laptop")}
+    report = cli("report", str(out), "--out", str(tmp_path / "report.html"), env=other)
+    assert report.returncode == 0, report.stderr
+    assert "<svg" in (tmp_path / "report.html").read_text() and not (tmp_path / "laptop" / "sessions").exists()
     imported = cli("import", str(out), env=other)
     assert imported.returncode == 0, imported.stderr
     listed = cli("sessions", env=other)

@@ -217,11 +217,19 @@ def _open(console: Console, args: argparse.Namespace) -> int:
 
 
 def _report(console: Console, args: argparse.Namespace) -> int:
-    from .actions.report import write_report
-    from .store.reader import SessionReader
+    import tempfile
 
-    folder = _session_folder(console, args.session)
-    path = write_report(SessionReader(folder), args.out)
+    from .actions.report import write_report
+    from .store.archive import import_session, is_archive
+    from .store.reader import SessionReader, open_session
+
+    if is_archive(args.session):  # read from a temporary import: a report adds no session here
+        with tempfile.TemporaryDirectory(prefix="onthefly-report-") as home:
+            with console.status(f"reading {args.session} ..."):
+                folder = import_session(args.session, home=Path(home))
+            path = write_report(SessionReader(folder), args.out)
+    else:
+        path = write_report(open_session(args.session), args.out)
     console.print(f"wrote {path}")
     return 0
 
