@@ -185,7 +185,8 @@ def test_sessions_lists_sessions_with_their_whole_id(capsys: pytest.CaptureFixtu
     assert set(rows) == {live.id, ended.id}
     assert rows[ended.id][1:4] == ["mnist-demo", "finished", "alive"]
     assert rows[live.id][1:4] == ["p", "running", "alive"]
-    assert rows[live.id][4].endswith("KiB")
+    assert rows[live.id][4] == "-"  # a running session is not cleaned up
+    assert rows[live.id][5].endswith("KiB")
 
 
 USER_SCRIPT = """

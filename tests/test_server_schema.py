@@ -60,7 +60,9 @@ def test_the_document_describes_every_endpoint() -> None:
         "GET /api/runs/{run_id}/samples/{index}/history", "POST /api/runs/{run_id}/clusters",
         "GET /api/runs/{run_id}/clusters", "GET /api/clusterings/{clustering_id}", "GET /api/slices",
         "POST /api/slices", "GET /api/slices/{name}", "DELETE /api/slices/{name}", "POST /api/slices/{name}/exports",
-        "GET /api/exports/{export_id}", "GET /api/exports/{export_id}/file",
+        "GET /api/exports/{export_id}", "GET /api/exports/{export_id}/file", "POST /api/session/archives",
+        "GET /api/session/archives/{archive_id}", "GET /api/session/archives/{archive_id}/file",
+        "GET /api/session/report",
     }
 
 
