@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .actions import cluster
 from .actions import export as exporting
+from .actions import fork as forking
 from .engine.batch import BatchSpec
 from .engine.device import model_device
 from .engine.evaluate import Evaluator
@@ -125,6 +126,8 @@ def quickstart(
         keep_alive=board.keep_alive(), **options,
     )
     board.attach(trainer.run, wanted=dashboard, port=port, open_browser=open_browser)
+    # Plan cards (forks) and comparisons: carried out by this run; children served live too.
+    forking.attach(trainer, on_child=board.server.add_run if board.server is not None else None)
     summary = trainer.fit(max_epochs, do_test_after=do_test_after)  # closing the run stops the server
     if options.get("progress", True):
         print(summary, flush=True)

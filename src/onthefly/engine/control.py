@@ -36,9 +36,11 @@ __all__ = [
     "ClusterArgs",
     "Command",
     "CommandQueue",
+    "CompareArgs",
     "RunStatus",
     "Wording",
     "check_command",
+    "check_fields",
 ]
 
 
@@ -165,6 +167,31 @@ class ExportCommand(StrictModel):
     filename: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,80}$", description="the download's file name")
 
 
+class ExecutePlanCommand(StrictModel):
+    """Carry out an approved plan card (a fork, ...) at a step boundary; sent when a card is
+    approved (``POST /api/plans/{id}/approve``, ``onthefly.actions.fork.approve``)."""
+
+    kind: Literal["execute_plan"]
+    plan_id: int = Field(ge=1, le=2**31, description="the approved plan card")
+
+
+class CompareArgs(StrictModel):
+    """Evaluate runs side by side on sets of samples, paired, against a reference run."""
+
+    runs: Annotated[list[int], Wording("a list of 2 to 8 run ids")] = Field(
+        min_length=2, max_length=8, description="the runs to compare (their current or final weights)")
+    reference: int = Field(ge=1, le=2**31, description="the run every difference is taken against")
+    sets: Annotated[list[str], Wording("a list of 1 to 12 saved slice names, 'val' or 'test'")] = Field(
+        default_factory=lambda: ["val"], min_length=1, max_length=12,
+        description="saved slices of the training data, 'val', 'test'")
+    n_boot: int = Field(default=2000, ge=100, le=20_000, description="bootstrap resamples")
+    seed: int = Field(default=0, ge=0, le=2**31, description="seed of the bootstrap")
+
+
+class CompareCommand(CompareArgs):
+    kind: Literal["compare"]
+
+
 AnyCommand = Annotated[
     RunCommand | PauseCommand | ResumeCommand | StopCommand | TestCommand | TrainMoreCommand
     | SetLrCommand | SetWeightDecayCommand | CheckpointCommand | ClusterCommand,
@@ -184,6 +211,8 @@ COMMANDS: dict[str, type[StrictModel]] = {
     _kind(model): model for model in typing.get_args(typing.get_args(AnyCommand)[0])}
 COMMANDS["checkpoint"] = CheckpointAtPath
 COMMANDS["export"] = ExportCommand
+COMMANDS["execute_plan"] = ExecutePlanCommand
+COMMANDS["compare"] = CompareCommand
 COMMAND_KINDS: tuple[str, ...] = tuple(COMMANDS)
 
 
@@ -194,12 +223,17 @@ def check_command(kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
     model = COMMANDS.get(kind)
     if model is None:
         raise ConfigError(f"unknown command {kind!r}; known commands: {', '.join(sorted(COMMANDS))}")
-    data = {"kind": kind, **args}
+    return check_fields(model, {"kind": kind, **args}, what=kind)
+
+
+def check_fields(model: type[StrictModel], data: Mapping[str, Any], *, what: str) -> dict[str, Any]:
+    """``data`` checked against ``model`` (a command's, a plan card's): a plain dict with every
+    default filled in, without ``kind``. Raises ConfigError naming each wrong field."""
     try:
-        checked = model.model_validate(data)
+        checked = model.model_validate(dict(data))
     except ValidationError as error:
-        raise ConfigError(_refusal(kind, model, data, error)) from None
-    return checked.model_dump(exclude={"kind"})
+        raise ConfigError(_refusal(what, model, data, error)) from None
+    return checked.model_dump(mode="json", exclude={"kind"})
 
 
 def _refusal(kind: str, model: type[StrictModel], data: Mapping[str, Any], error: ValidationError) -> str:
@@ -233,12 +267,14 @@ def _expected(info: FieldInfo) -> str:
     kind = info.annotation
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: what X takes
         (kind,) = [a for a in typing.get_args(kind) if a is not type(None)]
-    if typing.get_origin(kind) is Literal:
+    if typing.get_origin(kind) is list:  # its noun says its length
+        words = wording.noun or "a list"
+    elif typing.get_origin(kind) is Literal:
         values = [repr(v) for v in typing.get_args(kind)]
         words = " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 2 else values)
     else:
         finite = any(isinstance(m, AllowInfNan) and not m.allow_inf_nan for m in info.metadata)
-        nouns: dict[Any, str] = {int: "a whole number", str: "a string",
+        nouns: dict[Any, str] = {int: "a whole number", str: "a string", bool: "true or false",
                                  float: "a finite number" if finite else "a number"}
         words = (wording.noun or nouns[kind]) + _bounds(info, float_bounds=kind is float)
     if wording.omitted:

@@ -95,6 +95,7 @@ class Run:
         embed: Embed | None = None,
         train_dataset: Any = None,
         export_dataset: Any = None,
+        parent: tuple[int, int | None] | None = None,
     ) -> None:
         _check_names(project, run_name)
         if not isinstance(model, nn.Module):
@@ -146,9 +147,11 @@ class Run:
             self.session.set_run_config(continued, self.config)
         else:
             in_session = source is not None and source.session_dir is not None
-            self.run_id = self.session.new_run(
-                run_name, config=self.config, parent_id=source.run_id if in_session else None,  # type: ignore[union-attr]
-                parent_checkpoint_id=source.checkpoint_id if in_session else None)  # type: ignore[union-attr]
+            if parent is None and in_session:  # resumed from an earlier checkpoint of its session
+                parent = (source.run_id, source.checkpoint_id)  # type: ignore[union-attr,assignment]
+            self.run_id = self.session.new_run(run_name, config=self.config,
+                                               parent_id=parent[0] if parent else None,
+                                               parent_checkpoint_id=parent[1] if parent else None)
 
         self.global_step = 0
         self.epoch = 0

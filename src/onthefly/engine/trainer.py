@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError, LossError, OnTheFlyError
 from ..signals.per_sample import LossFn, PerSampleLoss
+from ..store.session import SessionStore
 from .batch import BatchSpec, Field, Fields, ForwardFn, batch_size_of, describe, to_device
 from .callbacks import Callback
 from .device import autocast_dtype, pick_device
@@ -95,6 +96,8 @@ class Trainer:
         grad_norm: bool = False,
         val_samples: bool = False,
         export_dataset: Any = None,
+        session: SessionStore | None = None,
+        parent: tuple[int, int | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,7 +137,7 @@ class Trainer:
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
             wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks, grad_norm=grad_norm,
             evaluator=evaluator, embed=self._embed, train_dataset=train_loader.dataset,
-            export_dataset=export_dataset,
+            export_dataset=export_dataset, session=session, parent=parent,
             config={"device": str(self.device), "amp": amp, "grad_clip": grad_clip,
                     "accumulate_grad_batches": accumulate_grad_batches,
                     "optimizer": type(optimizer).__name__, "model": type(model).__name__,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["SCHEMA_VERSION", "connect", "create_schema"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (
@@ -86,6 +86,33 @@ CREATE TABLE IF NOT EXISTS clusterings (
     silhouette REAL,
     details TEXT NOT NULL,
     path TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plans (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    card TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    runs TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges (
+    child_id INTEGER NOT NULL,
+    parent_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER,
+    checkpoint_id INTEGER,
+    plan_id INTEGER,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS comparisons (
+    id INTEGER PRIMARY KEY,
+    request TEXT NOT NULL,
+    result TEXT NOT NULL,
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sample_files (

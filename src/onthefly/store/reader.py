@@ -184,6 +184,54 @@ class SessionReader:
         """The ``k`` samples with the highest loss at ``epoch`` (default: the latest with data)."""
         return queries.hardest_samples(self.dir, run_id, epoch, k=k, split=split)
 
+    # ---- plan cards, lineage, comparisons ------------------------------------------------------
+    def plans(self, status: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM plans"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            sql, args = sql + " WHERE status = ?", (status,)
+        rows = self._query(sql + " ORDER BY id", args)
+        for row in rows:
+            for key in ("card", "result", "runs"):
+                row[key] = json.loads(row[key]) if row[key] is not None else None
+        return rows
+
+    def plan(self, plan_id: int) -> dict[str, Any]:
+        for row in self.plans():
+            if row["id"] == plan_id:
+                return row
+        raise NotFoundError(f"no plan card {plan_id} in this session")
+
+    def edges(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM edges ORDER BY created, child_id")
+
+    def lineage(self) -> dict[str, Any]:
+        """The session's runs as a graph: nodes (id, name, status, created) and edges (child,
+        parent, kind, step, checkpoint, plan card)."""
+        nodes = [{"id": r["id"], "name": r["name"], "status": r["status"], "created": r["created"],
+                  "parent_id": r["parent_id"]} for r in self.runs()]
+        edges = [{"child": e["child_id"], "parent": e["parent_id"], "kind": e["kind"], "step": e["step"],
+                  "checkpoint_id": e["checkpoint_id"], "plan_id": e["plan_id"]} for e in self.edges()]
+        listed = {(e["child"], e["parent"]) for e in edges}
+        for node in nodes:  # a resume from an earlier checkpoint records its parent on the run only
+            if node["parent_id"] is not None and (node["id"], node["parent_id"]) not in listed:
+                run = next(r for r in self.runs() if r["id"] == node["id"])
+                edges.append({"child": node["id"], "parent": node["parent_id"], "kind": "resume", "step": None,
+                              "checkpoint_id": run["parent_checkpoint_id"], "plan_id": None})
+        return {"nodes": nodes, "edges": edges}
+
+    def comparisons(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM comparisons ORDER BY id")
+        for row in rows:
+            row["request"], row["result"] = json.loads(row["request"]), json.loads(row["result"])
+        return rows
+
+    def comparison(self, comparison_id: int) -> dict[str, Any]:
+        rows = [r for r in self.comparisons() if r["id"] == comparison_id]
+        if not rows:
+            raise NotFoundError(f"no comparison {comparison_id} in this session")
+        return rows[0]
+
     # ---- slices and clusterings ---------------------------------------------------------------
     def slices(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM slices ORDER BY id")

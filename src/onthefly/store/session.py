@@ -340,7 +340,8 @@ class SessionStore:
                 next_ids = {
                     table: int(conn.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0]) + 1
                     for table, column in (("runs", "id"), ("checkpoints", "id"), ("slices", "id"),
-                                          ("clusterings", "id"), ("events", "seq"))
+                                          ("clusterings", "id"), ("events", "seq"), ("plans", "id"),
+                                          ("comparisons", "id"))
                 }
                 if mark_running:
                     conn.execute("UPDATE session SET status = 'running', ended = NULL, error = NULL, pid = ?",
@@ -380,6 +381,8 @@ class SessionStore:
         self._next_checkpoint = next_ids.get("checkpoints", 1)
         self._next_slice = next_ids.get("slices", 1)
         self._next_clustering = next_ids.get("clusterings", 1)
+        self._next_plan = next_ids.get("plans", 1)
+        self._next_comparison = next_ids.get("comparisons", 1)
         self._closed = False
         self._keeps_status = False
 
@@ -545,6 +548,49 @@ class SessionStore:
 
         self._writer.task(write)
         return clustering_id
+
+    # ---- plan cards, lineage edges, comparisons (block until written) ------------------------
+    def save_plan(self, *, kind: str, card: Mapping[str, Any], source: str) -> dict[str, Any]:
+        """A new plan card (status ``proposed``); ``source``: who proposed it (user, autofork)."""
+        with self._ids_lock:
+            plan_id, self._next_plan = self._next_plan, self._next_plan + 1
+        now = time.time()
+        record = {"id": plan_id, "kind": kind, "status": "proposed", "card": dict(card), "result": None,
+                  "error": None, "runs": [], "source": source, "created": now, "updated": now}
+        self._writer.sql("INSERT INTO plans (id, kind, status, card, result, error, runs, source, created, updated)"
+                         " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         [(plan_id, kind, "proposed", json.dumps(record["card"]), None, None, "[]", source, now, now)],
+                         block=True)
+        self.flush()
+        return record
+
+    def update_plan(self, plan_id: int, **fields: Any) -> None:
+        """Change a card's ``status``, ``card``, ``result``, ``error`` or ``runs``."""
+        allowed = {"status", "card", "result", "error", "runs"}
+        if not fields or set(fields) - allowed:
+            raise StateError(f"a plan's fields are {sorted(allowed)}, got {sorted(fields)}")
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        values = [json.dumps(v, default=str) if name in ("card", "result", "runs") and v is not None else v
+                  for name, v in fields.items()]
+        self._writer.sql(f"UPDATE plans SET {columns}, updated = ? WHERE id = ?",
+                         [(*values, time.time(), plan_id)], block=True)
+        self.flush()
+
+    def add_edge(self, *, child_id: int, parent_id: int, kind: str, step: int | None,
+                 checkpoint_id: int | None, plan_id: int | None) -> None:
+        """A lineage edge: ``child_id`` came from ``parent_id`` by ``kind`` (fork, control, merge...)."""
+        self._writer.sql("INSERT INTO edges (child_id, parent_id, kind, step, checkpoint_id, plan_id, created)"
+                         " VALUES (?,?,?,?,?,?,?)",
+                         [(child_id, parent_id, kind, step, checkpoint_id, plan_id, time.time())], block=True)
+
+    def save_comparison(self, request: Mapping[str, Any], result: Mapping[str, Any]) -> int:
+        with self._ids_lock:
+            comparison_id, self._next_comparison = self._next_comparison, self._next_comparison + 1
+        self._writer.sql("INSERT INTO comparisons (id, request, result, created) VALUES (?,?,?,?)",
+                         [(comparison_id, json.dumps(dict(request), default=str),
+                           json.dumps(dict(result), default=str), time.time())], block=True)
+        self.flush()
+        return comparison_id
 
     # ---- life cycle ---------------------------------------------------------------------
     @property

@@ -1,0 +1,367 @@
+"""Forks: a short-budget specialist on a slice, and its matched control, from a plan card.
+
+An approved fork card becomes an ``execute_plan`` command that the parent run carries out at a
+step boundary, on the training thread: the parent waits there while its children train (one run
+trains at a time in the process) and then goes on exactly as if it had never been left - its
+model, optimizer and loader are not touched and every global RNG is put back.
+
+Each child is built from the parent's objects, not from pickles: a ``copy.deepcopy`` of the
+parent's module loaded with the fork point's weights (the parent's current ones, or a
+checkpoint's), the same optimizer class with the card's learning rate and weight decay over the
+parameters that train (all, the head, or low-rank adapters), and a loader over the parent's
+dataset with its collate function and workers, drawing the card's data: the slice only, or all
+data with the slice oversampled, and for the control all data - same budget, seed and
+hyperparameters, so that the comparison isolates the slice's emphasis. Children record their
+per-sample values, curves and checkpoints in the same session; their lineage edges name the
+fork step and the card. With the same fork point and card, a fork gives identical weights.
+
+Afterwards the card's criterion is judged: parent (at the fork point), control and specialist
+evaluated paired on the slice, the rest of the training data and validation (the test set stays
+locked), and the verdict written on the card.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from ..errors import ConfigError, StateError
+from ..store.checkpoints import read_checkpoint
+from ..store.reader import SessionReader
+from . import compare as comparing
+from .adapters import add_adapters, train_head_only
+from .export import isolated_rng
+from .plans import check_card, edit_card, plan_out
+
+__all__ = ["approve", "attach", "discard", "edit", "propose"]
+
+REST_SAMPLE = 10_000  # the rest of the training data is judged on at most this many samples
+
+
+# ---- the Python API (any thread of the training process) ----------------------------------------
+def propose(run: Any, card: Mapping[str, Any], *, source: str = "user") -> dict[str, Any]:
+    """Check a card and save it as proposed; returns its record (``id`` to approve it by)."""
+    run.session.flush()
+    checked = check_card(SessionReader(run.session.dir), card)
+    record = run.session.save_plan(kind=checked["kind"], card=checked, source=source)
+    run.bus.publish("plan_proposed", {"plan_id": record["id"], "kind": checked["kind"], "source": source},
+                    **_where(run))
+    return plan_out(record)
+
+
+def edit(run: Any, plan_id: int, **changes: Any) -> dict[str, Any]:
+    reader = SessionReader(run.session.dir)
+    card = edit_card(reader, reader.plan(plan_id), changes)
+    run.session.update_plan(plan_id, card=card)
+    return plan_out(reader.plan(plan_id))
+
+
+def discard(run: Any, plan_id: int) -> dict[str, Any]:
+    reader = SessionReader(run.session.dir)
+    plan = reader.plan(plan_id)
+    if plan["status"] != "proposed":
+        raise StateError(f"plan card {plan_id} is {plan['status']}: only a proposed card can be discarded")
+    run.session.update_plan(plan_id, status="discarded")
+    run.bus.publish("plan_discarded", {"plan_id": plan_id}, **_where(run))
+    return plan_out(reader.plan(plan_id))
+
+
+def approve(run: Any, plan_id: int) -> int:
+    """Approve a proposed card: checked once more, then carried out by ``run`` at its next step
+    boundary. Returns the queued command's id."""
+    reader = SessionReader(run.session.dir)
+    plan = reader.plan(plan_id)
+    if plan["status"] != "proposed":
+        raise StateError(f"plan card {plan_id} is {plan['status']}: only a proposed card can be approved")
+    check_card(reader, plan["card"])
+    run.session.update_plan(plan_id, status="approved")
+    return int(run.request("execute_plan", plan_id=plan_id).id)
+
+
+# ---- carrying a card out (training thread) -------------------------------------------------------
+def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> None:
+    """Let ``trainer``'s run carry out approved plan cards and comparisons. ``on_child(run)`` is
+    told of each child run as it is made (the dashboard's channel serves it live)."""
+    run = trainer.run
+    trainer.forks = getattr(trainer, "forks", {})  # run id -> the child's model, kept for comparisons
+
+    def execute(args: dict[str, Any]) -> dict[str, Any]:
+        plan_id = int(args["plan_id"])
+        reader = SessionReader(run.session.dir)
+        plan = reader.plan(plan_id)
+        if plan["status"] != "approved":
+            raise StateError(f"plan card {plan_id} is {plan['status']}, not approved")
+        run.session.update_plan(plan_id, status="running")
+        run.bus.publish("plan_started", {"plan_id": plan_id}, **_where(run))
+        try:
+            result = _fork(trainer, plan, on_child)
+        except Exception as exc:
+            run.session.update_plan(plan_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "failed", "error": str(exc)},
+                            **_where(run))
+            raise
+        run.session.update_plan(plan_id, status="done", result=result, runs=result["runs"])
+        run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "done", "runs": result["runs"],
+                                          "verdict": result["verdict"]}, **_where(run))
+        return {"plan_id": plan_id, "runs": result["runs"], "verdict": result["verdict"]}
+
+    def compare(args: dict[str, Any]) -> dict[str, Any]:
+        result = compare_runs(trainer, args)
+        comparison_id = run.session.save_comparison(args, result)
+        run.bus.publish("comparison", {"comparison_id": comparison_id, "runs": args["runs"], "sets": args["sets"]},
+                        **_where(run))
+        return {"comparison": comparison_id}
+
+    run.register_action("execute_plan", execute)
+    run.register_action("compare", compare)
+
+
+def _where(run: Any) -> dict[str, Any]:
+    return {"run_id": run.run_id, "step": run.global_step, "epoch": run.epoch}
+
+
+def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | None) -> dict[str, Any]:
+    from ..engine.trainer import Trainer
+
+    run, card = trainer.run, plan["card"]
+    if card["run_id"] != run.run_id:
+        raise ConfigError(f"run_id: this card forks run {card['run_id']}, but it was sent to run {run.run_id}")
+    run.recorder.flush()  # the parent's rows so far are in the store before the children add theirs
+    run.session.flush()
+    reader = SessionReader(run.session.dir)
+    slice_indices = np.asarray(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)
+    if card["checkpoint_id"] is not None:
+        tensors, _ = read_checkpoint(reader.checkpoint(card["checkpoint_id"])["path"])
+        fork_step = reader.checkpoint(card["checkpoint_id"])["step"]
+    else:
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+        fork_step = run.global_step
+    loader = trainer.train_loader.original
+    dataset = loader.dataset
+    n = len(dataset)
+    if slice_indices.size and (slice_indices.min() < 0 or slice_indices.max() >= n):
+        raise ConfigError(f"slice {card['slice']!r} holds indices outside the training dataset (0..{n - 1})")
+    branches = [("fork", card["name"], _draws(card, slice_indices, n))]
+    if card["control"]:
+        branches.append(("control", f"{card['name']} control", _draws(card, None, n)))
+    made: list[int] = []
+    models: dict[str, nn.Module] = {}
+    started = time.perf_counter()
+    first_step: dict[str, float] = {}
+    with isolated_rng():  # the parent's random streams are exactly as they were afterwards
+        for edge_kind, name, (pool, weights, per_epoch) in branches:
+            _seed(card["seed"])
+            model = copy.deepcopy(trainer.model)
+            model.load_state_dict(tensors)
+            if card["trains"] == "adapters":
+                add_adapters(model, card["rank"])
+            elif card["trains"] == "head":
+                train_head_only(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = _optimizer_like(trainer.optimizer, params, card)
+            generator = torch.Generator().manual_seed(card["seed"])
+            epochs, samples = (card["budget"], per_epoch) if card["budget_unit"] == "epochs" else \
+                (1, card["budget"] * (card["batch_size"] or loader.batch_size or 1))
+            child_loader = DataLoader(dataset, batch_size=card["batch_size"] or loader.batch_size,
+                                      sampler=_Draws(pool, weights, samples, generator),
+                                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                      pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                                      worker_init_fn=loader.worker_init_fn,
+                                      persistent_workers=False)
+            child = Trainer(
+                model=model, optimizer=optimizer, loss_fn=trainer.loss.loss_fn, train_loader=child_loader,
+                val_loader=trainer.val_loader, test_loader=trainer.test_loader, project=run.project,
+                run_name=name, device=trainer.device, amp=trainer.amp, grad_clip=trainer.grad_clip,
+                accumulate_grad_batches=trainer.accumulate, inputs=trainer.spec.inputs,
+                targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn, progress=False,
+                session=run.session, parent=(run.run_id, card["checkpoint_id"]))
+            child.run.config.update({"plan_id": plan["id"], "fork": edge_kind, "trains": card["trains"]})
+            run.session.set_run_config(child.run.run_id, child.run.config)
+            run.session.add_edge(child_id=child.run.run_id, parent_id=run.run_id, kind=edge_kind, step=fork_step,
+                                 checkpoint_id=card["checkpoint_id"], plan_id=plan["id"])
+            if on_child is not None:
+                on_child(child.run)
+            child.run.bus.subscribe(_first_step_timer(first_step, name, started))
+            child.fit(epochs)
+            made.append(child.run.run_id)
+            models[edge_kind] = model
+            trainer.forks[child.run.run_id] = model
+        source = copy.deepcopy(trainer.model)
+        source.load_state_dict(tensors)
+        verdict = _judge(trainer, card, source, models, slice_indices, n)
+    return {"runs": made, "fork_step": fork_step, "seconds": time.perf_counter() - started,
+            "first_step_seconds": first_step.get(card["name"]), **verdict}
+
+
+def _first_step_timer(into: dict[str, float], name: str, started: float) -> Callable[[Any], None]:
+    def on_event(event: Any) -> None:
+        if event.kind == "progress" and name not in into:
+            into[name] = time.perf_counter() - started
+    return on_event
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer_like(parent: torch.optim.Optimizer, params: list[nn.Parameter], card: Mapping[str, Any]) \
+        -> torch.optim.Optimizer:
+    """The parent's optimizer class over ``params``, with its first group's settings and the card's
+    learning rate and weight decay."""
+    if not params:
+        raise ConfigError("trains: nothing would train (no parameter requires a gradient)")
+    settings = {k: v for k, v in parent.param_groups[0].items() if k != "params" and k in parent.defaults}
+    settings["lr"] = card["lr"]
+    if card["weight_decay"] is not None:
+        if "weight_decay" not in settings:
+            raise ConfigError(f"weight_decay: {type(parent).__name__} has no weight decay setting")
+        settings["weight_decay"] = card["weight_decay"]
+    for key in ("initial_lr",):
+        settings.pop(key, None)
+    try:
+        return type(parent)(params, **settings)
+    except TypeError as exc:
+        raise ConfigError(f"cannot build a {type(parent).__name__} for the fork from the parent's settings: {exc}") \
+            from exc
+
+
+def _draws(card: Mapping[str, Any], slice_indices: np.ndarray | None, n: int) \
+        -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(pool, weights, samples per epoch) of a branch: the slice's indices; all indices with the
+    slice weighted to ``ratio`` of the draws; or all indices (the control)."""
+    everything = np.arange(n, dtype=np.int64)
+    if slice_indices is None:
+        return everything, None, n
+    if card["mix"] == "slice":
+        return slice_indices, None, len(slice_indices)
+    in_slice = np.zeros(n, dtype=bool)
+    in_slice[slice_indices] = True
+    k = int(in_slice.sum())
+    if k == n:
+        return everything, None, n
+    weights = np.where(in_slice, card["ratio"] / k, (1 - card["ratio"]) / (n - k))
+    return everything, weights, n
+
+
+class _Draws(Sampler[int]):
+    """Dataset indices for one epoch of a fork: ``samples`` draws from ``pool`` - shuffled passes
+    without replacement, or with ``weights`` (with replacement) - from ``generator``, which the
+    engine saves and restores with its checkpoints."""
+
+    def __init__(self, pool: np.ndarray, weights: np.ndarray | None, samples: int, generator: torch.Generator) -> None:
+        self.pool = torch.as_tensor(pool, dtype=torch.int64)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.samples = samples
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __iter__(self) -> Iterator[int]:
+        if self.weights is not None:
+            drawn = self.pool[torch.multinomial(self.weights, self.samples, replacement=True, generator=self.generator)]
+            yield from drawn.tolist()
+            return
+        left = self.samples
+        while left > 0:
+            order = self.pool[torch.randperm(len(self.pool), generator=self.generator)][:left]
+            yield from order.tolist()
+            left -= len(order)
+
+
+# ---- judging and comparing ---------------------------------------------------------------------
+def _judge(trainer: Any, card: Mapping[str, Any], source: nn.Module, models: dict[str, nn.Module],
+           slice_indices: np.ndarray, n: int) -> dict[str, Any]:
+    """The card's criterion: the specialist against the control (or the parent at the fork point
+    without one) on the slice, the rest of the training data and validation."""
+    rest = np.setdiff1d(np.arange(n, dtype=np.int64), slice_indices)
+    if rest.size > REST_SAMPLE:
+        rest = np.sort(np.random.default_rng(card["seed"]).choice(rest, size=REST_SAMPLE, replace=False))
+    train_set = trainer.train_loader.original.dataset
+    sets: dict[str, tuple[Any, np.ndarray | None]] = {"slice": (train_set, slice_indices), "rest": (train_set, rest)}
+    if trainer.val_loader is not None:
+        sets["val"] = (trainer.val_loader.dataset, None)
+    entrants = {"parent": source, **{("specialist" if k == "fork" else k): m for k, m in models.items()}}
+    results = {label: {name: _evaluate(trainer, model, *where) for name, where in sets.items() if where[1] is None
+                       or len(where[1])} for label, model in entrants.items()}
+    reference = "control" if "control" in entrants else "parent"
+    table = comparing.compare(results, reference, seed=card["seed"])
+    cells = {(c["run"], c["set"]): c for c in table["cells"]}
+    slice_cell = cells.get(("specialist", "slice"))
+    gain = _points(slice_cell)
+    drops = {name: _points(cells.get(("specialist", name))) for name in sets if name != "slice"}
+    met = None
+    if gain is not None and all(d is not None for d in drops.values()):
+        met = gain >= card["min_slice_gain_pt"] and all(d >= -card["max_other_drop_pt"] for d in drops.values()
+                                                        if d is not None)
+    return {"comparison": table, "reference": reference,
+            "verdict": {"met": met, "slice_gain_pt": gain, "other_change_pt": drops,
+                        "criterion": {"min_slice_gain_pt": card["min_slice_gain_pt"],
+                                      "max_other_drop_pt": card["max_other_drop_pt"]}}}
+
+
+def _points(cell: Mapping[str, Any] | None) -> float | None:
+    diff = (cell or {}).get("diff") or {}
+    accuracy = diff.get("accuracy")
+    return None if accuracy is None else float(accuracy["value"]) * 100.0
+
+
+def _evaluate(trainer: Any, model: nn.Module, dataset: Any, indices: np.ndarray | None) -> comparing.PerSample:
+    loader = trainer.train_loader.original
+    return comparing.evaluate_set(model, dataset, indices, loss=trainer.loss, spec=trainer.spec,
+                                  device=trainer.device, batch_size=max(loader.batch_size or 1, 256),
+                                  collate_fn=loader.collate_fn, autocast=trainer._autocast)
+
+
+def compare_runs(trainer: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The "compare" command: the runs' models (the live parent's current weights, forks kept in
+    this process, else a run's newest checkpoint) evaluated paired on the sets."""
+    run = trainer.run
+    run.session.flush()
+    reader = SessionReader(run.session.dir)
+    if args["reference"] not in args["runs"]:
+        raise ConfigError(f"reference: run {args['reference']} is not one of the compared runs {args['runs']}")
+    dataset = trainer.train_loader.original.dataset
+    sets: dict[str, tuple[Any, np.ndarray | None]] = {}
+    for name in args["sets"]:
+        if name in ("val", "test"):
+            loader = trainer.val_loader if name == "val" else trainer.test_loader
+            if loader is None:
+                raise ConfigError(f"sets: this run has no {name}_loader")
+            sets[name] = (loader.dataset, None)
+        else:
+            sets[name] = (dataset, np.asarray(reader.slice_indices(reader.slice(name)), dtype=np.int64))
+    models = {run_id: _model_of(trainer, reader, run_id) for run_id in args["runs"]}
+    with isolated_rng():
+        results = {str(run_id): {name: _evaluate(trainer, model, *where) for name, where in sets.items()}
+                   for run_id, model in models.items()}
+    table = comparing.compare(results, str(args["reference"]), n_boot=args["n_boot"], seed=args["seed"])
+    table["names"] = {str(r["id"]): r["name"] for r in reader.runs() if r["id"] in args["runs"]}
+    return table
+
+
+def _model_of(trainer: Any, reader: SessionReader, run_id: int) -> nn.Module:
+    if run_id == trainer.run.run_id:
+        return trainer.model  # evaluate() restores its mode; nothing else is touched
+    if run_id in getattr(trainer, "forks", {}):
+        return trainer.forks[run_id]
+    checkpoints = reader.checkpoints(run_id)
+    if not checkpoints:
+        raise ConfigError(f"runs: run {run_id} has no checkpoint and is not in this process")
+    tensors, _ = read_checkpoint(checkpoints[-1]["path"])
+    model = copy.deepcopy(trainer.model)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ConfigError(f"runs: run {run_id}'s checkpoint does not fit this model ({exc})") from None
+    return model

@@ -1,0 +1,117 @@
+"""Plan cards: every consequential action is first a card a person reads, edits and approves.
+
+A card says what will happen, on which data, from which checkpoint, with which hyperparameters,
+budget and seed, and the success criterion stated beforehand, with the sets it will be judged
+on. Its fields are declared once, here (pydantic), so the Python API, the HTTP API and the
+dashboard's types cannot disagree on a field or a bound. A card moves through
+
+    proposed --(edit)--> proposed --approve--> approved --(training thread)--> running --> done | failed
+            \\--discard--> discarded
+
+Cards live in the session's database (they export and import with it). Checks that need the
+session (the slice exists and is not empty, the run and checkpoint exist) run when a card is
+proposed, edited and approved; a refusal names the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from ..engine.control import Wording, check_fields
+from ..errors import ConfigError, NotFoundError, StateError
+from ..store.reader import SessionReader
+from ..strict import StrictModel
+
+__all__ = ["CARD_KINDS", "ForkCard", "check_card", "edit_card", "plan_out"]
+
+Name = Annotated[str, Wording("a name of letters, digits, spaces, '-', '_' or '.' (at most 64)")]
+
+
+class ForkCard(StrictModel):
+    """Fork a specialist from a run (its current step or one of its checkpoints), trained for a
+    short budget on a slice, and (by default) a matched control on all the data with the same
+    budget, seed and hyperparameters, so that the comparison isolates the slice's emphasis."""
+
+    kind: Literal["fork"]
+    name: Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.\-]+$",
+                       description="the specialist run's name (the control is '<name> control')")
+    run_id: int = Field(ge=1, le=2**31, description="the parent run")
+    checkpoint_id: Annotated[int | None, Wording(omitted="the parent's weights at the step it is applied")] = Field(
+        default=None, ge=1, le=2**31, description="fork from this checkpoint (default: the parent's current step)")
+    slice: str = Field(min_length=1, max_length=64, description="the saved slice to specialise on")
+    mix: Literal["slice", "oversample"] = Field(
+        default="slice", description="train on the slice only, or on all data with the slice oversampled")
+    ratio: float = Field(default=0.5, gt=0.0, lt=1.0, allow_inf_nan=False,
+                         description="with mix='oversample': the slice's expected share of each batch")
+    budget: int = Field(default=1, ge=1, le=1_000_000, description="how long the fork trains, in budget_unit")
+    budget_unit: Literal["epochs", "steps"] = Field(default="epochs", description="what budget counts")
+    lr: float = Field(gt=0.0, le=10.0, allow_inf_nan=False, description="learning rate")
+    weight_decay: Annotated[float | None, Wording(omitted="the parent's")] = Field(
+        default=None, ge=0.0, le=10.0, allow_inf_nan=False, description="weight decay (default: the parent's)")
+    batch_size: Annotated[int | None, Wording(omitted="the parent loader's")] = Field(
+        default=None, ge=1, le=1_000_000, description="batch size (default: the parent loader's)")
+    trains: Literal["all", "head", "adapters"] = Field(
+        default="all", description="all parameters, the last layer only, or low-rank adapters on nn.Linear")
+    rank: int = Field(default=4, ge=1, le=1024, description="with trains='adapters': the adapters' rank")
+    seed: int = Field(default=0, ge=0, le=2**31, description="seed of the fork's data order and initialisation")
+    control: bool = Field(default=True, description="also fork a matched control on all the data")
+    min_slice_gain_pt: float = Field(
+        default=0.0, ge=-100.0, le=100.0, allow_inf_nan=False,
+        description="success: slice accuracy at least this many points above the reference's")
+    max_other_drop_pt: float = Field(
+        default=1.0, ge=0.0, le=100.0, allow_inf_nan=False,
+        description="success: accuracy on the rest of the data and on validation at most this many points below")
+
+
+CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard}
+CARD_KINDS = tuple(CARDS)
+
+
+def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]:
+    """The card checked: fields (types and bounds), then against the session. Returns it with
+    every default filled in (and ``kind``); raises ConfigError naming the field."""
+    kind = card.get("kind")
+    model = CARDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ConfigError(f"kind must be one of {', '.join(repr(k) for k in CARD_KINDS)}, got {kind!r}")
+    checked = {"kind": kind, **check_fields(model, card, what=f"a {kind} card")}
+    runs = {r["id"]: r for r in reader.runs()}
+    if checked["run_id"] not in runs:
+        raise ConfigError(f"run_id {checked['run_id']} is not a run of this session (its runs: "
+                          f"{', '.join(map(str, runs)) or 'none'})")
+    if checked.get("checkpoint_id") is not None:
+        try:
+            found = reader.checkpoint(checked["checkpoint_id"])
+        except NotFoundError as exc:
+            raise ConfigError(f"checkpoint_id: {exc}") from None
+        if found["run_id"] != checked["run_id"]:
+            raise ConfigError(f"checkpoint_id {checked['checkpoint_id']} belongs to run {found['run_id']}, "
+                              f"not to run {checked['run_id']}")
+    try:
+        saved = reader.slice(checked["slice"])
+    except NotFoundError as exc:
+        raise ConfigError(f"slice: {exc}") from None
+    if saved["count"] == 0:
+        raise ConfigError(f"slice {checked['slice']!r} is empty: a fork needs samples to specialise on")
+    names = {r["name"] for r in runs.values()}
+    if checked["name"] in names:
+        raise ConfigError(f"name {checked['name']!r} is taken by a run of this session; pick another")
+    return checked
+
+
+def edit_card(reader: SessionReader, plan: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A proposed card with ``changes`` applied, checked again."""
+    if plan["status"] != "proposed":
+        raise StateError(f"plan card {plan['id']} is {plan['status']}: only a proposed card can be edited")
+    if "kind" in changes and changes["kind"] != plan["kind"]:
+        raise ConfigError(f"kind cannot change (the card is a {plan['kind']} card)")
+    return check_card(reader, {**plan["card"], **changes})
+
+
+def plan_out(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """A card's record as the API gives it."""
+    return {key: plan[key] for key in ("id", "kind", "status", "card", "result", "error", "runs", "source",
+                                       "created", "updated")}
