@@ -17,7 +17,7 @@ from conftest import toy_data, toy_model
 from onthefly.actions import fork as forking
 from onthefly.actions import slices as slicing
 from onthefly.actions.adapters import LowRankAdapter
-from onthefly.errors import ConfigError, StateError
+from onthefly.errors import ConfigError, OnTheFlyError, StateError
 from onthefly.store import open_session
 
 CARD = {"kind": "fork", "name": "specialist", "run_id": 1, "slice": "hard", "lr": 0.05, "budget": 2,
@@ -150,7 +150,7 @@ def test_invalid_cards_are_refused_naming_the_field(tmp_path: Path) -> None:
                 "empty": {"slice": "nothing"}, "unit": {"budget_unit": "hours"}, "extra": {"colour": "red"},
                 "taken": {"name": "generalist"},
             }.items():
-                with pytest.raises(ConfigError) as info:
+                with pytest.raises(OnTheFlyError) as info:
                     forking.propose(run, {**CARD, **changes})
                 refusals[label] = str(info.value)
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 
 import onthefly
 from live_server import LiveSession, live, make_trainer
-from onthefly.engine.control import COMMAND_KINDS, COMMANDS, AnyCommand, ClusterArgs
+from onthefly.engine.control import COMMAND_KINDS, COMMANDS, AnyCommand, ClusterArgs, CompareArgs
 from onthefly.server import models
 from onthefly.server.app import create_app
 
@@ -62,7 +62,10 @@ def test_the_document_describes_every_endpoint() -> None:
         "POST /api/slices", "GET /api/slices/{name}", "DELETE /api/slices/{name}", "POST /api/slices/{name}/exports",
         "GET /api/exports/{export_id}", "GET /api/exports/{export_id}/file", "POST /api/session/archives",
         "GET /api/session/archives/{archive_id}", "GET /api/session/archives/{archive_id}/file",
-        "GET /api/session/report",
+        "GET /api/session/report", "GET /api/plans", "GET /api/plans/{plan_id}", "POST /api/plans",
+        "PATCH /api/plans/{plan_id}", "POST /api/plans/{plan_id}/discard", "POST /api/plans/{plan_id}/approve",
+        "GET /api/lineage", "POST /api/runs/{run_id}/comparisons", "GET /api/comparisons",
+        "GET /api/comparisons/{comparison_id}",
     }
 
 
@@ -107,14 +110,17 @@ def test_the_command_bodies_are_the_engines_models() -> None:
     assert models.CommandBody is AnyCommand
     outside = get_args(get_args(AnyCommand)[0])  # the union's models
     mapping = request_schema("/api/runs/{run_id}/commands")["discriminator"]["mapping"]
-    # Every command the queue takes but "export", which only the server sends (for
-    # POST /api/slices/{name}/exports): a page cannot name an export's file itself.
-    assert list(mapping) == [kind for kind in COMMAND_KINDS if kind != "export"]
+    # Every command the queue takes but those only the server sends: "export" (for
+    # POST /api/slices/{name}/exports: a page cannot name an export's file itself),
+    # "execute_plan" (POST /api/plans/{id}/approve: a card is approved, not executed) and
+    # "compare" (POST /api/runs/{id}/comparisons).
+    assert list(mapping) == [kind for kind in COMMAND_KINDS if kind not in ("export", "execute_plan", "compare")]
     assert [ref.rsplit("/", 1)[-1] for ref in mapping.values()] == [model.__name__ for model in outside]
-    for model in (*outside, ClusterArgs):
+    for model in (*outside, ClusterArgs, CompareArgs):
         engine = model.model_json_schema(ref_template="#/components/schemas/{model}")
         assert DOCUMENT["components"]["schemas"][model.__name__] == without_nulls(engine), model.__name__
     assert request_schema("/api/runs/{run_id}/clusters") == {"$ref": "#/components/schemas/ClusterArgs"}
+    assert request_schema("/api/runs/{run_id}/comparisons") == {"$ref": "#/components/schemas/CompareArgs"}
     # Over HTTP nobody chooses where files are written: only an in-process checkpoint takes a path.
     assert "path" not in DOCUMENT["components"]["schemas"]["CheckpointCommand"]["properties"]
     assert "path" in COMMANDS["checkpoint"].model_fields

@@ -36,10 +36,13 @@ from ..signals.recorder import LABEL, LOSS, PRED
 
 __all__ = ["PerSample", "compare", "evaluate_set"]
 
-# A resample is held as a [resamples, n] matrix of draw counts: at most this many values at a time
-# (32 MiB of int64, about as much again for its float copy), so 2000 resamples of a million samples
-# never hold 16 GiB.
-CHUNK_VALUES = 1 << 22
+# Resamples are drawn in chunks held as a [resamples, n] matrix of draw counts, so that 2000
+# resamples of a million samples never hold 16 GiB. About CHUNK_VALUES counts a chunk (4 MiB of
+# int64: the scatter that counts the draws stays in cache; 8x larger chunks measured 1.2-1.5x
+# slower with 60k samples), but at least MIN_CHUNK resamples: one-row products made OpenBLAS's
+# threads spin against another process on a shared CPU, 3-5x slower.
+CHUNK_VALUES = 1 << 19
+MIN_CHUNK = 8
 EXACT_BELOW = 25  # McNemar: exact binomial test when b + c is below this, else chi-square
 
 
@@ -81,7 +84,8 @@ def evaluate_set(
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     # No shuffling: a sequential sampler, so the loader's positions are positions in ``ids``.
     loader = DataLoader(dataset if indices is None else Subset(dataset, ids.tolist()),
-                        batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+                        batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        pin_memory=device.type == "cuda")  # lets the engine's copies to the GPU not block
     received: list[tuple[np.ndarray, np.ndarray, bool]] = []
     evaluate(model, loader, loss, spec, device, autocast,
              per_sample=lambda positions, rows, classification: received.append((positions, rows, classification)))
@@ -157,8 +161,8 @@ def compare(
       All three None unless both runs are classification.
 
     Every set gets its own ``numpy.random.default_rng(seed)``, and all runs on a set share its
-    resamples: a cell's interval depends on ``seed`` and on its two runs' results alone, not on
-    which other runs or sets are compared alongside.
+    resamples: a cell's interval depends on ``seed`` and on its two runs' results alone (up to
+    floating-point rounding), not on which other runs or sets are compared alongside.
     """
     _check_options(n_boot, confidence, min_n)
     if not results:
@@ -315,30 +319,32 @@ def _paired_bootstrap(columns: list[_Column], n_boot: int, seed: int, confidence
 
     A resample draws n sample positions with replacement, the same draw for every column (so both
     runs of a difference see the same samples). It is held as counts, how many times each position
-    was drawn, so a chunk of resamples is two matrix products with all columns at once.
+    was drawn, so a chunk of resamples is one matrix product with all columns at once.
     """
     intervals: list[tuple[float | None, float | None]] = [(None, None)] * len(columns)
     chosen = [i for i, column in enumerate(columns) if column.interval]
     if not chosen:
         return intervals
-    values = np.stack([columns[i].values * columns[i].weights for i in chosen], axis=1)  # [n, k]
-    weights = np.stack([columns[i].weights for i in chosen], axis=1)
-    n = values.shape[0]
+    # [n, 2k]: the weighted values of the k columns, then their weights
+    stacked = np.stack([columns[i].values * columns[i].weights for i in chosen]
+                       + [columns[i].weights for i in chosen], axis=1)
+    n, k = stacked.shape[0], len(chosen)
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, CHUNK_VALUES // n))
+    chunk = min(n_boot, max(MIN_CHUNK, CHUNK_VALUES // n))
     means: list[np.ndarray] = []
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
         drawn = rng.integers(0, n, size=(rows, n))
-        # counts[r, i] = times position i was drawn in resample r (offsets keep resamples apart)
-        counts = np.bincount((drawn + (np.arange(rows) * n)[:, None]).ravel(), minlength=rows * n)
-        counts = counts.reshape(rows, n).astype(np.float64)
+        drawn += (np.arange(rows) * n)[:, None]  # offsets keep the resamples' positions apart
+        # counts[r, i]: how many times resample r drew position i
+        counts = np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+        sums = counts @ stacked  # one pass over the counts for every column
         with np.errstate(invalid="ignore", divide="ignore"):  # a resample may miss every kept sample
-            means.append((counts @ values) / (counts @ weights))
+            means.append(sums[:, :k] / sums[:, k:])
     tail = (1.0 - confidence) / 2.0
     low, high = np.nanquantile(np.concatenate(means), [tail, 1.0 - tail], axis=0)
-    for k, i in enumerate(chosen):
-        intervals[i] = (float(low[k]), float(high[k]))
+    for j, i in enumerate(chosen):
+        intervals[i] = (float(low[j]), float(high[j]))
     return intervals
 
 

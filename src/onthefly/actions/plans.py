@@ -72,33 +72,35 @@ CARD_KINDS = tuple(CARDS)
 
 def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]:
     """The card checked: fields (types and bounds), then against the session. Returns it with
-    every default filled in (and ``kind``); raises ConfigError naming the field."""
+    every default filled in (and ``kind``). Raises, naming the field: ConfigError (a wrong
+    field), NotFoundError (it names what the session lacks), StateError (it conflicts with it)."""
     kind = card.get("kind")
     model = CARDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise ConfigError(f"kind must be one of {', '.join(repr(k) for k in CARD_KINDS)}, got {kind!r}")
     checked = {"kind": kind, **check_fields(model, card, what=f"a {kind} card")}
     runs = {r["id"]: r for r in reader.runs()}
+    # Fields that name something the session lacks: 404; that conflict with it: 409.
     if checked["run_id"] not in runs:
-        raise ConfigError(f"run_id {checked['run_id']} is not a run of this session (its runs: "
+        raise NotFoundError(f"run_id {checked['run_id']} is not a run of this session (its runs: "
                           f"{', '.join(map(str, runs)) or 'none'})")
     if checked.get("checkpoint_id") is not None:
         try:
             found = reader.checkpoint(checked["checkpoint_id"])
         except NotFoundError as exc:
-            raise ConfigError(f"checkpoint_id: {exc}") from None
+            raise NotFoundError(f"checkpoint_id: {exc}") from None
         if found["run_id"] != checked["run_id"]:
-            raise ConfigError(f"checkpoint_id {checked['checkpoint_id']} belongs to run {found['run_id']}, "
+            raise StateError(f"checkpoint_id {checked['checkpoint_id']} belongs to run {found['run_id']}, "
                               f"not to run {checked['run_id']}")
     try:
         saved = reader.slice(checked["slice"])
     except NotFoundError as exc:
-        raise ConfigError(f"slice: {exc}") from None
+        raise NotFoundError(f"slice: {exc}") from None
     if saved["count"] == 0:
-        raise ConfigError(f"slice {checked['slice']!r} is empty: a fork needs samples to specialise on")
+        raise StateError(f"slice {checked['slice']!r} is empty: a fork needs samples to specialise on")
     names = {r["name"] for r in runs.values()}
     if checked["name"] in names:
-        raise ConfigError(f"name {checked['name']!r} is taken by a run of this session; pick another")
+        raise StateError(f"name {checked['name']!r} is taken by a run of this session; pick another")
     return checked
 
 

@@ -254,7 +254,7 @@ class RunChannel:
 
 # What the server asks of the session's one writer: the training process's store through the
 # channel, or, with no training process (``onthefly open``), the serving process's own.
-STORE_OPS = frozenset({"save_slice", "delete_slice", "flush"})
+STORE_OPS = frozenset({"save_slice", "delete_slice", "save_plan", "update_plan", "flush"})
 
 
 def store_request(session: Any, message: dict[str, Any]) -> Any:
@@ -266,6 +266,12 @@ def store_request(session: Any, message: dict[str, Any]) -> Any:
         return record
     if op == "delete_slice":
         session.delete_slice(int(message["slice_id"]), str(message["path"]))
+        return None
+    if op == "save_plan":
+        return session.save_plan(kind=str(message["kind"]), card=message["card"], source=str(message["source"]))
+    if op == "update_plan":
+        fields = {k: message[k] for k in ("status", "card", "result", "error", "runs") if k in message}
+        session.update_plan(int(message["plan_id"]), **fields)
         return None
     assert op == "flush"
     session.flush()

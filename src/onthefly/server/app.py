@@ -50,6 +50,7 @@ from .models import (
     SessionOut,
     jsonable,
 )
+from .plans import plan_routes
 from .samples import evidence_routes
 
 __all__ = ["DASHBOARD_DIR", "Backend", "create_app", "openapi_document"]
@@ -335,6 +336,7 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
 
     app.include_router(evidence_routes(backend))
     app.include_router(archive_routes(backend))
+    app.include_router(plan_routes(backend))
 
     # ---- live stream ------------------------------------------------------------------------
     @app.websocket("/api/stream")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from ..actions.plans import ForkCard
 from ..actions.slices import SLICE_NAME, SliceDefinition
 from ..engine.control import AnyCommand, ClusterArgs
 from ..strict import StrictModel
@@ -20,13 +21,19 @@ __all__ = [
     "ClusteringOut",
     "CommandAccepted",
     "CommandBody",
+    "ComparisonOut",
     "Distribution",
     "EventOut",
     "EventPage",
     "ExportCreate",
     "ExportOut",
     "HardSamples",
+    "LineageEdge",
+    "LineageNode",
+    "LineageOut",
     "MetricsOut",
+    "PlanApproved",
+    "PlanOut",
     "Problem",
     "RunInfo",
     "SampleHistory",
@@ -288,6 +295,55 @@ class ArchiveOut(BaseModel):
         default=None, description="the final model in the archive (None: the session saved no checkpoint)")
     error: str | None = None
     note: str | None = None
+
+
+class PlanOut(BaseModel):
+    id: int
+    kind: Literal["fork"]
+    status: Literal["proposed", "approved", "running", "done", "failed", "discarded"]
+    card: ForkCard
+    result: dict[str, Any] | None = Field(default=None, description="what came of it, against its criterion")
+    error: str | None = None
+    runs: list[int] = Field(description="the runs it made")
+    source: str = Field(description="who proposed it: user or autofork")
+    created: float
+    updated: float
+
+
+class PlanApproved(BaseModel):
+    plan: PlanOut
+    command: CommandAccepted = Field(description="the execute_plan command the run carries out at a step boundary")
+
+
+class LineageNode(BaseModel):
+    id: int
+    name: str
+    status: str
+    created: float
+    parent_id: int | None
+
+
+class LineageEdge(BaseModel):
+    child: int
+    parent: int
+    kind: str = Field(description="fork, control, resume (later: merge, gate)")
+    step: int | None = Field(description="the parent's step at the fork")
+    checkpoint_id: int | None
+    plan_id: int | None
+
+
+class LineageOut(BaseModel):
+    nodes: list[LineageNode]
+    edges: list[LineageEdge]
+
+
+class ComparisonOut(BaseModel):
+    id: int
+    request: dict[str, Any]
+    result: dict[str, Any] = Field(description="cells per (run, set): n, loss, accuracy, per-class accuracy, and "
+                                               "against the reference: differences with paired bootstrap intervals, "
+                                               "McNemar's test, samples fixed and broken")
+    created: float
 
 
 class SliceOut(BaseModel):

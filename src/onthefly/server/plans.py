@@ -1,0 +1,124 @@
+"""Plan cards, lineage and comparisons over HTTP.
+
+Cards are checked here (their fields, then against the session: the slice, the run, the
+checkpoint) and written by the session's one writer through the channel, like slices. Approving
+a card queues an ``execute_plan`` command on its run: the training process carries it out at a
+step boundary, and the card's status says how it went. A comparison is a ``compare`` command (it
+needs the runs' models); its table is stored in the session and read back here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Body, HTTPException
+
+from ..actions.plans import ForkCard, check_card, edit_card, plan_out
+from ..engine.control import CompareArgs
+from .models import CommandAccepted, ComparisonOut, LineageOut, PlanApproved, PlanOut, Problem
+
+__all__ = ["plan_routes"]
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "not in this session"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "not possible now"}}
+BAD: dict[int | str, dict[str, Any]] = {400: {"model": Problem, "description": "a field is wrong (named)"}}
+
+
+def plan_routes(backend: Any) -> APIRouter:
+    router = APIRouter()
+
+    def fresh() -> None:
+        if backend.link is not None or backend.store is not None:
+            backend.ask("flush")  # the runs and slices recorded so far are in the files before they are read
+
+    @router.get("/api/plans", response_model=list[PlanOut], summary="The session's plan cards, oldest first")
+    async def plans() -> list[PlanOut]:
+        return [PlanOut.model_validate(plan_out(p)) for p in await asyncio.to_thread(backend.reader.plans)]
+
+    @router.get("/api/plans/{plan_id}", response_model=PlanOut, responses=NOT_FOUND, summary="One plan card")
+    async def plan(plan_id: int) -> PlanOut:
+        return PlanOut.model_validate(plan_out(backend.reader.plan(plan_id)))
+
+    @router.post("/api/plans", response_model=PlanOut, status_code=201, responses={**BAD, **NOT_FOUND, **CONFLICT},
+                 summary="Propose a plan card (checked against the session; nothing happens until it is approved)")
+    async def propose(card: ForkCard) -> PlanOut:
+        def save() -> dict[str, Any]:
+            fresh()
+            checked = check_card(backend.reader, card.model_dump(mode="json"))
+            record: dict[str, Any] = backend.ask("save_plan", kind=checked["kind"], card=checked, source="user")
+            return record
+
+        return PlanOut.model_validate(plan_out(await asyncio.to_thread(save)))
+
+    @router.patch("/api/plans/{plan_id}", response_model=PlanOut, responses={**BAD, **NOT_FOUND, **CONFLICT},
+                  summary="Edit fields of a proposed card (the whole card is checked again)")
+    async def edit(plan_id: int, changes: dict[str, Any] = Body(  # noqa: B008 - FastAPI's way to take a body
+            description="the fields to change, e.g. {\"lr\": 0.01, \"budget\": 2}")) -> PlanOut:
+        def save() -> dict[str, Any]:
+            fresh()
+            card = edit_card(backend.reader, backend.reader.plan(plan_id), changes)
+            backend.ask("update_plan", plan_id=plan_id, card=card)
+            return backend.reader.plan(plan_id)
+
+        return PlanOut.model_validate(plan_out(await asyncio.to_thread(save)))
+
+    @router.post("/api/plans/{plan_id}/discard", response_model=PlanOut, responses={**NOT_FOUND, **CONFLICT},
+                 summary="Discard a proposed card")
+    async def discard(plan_id: int) -> PlanOut:
+        def save() -> dict[str, Any]:
+            found = backend.reader.plan(plan_id)
+            if found["status"] != "proposed":
+                raise HTTPException(409, f"plan card {plan_id} is {found['status']}: only a proposed card can be "
+                                         "discarded")
+            backend.ask("update_plan", plan_id=plan_id, status="discarded")
+            return backend.reader.plan(plan_id)
+
+        return PlanOut.model_validate(plan_out(await asyncio.to_thread(save)))
+
+    @router.post("/api/plans/{plan_id}/approve", response_model=PlanApproved, status_code=202,
+                 responses={**BAD, **NOT_FOUND, **CONFLICT},
+                 summary="Approve a proposed card: its run carries it out at its next step boundary")
+    async def approve(plan_id: int) -> PlanApproved:
+        def go() -> dict[str, Any]:
+            fresh()
+            found = backend.reader.plan(plan_id)
+            if found["status"] != "proposed":
+                raise HTTPException(409, f"plan card {plan_id} is {found['status']}: only a proposed card can be "
+                                         "approved")
+            card = check_card(backend.reader, found["card"])
+            backend.ask("update_plan", plan_id=plan_id, status="approved")
+            try:
+                accepted = backend.command(card["run_id"], "execute_plan", {"plan_id": plan_id})
+            except BaseException:
+                backend.ask("update_plan", plan_id=plan_id, status="proposed")  # nothing will carry it out
+                raise
+            return {"plan": plan_out(backend.reader.plan(plan_id)), "command": accepted}
+
+        return PlanApproved.model_validate(await asyncio.to_thread(go))
+
+    @router.get("/api/lineage", response_model=LineageOut,
+                summary="The session's runs as a graph: forks (and resumes) as edges with their steps and cards")
+    async def lineage() -> LineageOut:
+        return LineageOut.model_validate(await asyncio.to_thread(backend.reader.lineage))
+
+    @router.post("/api/runs/{run_id}/comparisons", response_model=CommandAccepted, status_code=202,
+                 responses={**BAD, **NOT_FOUND, **CONFLICT},
+                 summary="Compare runs on slices, validation and test, paired, against a reference run; carried "
+                         "out by run_id's training process (the result: a 'comparison' event, then "
+                         "GET /api/comparisons/{id})")
+    async def compare(run_id: int, body: CompareArgs) -> CommandAccepted:
+        accepted: CommandAccepted = await asyncio.to_thread(backend.command, run_id, "compare",
+                                                            body.model_dump(mode="json"))
+        return accepted
+
+    @router.get("/api/comparisons", response_model=list[ComparisonOut], summary="Every comparison of the session")
+    async def comparisons() -> list[ComparisonOut]:
+        return [ComparisonOut.model_validate(c) for c in await asyncio.to_thread(backend.reader.comparisons)]
+
+    @router.get("/api/comparisons/{comparison_id}", response_model=ComparisonOut, responses=NOT_FOUND,
+                summary="One comparison's table")
+    async def comparison(comparison_id: int) -> ComparisonOut:
+        return ComparisonOut.model_validate(await asyncio.to_thread(backend.reader.comparison, comparison_id))
+
+    return router

@@ -1,0 +1,88 @@
+"""Plan cards, lineage and comparisons over HTTP against a real training process: propose a fork
+card, edit it, approve it; the specialist and its control train and appear in the lineage; a
+comparison of parent, control and specialist comes back with paired intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from live_server import LiveSession, live, make_trainer
+from onthefly.actions import fork as forking
+
+
+@pytest.fixture
+def idle() -> Iterator[LiveSession]:
+    for session in live(make_trainer(wait_for_run=True), 2):
+        forking.attach(session.trainer, on_child=session.server.add_run)
+        session.bus.wait_for(lambda e: e.kind == "waiting", "the run waiting for 'run'")
+        session.accepted("run")
+        session.status_event("idle")
+        yield session
+
+
+def card(**changes: Any) -> dict[str, Any]:
+    return {"kind": "fork", "name": "tail", "run_id": 1, "slice": "tail", "lr": 0.05, "budget": 1, "seed": 1,
+            **changes}
+
+
+def test_a_fork_card_from_proposal_to_lineage_and_comparison(idle: LiveSession) -> None:
+    made = idle.http.post("/api/slices", json={"name": "tail", "run_id": 1,
+                                               "definition": {"kind": "quantile_band", "low": 0.8}})
+    assert made.status_code == 201, made.text
+    proposed = idle.http.post("/api/plans", json=card())
+    assert proposed.status_code == 201, proposed.text
+    plan = proposed.json()
+    assert plan["status"] == "proposed" and plan["card"]["control"] is True and plan["card"]["trains"] == "all"
+    edited = idle.http.patch(f"/api/plans/{plan['id']}", json={"lr": 0.02, "budget": 2})
+    assert edited.status_code == 200, edited.text
+    assert (edited.json()["card"]["lr"], edited.json()["card"]["budget"]) == (0.02, 2)
+
+    approved = idle.http.post(f"/api/plans/{plan['id']}/approve")
+    assert approved.status_code == 202, approved.text
+    assert approved.json()["plan"]["status"] in ("approved", "running", "done")  # an idle run applies it at once
+    idle.wait_until(lambda: idle.get(f"/api/plans/{plan['id']}")["status"] in ("done", "failed"), "the fork")
+    done = idle.get(f"/api/plans/{plan['id']}")
+    assert done["status"] == "done", done["error"]
+    specialist, control = done["runs"]
+    assert done["result"]["verdict"]["slice_gain_pt"] is not None
+
+    lineage = idle.get("/api/lineage")
+    assert [n["id"] for n in lineage["nodes"]] == [1, specialist, control]
+    assert {(e["child"], e["kind"], e["plan_id"]) for e in lineage["edges"]} == {
+        (specialist, "fork", plan["id"]), (control, "control", plan["id"])}
+    assert idle.get(f"/api/runs/{specialist}")["status"] == "finished"
+
+    again = idle.http.post(f"/api/plans/{plan['id']}/approve")
+    assert again.status_code == 409 and "only a proposed card" in again.text
+
+    asked = idle.http.post("/api/runs/1/comparisons", json={"runs": [1, control, specialist], "reference": control,
+                                                            "sets": ["tail", "test"]})
+    assert asked.status_code == 202, asked.text
+    idle.wait_until(lambda: len(idle.get("/api/comparisons")) == 1, "the comparison")
+    (comparison,) = idle.get("/api/comparisons")
+    cells = {(c["run"], c["set"]): c for c in comparison["result"]["cells"]}
+    assert set(cells) == {(str(r), s) for r in (1, control, specialist) for s in ("tail", "test")}
+    tail = cells[(str(specialist), "tail")]
+    assert tail["n"] == idle.get("/api/slices/tail")["count"]
+    assert "diff" in tail and "mcnemar" in tail
+
+
+@pytest.mark.parametrize(("changes", "status", "message"), [
+    ({"budget": 0}, 422, "budget"),
+    ({"lr": -1}, 422, "lr"),
+    ({"slice": "nowhere"}, 404, "slice: no slice named 'nowhere'"),
+    ({"run_id": 7}, 404, "run_id 7 is not a run of this session"),
+    ({"checkpoint_id": 99}, 404, "checkpoint_id: no checkpoint 99"),
+    ({"name": "r"}, 409, "name 'r' is taken"),
+])
+def test_invalid_cards_are_refused_over_http(idle: LiveSession, changes: dict[str, Any], status: int,
+                                             message: str) -> None:
+    idle.http.post("/api/slices", json={"name": "tail", "run_id": 1,
+                                        "definition": {"kind": "quantile_band", "low": 0.8}})
+    refused = idle.http.post("/api/plans", json=card(**changes))
+    assert refused.status_code == status, refused.text
+    assert message in refused.text
+    assert idle.get("/api/plans") == []
