@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .actions import autofork as autoforking
 from .actions import cluster
 from .actions import export as exporting
 from .actions import fork as forking
@@ -107,11 +108,16 @@ def quickstart(
     port: int | None = None,
     open_browser: bool = False,
     keep_alive: bool | None = None,
+    autofork: str = "suggest",
     **options: Any,
 ) -> FitSummary:
     """Train ``model`` with On The Fly watching: per-sample loss every epoch, validation every
     epoch, a test at the end with ``do_test_after=True``, a progress bar, a short summary, and a
     live dashboard (its URL is printed; ``dashboard=False`` or ONTHEFLY_DASHBOARD=0 turns it off).
+
+    ``autofork`` ("suggest", the default; "approve"; "off"): when the loss tail stops improving
+    while the rest does, a fork card is proposed (see :mod:`onthefly.actions.autofork`); it is
+    carried out only with "approve".
 
     With a dashboard attached when training ends (or ``keep_alive=True``), the session stays up
     and waits for commands (train more, test, stop); otherwise it returns. ``options`` are
@@ -128,6 +134,7 @@ def quickstart(
     board.attach(trainer.run, wanted=dashboard, port=port, open_browser=open_browser)
     # Plan cards (forks) and comparisons: carried out by this run; children served live too.
     forking.attach(trainer, on_child=board.server.add_run if board.server is not None else None)
+    autoforking.attach(trainer, mode=autofork)  # type: ignore[arg-type]  # checked there
     summary = trainer.fit(max_epochs, do_test_after=do_test_after)  # closing the run stops the server
     if options.get("progress", True):
         print(summary, flush=True)

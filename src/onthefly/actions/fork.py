@@ -108,6 +108,7 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
             run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "failed", "error": str(exc)},
                             **_where(run))
             raise
+        result = {**(plan["result"] or {}), **result}  # keeps what it was proposed on (autofork's evidence)
         run.session.update_plan(plan_id, status="done", result=result, runs=result["runs"])
         run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "done", "runs": result["runs"],
                                           "verdict": result["verdict"]}, **_where(run))
