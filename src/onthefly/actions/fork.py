@@ -1,4 +1,5 @@
-"""Forks: a short-budget specialist on a slice, and its matched control, from a plan card.
+"""Forks: a short-budget specialist on a slice, and its matched control, from a plan card; and
+the Python API of every plan card (propose, edit, discard, approve) and their execution.
 
 An approved fork card becomes an ``execute_plan`` command that the parent run carries out at a
 step boundary, on the training thread: the parent waits there while its children train (one run
@@ -37,6 +38,7 @@ from ..errors import ConfigError, StateError
 from ..store.checkpoints import read_checkpoint
 from ..store.reader import SessionReader
 from . import compare as comparing
+from . import curate as curating
 from .adapters import add_adapters, train_head_only
 from .export import isolated_rng
 from .plans import check_card, edit_card, plan_out
@@ -102,7 +104,10 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
         run.session.update_plan(plan_id, status="running")
         run.bus.publish("plan_started", {"plan_id": plan_id}, **_where(run))
         try:
-            result = _fork(trainer, plan, on_child)
+            if plan["kind"] == "curate":
+                result = curating.execute(trainer, plan)
+            else:
+                result = _fork(trainer, plan, on_child)
         except Exception as exc:
             run.session.update_plan(plan_id, status="failed", error=f"{type(exc).__name__}: {exc}")
             run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "failed", "error": str(exc)},

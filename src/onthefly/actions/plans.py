@@ -25,7 +25,7 @@ from ..errors import ConfigError, NotFoundError, StateError
 from ..store.reader import SessionReader
 from ..strict import StrictModel
 
-__all__ = ["CARD_KINDS", "ForkCard", "check_card", "edit_card", "plan_out"]
+__all__ = ["CARD_KINDS", "CurateCard", "ForkCard", "check_card", "edit_card", "plan_out"]
 
 Name = Annotated[str, Wording("a name of letters, digits, spaces, '-', '_' or '.' (at most 64)")]
 
@@ -66,7 +66,22 @@ class ForkCard(StrictModel):
         description="success: accuracy on the rest of the data and on validation at most this many points below")
 
 
-CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard}
+class CurateCard(StrictModel):
+    """Drop a slice from a run's training, reweight it, or restore it (undoing an earlier card),
+    from a step on: its samples are still drawn and recorded, their losses weigh ``weight`` (0 when
+    dropped) in what is backpropagated."""
+
+    kind: Literal["curate"]
+    run_id: int = Field(ge=1, le=2**31, description="the run whose training data is curated")
+    slice: str = Field(min_length=1, max_length=64, description="the saved slice to drop or reweight")
+    action: Literal["drop", "reweight", "restore"] = Field(description="drop, reweight, or restore to weight 1")
+    weight: float = Field(default=2.0, gt=0.0, le=100.0, allow_inf_nan=False,
+                          description="with action='reweight': each of the slice's losses counts this much")
+    from_step: Annotated[int | None, Wording(omitted="the step at which it is applied")] = Field(
+        default=None, ge=0, le=2**53, description="the first step trained with it (default: the next one)")
+
+
+CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard, "curate": CurateCard}
 CARD_KINDS = tuple(CARDS)
 
 
@@ -84,7 +99,7 @@ def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]
     if checked["run_id"] not in runs:
         raise NotFoundError(f"run_id {checked['run_id']} is not a run of this session (its runs: "
                           f"{', '.join(map(str, runs)) or 'none'})")
-    if checked.get("checkpoint_id") is not None:
+    if "checkpoint_id" in checked and checked["checkpoint_id"] is not None:
         try:
             found = reader.checkpoint(checked["checkpoint_id"])
         except NotFoundError as exc:
@@ -97,9 +112,9 @@ def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]
     except NotFoundError as exc:
         raise NotFoundError(f"slice: {exc}") from None
     if saved["count"] == 0:
-        raise StateError(f"slice {checked['slice']!r} is empty: a fork needs samples to specialise on")
+        raise StateError(f"slice {checked['slice']!r} is empty: a {kind} card needs samples to act on")
     names = {r["name"] for r in runs.values()}
-    if checked["name"] in names:
+    if "name" in checked and checked["name"] in names:
         raise StateError(f"name {checked['name']!r} is taken by a run of this session; pick another")
     return checked
 

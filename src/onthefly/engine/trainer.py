@@ -146,6 +146,10 @@ class Trainer:
         self._checked_first_step = False
         self._deferred = False  # decided at the first step (see _small_rows)
         self._zero_grad_next = True
+        # Live data curation (onthefly.actions.curate): a weight per training sample, on the
+        # device, applied to each sample's loss; None until a curation card first applies.
+        self.sample_weights: torch.Tensor | None = None
+        self._curations: list[tuple[int, np.ndarray, float, dict[str, Any]]] = []  # (from step, ...)
 
     # ---- the step ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -187,7 +191,36 @@ class Trainer:
         self._deferred = self.loss.deferrable and _small_rows(outputs) and _small_rows(targets)
         return outputs, targets, loss, None if self._deferred else per_sample
 
+    def schedule_curation(self, from_step: int, indices: np.ndarray, weight: float, note: dict[str, Any]) -> None:
+        """Training thread: from step ``from_step`` on, the losses of ``indices`` weigh ``weight``."""
+        self._curations.append((from_step, np.asarray(indices, dtype=np.int64), float(weight), note))
+        self._curations.sort(key=lambda c: c[0])
+
+    def _apply_curations(self) -> None:
+        step = self.run.global_step + 1  # the step about to be trained
+        while self._curations and self._curations[0][0] <= step:
+            _, indices, weight, note = self._curations.pop(0)
+            if self.sample_weights is None:
+                size = len(self.train_loader.original.dataset)  # type: ignore[arg-type]
+                self.sample_weights = torch.ones(size, device=self.device)
+            self.sample_weights[torch.as_tensor(indices, device=self.device)] = weight
+            self.run.bus.publish("curation_applied", {**note, "weight": weight, "samples": int(indices.size),
+                                                      "from_step": step}, run_id=self.run.run_id, step=step - 1,
+                                 epoch=self.run.epoch)
+
+    def _curated_forward(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
+        """The forward pass with each sample's loss weighed by its curation weight. The batch's
+        indices go to the device without a wait."""
+        assert self.sample_weights is not None and self.run._indices is not None
+        outputs, targets = self.spec.forward(self.model, batch)
+        index = torch.as_tensor(np.asarray(self.run._indices, dtype=np.int64)).to(self.device, non_blocking=True)
+        loss, per_sample = self.loss.weighted(outputs, targets, batch_size_of(outputs, targets),
+                                              self.sample_weights[index])
+        return outputs, targets, loss, per_sample
+
     def _train_step(self, batch: Any, boundary: bool) -> None:
+        if self._curations:
+            self._apply_curations()
         lr = host_lr(self.optimizer.param_groups[0]["lr"])  # the rate this step uses, before a scheduler step
         if self._zero_grad_next:
             # At the start of an accumulation window, right before the forward pass, as in the
@@ -197,6 +230,8 @@ class Trainer:
             self._zero_grad_next = False
         batch = to_device(batch, self.device, self.non_blocking)
         forward = self._forward_and_loss if self._checked_first_step else self._first_forward
+        if self.sample_weights is not None and self._checked_first_step and self.run._indices is not None:
+            forward = self._curated_forward  # curated: every sample's loss, weighed
         with self._autocast():
             outputs, targets, loss, per_sample = forward(batch)
         scaled = loss / self.accumulate if self.accumulate > 1 else loss

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from ..actions.plans import ForkCard
+from ..actions.plans import CurateCard, ForkCard
 from ..actions.slices import SLICE_NAME, SliceDefinition
 from ..engine.control import AnyCommand, ClusterArgs
 from ..strict import StrictModel
@@ -299,9 +299,9 @@ class ArchiveOut(BaseModel):
 
 class PlanOut(BaseModel):
     id: int
-    kind: Literal["fork"]
+    kind: Literal["fork", "curate"]
     status: Literal["proposed", "approved", "running", "done", "failed", "discarded"]
-    card: ForkCard
+    card: ForkCard | CurateCard = Field(discriminator="kind")
     result: dict[str, Any] | None = Field(default=None, description="what came of it, against its criterion")
     error: str | None = None
     runs: list[int] = Field(description="the runs it made")

@@ -10,11 +10,12 @@ needs the runs' models); its table is stored in the session and read back here.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException
+from pydantic import Field
 
-from ..actions.plans import ForkCard, check_card, edit_card, plan_out
+from ..actions.plans import CurateCard, ForkCard, check_card, edit_card, plan_out
 from ..engine.control import CompareArgs
 from .models import CommandAccepted, ComparisonOut, LineageOut, PlanApproved, PlanOut, Problem
 
@@ -42,7 +43,7 @@ def plan_routes(backend: Any) -> APIRouter:
 
     @router.post("/api/plans", response_model=PlanOut, status_code=201, responses={**BAD, **NOT_FOUND, **CONFLICT},
                  summary="Propose a plan card (checked against the session; nothing happens until it is approved)")
-    async def propose(card: ForkCard) -> PlanOut:
+    async def propose(card: Annotated[ForkCard | CurateCard, Field(discriminator="kind")]) -> PlanOut:
         def save() -> dict[str, Any]:
             fresh()
             checked = check_card(backend.reader, card.model_dump(mode="json"))

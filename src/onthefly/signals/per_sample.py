@@ -91,6 +91,16 @@ class PerSampleLoss:
         return values.mean(), values.detach()
 
 
+    def weighted(self, outputs: Any, targets: Any, batch: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, per-sample values): each sample's loss times its weight, a mean
+        over the weights (a sum for a loss reduced by sum). For curated training."""
+        fn = self._unreduced if self._unreduced is not None else self.loss_fn
+        values = _per_row(fn(outputs, targets), batch)
+        total = (values.float() * weights).sum()
+        loss = total if self.reduction == "sum" else total / weights.sum().clamp_min(1e-12)
+        return loss, values.detach()
+
+
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()

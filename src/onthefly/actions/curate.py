@@ -1,0 +1,41 @@
+"""Live data curation: a plan card drops a slice from a run's training, reweights it, or
+restores it, from a step on.
+
+The samples stay in the loader (the sample order, and so every other sample's trajectory, is
+unchanged) and are still recorded; what changes is how much each one's loss weighs in what is
+backpropagated: 0 when dropped, the card's weight when reweighted, 1 again when restored. The
+card is recorded with the step it takes effect at (a ``curation_applied`` event), so the curves
+show where it began, and another card undoes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..store.reader import SessionReader
+
+__all__ = ["WEIGHTS", "execute"]
+
+WEIGHTS = {"drop": 0.0, "restore": 1.0}  # "reweight": the card's weight
+
+
+def execute(trainer: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """Training thread, at a step boundary: schedule the card's weights from its step on."""
+    run, card = trainer.run, plan["card"]
+    if card["run_id"] != run.run_id:
+        raise ConfigError(f"run_id: this card curates run {card['run_id']}, but it was sent to run {run.run_id}")
+    run.session.flush()
+    reader = SessionReader(run.session.dir)
+    indices = np.asarray(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)
+    n = len(trainer.train_loader.original.dataset)
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        raise ConfigError(f"slice {card['slice']!r} holds indices outside the training dataset (0..{n - 1})")
+    weight = WEIGHTS.get(card["action"], card["weight"])
+    from_step = max(card["from_step"] or 0, run.global_step + 1)
+    trainer.schedule_curation(from_step, indices, weight, {"plan_id": plan["id"], "slice": card["slice"],
+                                                           "action": card["action"]})
+    return {"runs": [], "samples": int(indices.size), "weight": weight, "from_step": from_step,
+            "verdict": {"met": None, "scheduled_from_step": from_step}}
