@@ -37,6 +37,7 @@ class Curate(onthefly.Callback):
     def on_epoch_end(self, run: onthefly.Run) -> None:
         self.weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
         if run.epoch == 0:
+            run.recorder.wait_idle()
             slicing.save_slice(run.session, "everything", run.run_id, {"kind": "quantile_band", "low": 0.0})
             forking.approve(run, forking.propose(run, {"kind": "curate", "run_id": run.run_id,
                                                        "slice": "everything", "action": "drop"})["id"])
@@ -84,6 +85,7 @@ def test_a_curation_card_from_a_later_step_waits_for_it() -> None:
     class Later(onthefly.Callback):
         def on_epoch_end(self, run: onthefly.Run) -> None:
             if run.epoch == 0:
+                run.recorder.wait_idle()
                 slicing.save_slice(run.session, "tail", run.run_id, {"kind": "quantile_band", "low": 0.5})
                 plan = forking.propose(run, {"kind": "curate", "run_id": run.run_id, "slice": "tail",
                                              "action": "reweight", "weight": 3.0, "from_step": 20})

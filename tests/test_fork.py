@@ -50,6 +50,7 @@ class ForkAt(onthefly.Callback):
             run.session.flush()
             self.checkpoint_id = open_session(run.session.dir).checkpoints()[-1]["id"]
         if run.epoch == self.epoch and self.plan_id is None:
+            run.recorder.wait_idle()  # the epoch's rows are with the store before the slice reads them
             slicing.save_slice(run.session, "hard", run.run_id, {"kind": "quantile_band", "low": 0.8})
             card = dict(self.card, run_id=run.run_id)
             if self.checkpoint_id is not None:
@@ -88,11 +89,14 @@ def test_a_fork_trains_specialist_and_control_and_the_parent_goes_on_exactly() -
     trained = reader.samples(specialist)
     assert set(trained.column("index").to_pylist()) == hard
     assert trained.num_rows == 2 * len(hard)
-    assert reader.samples(control).num_rows == 2 * 256
+    assert reader.samples(control).num_rows == 2 * len(hard)  # the same budget, drawn from all the data
+    assert len(set(reader.samples(control).column("index").to_pylist()) - hard) > 0
     result = plan["result"]
     assert result["reference"] == "control"
     verdict = result["verdict"]
     assert verdict["met"] in (True, False) and verdict["slice_gain_pt"] is not None
+    assert verdict["others_judged_on"] == ["val"]
+    assert 0 < result["first_step_seconds"] < result["seconds"]
     assert {c["set"] for c in result["comparison"]["cells"]} == {"slice", "rest", "val"}
     assert [e["payload"]["status"] for e in reader.events(kind="plan_finished")] == ["done"]
 
@@ -142,6 +146,7 @@ def test_invalid_cards_are_refused_naming_the_field(tmp_path: Path) -> None:
 
     class Try(onthefly.Callback):
         def on_epoch_end(self, run: onthefly.Run) -> None:
+            run.recorder.wait_idle()  # the epoch's rows are with the store
             slicing.save_slice(run.session, "hard", run.run_id, {"kind": "quantile_band", "low": 0.8})
             slicing.save_slice(run.session, "nothing", run.run_id, {"kind": "label", "label": 99})
             for label, changes in {
@@ -173,6 +178,7 @@ def test_cards_are_edited_discarded_and_never_approved_twice() -> None:
 
     class Cards(onthefly.Callback):
         def on_epoch_end(self, run: onthefly.Run) -> None:
+            run.recorder.wait_idle()  # the epoch's rows are with the store
             slicing.save_slice(run.session, "hard", run.run_id, {"kind": "quantile_band", "low": 0.8})
             plan = forking.propose(run, dict(CARD, run_id=run.run_id))
             edited = forking.edit(run, plan["id"], lr=0.01, budget=1)
@@ -187,3 +193,15 @@ def test_cards_are_edited_discarded_and_never_approved_twice() -> None:
     make_trainer((Cards(),)).fit(1)
     assert (seen["edited"]["lr"], seen["edited"]["budget"]) == (0.01, 1)
     assert seen["status"] == "discarded"
+
+
+def test_the_report_shows_the_plan_cards_lineage_and_comparison(tmp_path: Path) -> None:
+    from onthefly.actions.report import write_report
+
+    fork = ForkAt(0, CARD)
+    trainer = make_trainer((fork,))
+    trainer.fit(1)
+    html = write_report(open_session(trainer.run.session.dir), tmp_path / "r.html").read_text()
+    for section in ('id="plans"', 'id="lineage-edges"', 'id="comparisons"'):
+        assert section in html
+    assert "specialist control" in html and "fork" in html and "reference" in html

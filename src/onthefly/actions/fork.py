@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from ..engine.callbacks import Callback
 from ..errors import ConfigError, StateError
 from ..store.checkpoints import read_checkpoint
 from ..store.reader import SessionReader
@@ -108,6 +109,8 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
                 result = curating.execute(trainer, plan)
             else:
                 result = _fork(trainer, plan, on_child)
+                result["comparison_id"] = run.session.save_comparison(
+                    {"plan_id": plan_id, "runs": result["runs"], "judging": True}, result["comparison"])
         except Exception as exc:
             run.session.update_plan(plan_id, status="failed", error=f"{type(exc).__name__}: {exc}")
             run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "failed", "error": str(exc)},
@@ -143,7 +146,7 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
     run.recorder.flush()  # the parent's rows so far are in the store before the children add theirs
     run.session.flush()
     reader = SessionReader(run.session.dir)
-    slice_indices = np.asarray(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)
+    slice_indices = np.array(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)  # writable
     if card["checkpoint_id"] is not None:
         tensors, _ = read_checkpoint(reader.checkpoint(card["checkpoint_id"])["path"])
         fork_step = reader.checkpoint(card["checkpoint_id"])["step"]
@@ -155,13 +158,15 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
     n = len(dataset)
     if slice_indices.size and (slice_indices.min() < 0 or slice_indices.max() >= n):
         raise ConfigError(f"slice {card['slice']!r} holds indices outside the training dataset (0..{n - 1})")
-    branches = [("fork", card["name"], _draws(card, slice_indices, n))]
-    if card["control"]:
-        branches.append(("control", f"{card['name']} control", _draws(card, None, n)))
+    specialist = _draws(card, slice_indices, n)
+    branches = [("fork", card["name"], specialist)]
+    if card["control"]:  # the same budget: as many draws per epoch as the specialist, from all the data
+        pool, weights, _ = _draws(card, None, n)
+        branches.append(("control", f"{card['name']} control", (pool, weights, specialist[2])))
     made: list[int] = []
     models: dict[str, nn.Module] = {}
     started = time.perf_counter()
-    first_step: dict[str, float] = {}
+    first_step: dict[str, float] = {}  # branch name -> seconds from the start of the fork to its first step
     with isolated_rng():  # the parent's random streams are exactly as they were afterwards
         for edge_kind, name, (pool, weights, per_epoch) in branches:
             _seed(card["seed"])
@@ -188,14 +193,14 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
                 run_name=name, device=trainer.device, amp=trainer.amp, grad_clip=trainer.grad_clip,
                 accumulate_grad_batches=trainer.accumulate, inputs=trainer.spec.inputs,
                 targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn, progress=False,
-                session=run.session, parent=(run.run_id, card["checkpoint_id"]))
+                session=run.session, parent=(run.run_id, card["checkpoint_id"]),
+                callbacks=(_FirstStep(first_step, name, started),))
             child.run.config.update({"plan_id": plan["id"], "fork": edge_kind, "trains": card["trains"]})
             run.session.set_run_config(child.run.run_id, child.run.config)
             run.session.add_edge(child_id=child.run.run_id, parent_id=run.run_id, kind=edge_kind, step=fork_step,
                                  checkpoint_id=card["checkpoint_id"], plan_id=plan["id"])
             if on_child is not None:
                 on_child(child.run)
-            child.run.bus.subscribe(_first_step_timer(first_step, name, started))
             child.fit(epochs)
             made.append(child.run.run_id)
             models[edge_kind] = model
@@ -207,11 +212,14 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
             "first_step_seconds": first_step.get(card["name"]), **verdict}
 
 
-def _first_step_timer(into: dict[str, float], name: str, started: float) -> Callable[[Any], None]:
-    def on_event(event: Any) -> None:
-        if event.kind == "progress" and name not in into:
-            into[name] = time.perf_counter() - started
-    return on_event
+class _FirstStep(Callback):
+    """Notes when a child's first step has been trained (seconds since the fork began)."""
+
+    def __init__(self, into: dict[str, float], name: str, started: float) -> None:
+        self.into, self.name, self.started = into, name, started
+
+    def on_step_end(self, run: Any) -> None:
+        self.into.setdefault(self.name, time.perf_counter() - self.started)
 
 
 def _seed(seed: int) -> None:
@@ -306,12 +314,15 @@ def _judge(trainer: Any, card: Mapping[str, Any], source: nn.Module, models: dic
     slice_cell = cells.get(("specialist", "slice"))
     gain = _points(slice_cell)
     drops = {name: _points(cells.get(("specialist", name))) for name in sets if name != "slice"}
+    # "Everything else" is judged on held-out data when there is some: on the training data the
+    # control, which drew those samples more often, has an in-sample advantage.
+    judged = ["val"] if "val" in sets else ["rest"]
     met = None
-    if gain is not None and all(d is not None for d in drops.values()):
-        met = gain >= card["min_slice_gain_pt"] and all(d >= -card["max_other_drop_pt"] for d in drops.values()
-                                                        if d is not None)
+    if gain is not None and all(drops[name] is not None for name in judged):
+        met = gain >= card["min_slice_gain_pt"] and all(drops[name] >= -card["max_other_drop_pt"]
+                                                        for name in judged)
     return {"comparison": table, "reference": reference,
-            "verdict": {"met": met, "slice_gain_pt": gain, "other_change_pt": drops,
+            "verdict": {"met": met, "slice_gain_pt": gain, "other_change_pt": drops, "others_judged_on": judged,
                         "criterion": {"min_slice_gain_pt": card["min_slice_gain_pt"],
                                       "max_other_drop_pt": card["max_other_drop_pt"]}}}
 

@@ -33,7 +33,9 @@ Name = Annotated[str, Wording("a name of letters, digits, spaces, '-', '_' or '.
 class ForkCard(StrictModel):
     """Fork a specialist from a run (its current step or one of its checkpoints), trained for a
     short budget on a slice, and (by default) a matched control on all the data with the same
-    budget, seed and hyperparameters, so that the comparison isolates the slice's emphasis."""
+    budget (as many steps), seed and hyperparameters, so that the comparison isolates the slice's
+    emphasis. Judged against the control: slice accuracy gain at least ``min_slice_gain_pt``,
+    validation accuracy at most ``max_other_drop_pt`` lower."""
 
     kind: Literal["fork"]
     name: Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.\-]+$",
@@ -63,7 +65,8 @@ class ForkCard(StrictModel):
         description="success: slice accuracy at least this many points above the reference's")
     max_other_drop_pt: float = Field(
         default=1.0, ge=0.0, le=100.0, allow_inf_nan=False,
-        description="success: accuracy on the rest of the data and on validation at most this many points below")
+        description="success: accuracy on validation (held out; the rest of the training data without a "
+                    "validation set) at most this many points below the reference's")
 
 
 class CurateCard(StrictModel):

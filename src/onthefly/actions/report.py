@@ -90,6 +90,9 @@ def _page(reader: SessionReader) -> str:
         ("flagged", "Hard and likely mislabelled samples", _flagged(reader, runs)),
         ("slices", "Slices", _slices(reader)),
         ("clusterings", "Clusterings", _clusterings(reader)),
+        ("plans", "Plan cards", _plans(reader)),
+        ("lineage-edges", "Lineage", _edges(reader)),
+        ("comparisons", "Comparisons", _comparisons(reader)),
         ("tests", "Tests", _tests(events)),
         ("checkpoints", "Checkpoints", _checkpoints(reader)),
         ("events", "Event log", _events(events)),
@@ -238,6 +241,44 @@ def _clusterings(reader: SessionReader) -> str:
     return _table(["id", "run", "epoch", "k", "features", "subset", "silhouette"], [
         [c["id"], c["run_id"], c["epoch"], c["k"], c["features"], c["details"].get("subset"), c["silhouette"]]
         for c in reader.clusterings()])
+
+
+def _plans(reader: SessionReader) -> str:
+    def outcome(plan: dict[str, Any]) -> str | None:
+        verdict = (plan["result"] or {}).get("verdict") or {}
+        if plan["error"]:
+            return f"failed: {plan['error']}"
+        if verdict.get("met") is None:
+            return None if not verdict else "scheduled" if "scheduled_from_step" in verdict else "no verdict"
+        gain = verdict.get("slice_gain_pt")
+        return f"{'met' if verdict['met'] else 'not met'} (slice {gain:+.1f} pt)" if gain is not None else \
+            ("met" if verdict["met"] else "not met")
+
+    return _table(["id", "kind", "status", "source", "card", "runs", "outcome"], [
+        [p["id"], p["kind"], p["status"], p["source"], _clip(json.dumps(p["card"], sort_keys=True)),
+         ", ".join(map(str, p["runs"] or [])) or None, outcome(p)] for p in reader.plans()])
+
+
+def _edges(reader: SessionReader) -> str:
+    names = {r["id"]: r["name"] for r in reader.runs()}
+    return _table(["child", "parent", "kind", "step", "checkpoint", "plan card"], [
+        [f"{e['child']} {names.get(e['child'], '')}", f"{e['parent']} {names.get(e['parent'], '')}", e["kind"],
+         e["step"], e["checkpoint_id"], e["plan_id"]] for e in reader.lineage()["edges"]])
+
+
+def _comparisons(reader: SessionReader) -> str:
+    rows = []
+    for comparison in reader.comparisons():
+        result = comparison["result"]
+        for cell in result.get("cells", []):
+            accuracy = ((cell.get("diff") or {}).get("accuracy")) if cell.get("diff") else None
+            interval = None if accuracy is None or accuracy.get("low") is None else \
+                f"{accuracy['value'] * 100:+.1f} pt [{accuracy['low'] * 100:+.1f}, {accuracy['high'] * 100:+.1f}]"
+            rows.append([comparison["id"], cell["run"], cell["set"], cell["n"], cell.get("accuracy"),
+                         "reference" if cell["run"] == result.get("reference") else interval
+                         or (cell.get("diff") or {}).get("interval_note"),
+                         (cell.get("mcnemar") or {}).get("p")])
+    return _table(["comparison", "run", "set", "n", "accuracy", "difference vs reference", "McNemar p"], rows)
 
 
 def _tests(events: list[dict[str, Any]]) -> str:
