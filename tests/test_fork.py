@@ -50,8 +50,7 @@ class ForkAt(onthefly.Callback):
             run.session.flush()
             self.checkpoint_id = open_session(run.session.dir).checkpoints()[-1]["id"]
         if run.epoch == self.epoch and self.plan_id is None:
-            run.recorder.wait_idle()  # the epoch's rows are with the store before the slice reads them
-            slicing.save_slice(run.session, "hard", run.run_id, {"kind": "quantile_band", "low": 0.8})
+            slicing.save_run_slice(run, "hard", {"kind": "quantile_band", "low": 0.8})
             card = dict(self.card, run_id=run.run_id)
             if self.checkpoint_id is not None:
                 card["checkpoint_id"] = self.checkpoint_id

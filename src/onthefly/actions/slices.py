@@ -31,7 +31,8 @@ from ..store.reader import SessionReader
 from ..store.session import SessionStore
 from ..strict import StrictModel
 
-__all__ = ["SLICE_NAME", "SliceDefinition", "delete_slice", "parse_definition", "resolve_slice", "save_slice"]
+__all__ = ["SLICE_NAME", "SliceDefinition", "delete_slice", "parse_definition", "resolve_slice", "save_run_slice",
+           "save_slice"]
 
 SLICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$"
 MAX_LISTED = 1_000_000
@@ -196,6 +197,13 @@ def save_slice(store: SessionStore, name: str, run_id: int, definition: Any, epo
     epoch, indices = resolve_slice(reader, run_id, spec, epoch, split=split)
     return store.save_slice(name=name, run_id=run_id, epoch=epoch, split=split,
                             definition=spec.model_dump(), indices=indices)
+
+
+def save_run_slice(run: Any, name: str, definition: Any, epoch: int | None = None) -> dict[str, Any]:
+    """:func:`save_slice` from the training thread of ``run`` (a callback, an epoch end): waits
+    until the rows trained so far have reached the store, so the slice sees the epoch just ended."""
+    run.recorder.wait_idle()
+    return save_slice(run.session, name, run.run_id, definition, epoch)
 
 
 def delete_slice(store: SessionStore, name: str) -> None:
