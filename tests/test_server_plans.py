@@ -61,8 +61,9 @@ def test_a_fork_card_from_proposal_to_lineage_and_comparison(idle: LiveSession) 
     asked = idle.http.post("/api/runs/1/comparisons", json={"runs": [1, control, specialist], "reference": control,
                                                             "sets": ["tail", "test"]})
     assert asked.status_code == 202, asked.text
-    idle.wait_until(lambda: len(idle.get("/api/comparisons")) == 1, "the comparison")
-    (comparison,) = idle.get("/api/comparisons")
+    idle.wait_until(lambda: len(idle.get("/api/comparisons")) == 2, "the comparison")
+    judging, comparison = idle.get("/api/comparisons")  # the card's own judging table came first
+    assert judging["request"]["plan_id"] == plan["id"] and judging["id"] == done["result"]["comparison_id"]
     cells = {(c["run"], c["set"]): c for c in comparison["result"]["cells"]}
     assert set(cells) == {(str(r), s) for r in (1, control, specialist) for s in ("tail", "test")}
     tail = cells[(str(specialist), "tail")]
