@@ -98,6 +98,8 @@ def test_a_fork_trains_specialist_and_control_and_the_parent_goes_on_exactly() -
     assert 0 < result["first_step_seconds"] < result["seconds"]
     assert {c["set"] for c in result["comparison"]["cells"]} == {"slice", "rest", "val"}
     assert [e["payload"]["status"] for e in reader.events(kind="plan_finished")] == ["done"]
+    parent_status = [e["payload"]["status"] for e in reader.events(run_id=1, kind="status")]
+    assert parent_status[:4] == ["running", "paused", "running", "finished"]  # it waited while they trained
 
 
 def test_the_same_card_twice_gives_identical_weights() -> None:

@@ -104,11 +104,16 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
             raise StateError(f"plan card {plan_id} is {plan['status']}, not approved")
         run.session.update_plan(plan_id, status="running")
         run.bus.publish("plan_started", {"plan_id": plan_id}, **_where(run))
+        status = run.controller.status
         try:
             if plan["kind"] == "curate":
                 result = curating.execute(trainer, plan)
             else:
-                result = _fork(trainer, plan, on_child)
+                run.controller.set_status("paused")  # one run trains at a time: the parent waits here
+                try:
+                    result = _fork(trainer, plan, on_child)
+                finally:
+                    run.controller.set_status(status)
                 result["comparison_id"] = run.session.save_comparison(
                     {"plan_id": plan_id, "runs": result["runs"], "judging": True}, result["comparison"])
         except Exception as exc:
