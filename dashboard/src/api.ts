@@ -10,7 +10,7 @@
 import type { components, paths } from "./generated/api-types";
 
 type Schemas = components["schemas"];
-type HttpMethod = "get" | "post" | "delete";
+type HttpMethod = "get" | "post" | "patch" | "delete";
 type Operation<P extends keyof paths, M extends HttpMethod> = NonNullable<paths[P][M]>;
 type Json<R> = R extends { content: { "application/json": infer T } } ? T : never;
 type Responses<P extends keyof paths, M extends HttpMethod> = Operation<P, M>["responses"];
@@ -85,18 +85,37 @@ export type ExportOut = Answer<"/api/exports/{export_id}">;
 export type ArchiveOut = Answer<"/api/session/archives/{archive_id}">;
 export type ArchivedCheckpoint = Schemas["ArchivedCheckpoint"];
 
+/** A fork card: what a fork will do, on which data, from where, with which hyperparameters,
+ *  budget, seed and success criterion (every field, defaults filled, as the server keeps it). */
+export type ForkCard = Schemas["ForkCard"];
+export type ForkCardField = keyof ForkCard;
+/** Any card the server takes (a fork, a curation, …). */
+export type PlanCard = Body<"/api/plans", "post">;
+/** A plan card as the session keeps it: its card, status, result (a done card's verdict) and runs. */
+export type PlanOut = Answer<"/api/plans/{plan_id}">;
+export type PlanStatus = PlanOut["status"];
+export type PlanApproved = Answer<"/api/plans/{plan_id}/approve", "post">;
+export type Lineage = Answer<"/api/lineage">;
+export type LineageNode = Schemas["LineageNode"];
+export type LineageEdge = Schemas["LineageEdge"];
+export type CompareArgs = Body<"/api/runs/{run_id}/comparisons", "post">;
+export type ComparisonOut = Answer<"/api/comparisons/{comparison_id}">;
+
 /** Query parameters; undefined ones are left out (the server's default applies). */
 type Params = Record<string, string | number | boolean | undefined>;
-type Method = "GET" | "POST" | "DELETE";
+type Method = "GET" | "POST" | "PATCH" | "DELETE";
 
-/** A request the server answered with an error status, carrying its `detail` as readable text. */
+/** A request the server answered with an error status, carrying its `detail` as readable text,
+ *  and the fields a validation error (422) names, so a form can mark them. */
 export class ApiError extends Error {
   readonly status: number;
+  readonly fields: readonly string[];
 
-  constructor(status: number, message: string) {
+  constructor(status: number, message: string, fields: readonly string[] = []) {
     super(message);
     this.name = "ApiError";
     this.status = status;
+    this.fields = fields;
   }
 }
 
@@ -210,6 +229,56 @@ export class ApiClient {
     return this.get(`/api/session/archives/${encodeURIComponent(id)}`);
   }
 
+  // ---- plan cards, lineage, comparisons ------------------------------------------------------
+
+  /** The session's plan cards, oldest first. */
+  plans(): Promise<Answer<"/api/plans">> {
+    return this.get("/api/plans");
+  }
+
+  plan(id: number): Promise<PlanOut> {
+    return this.get(`/api/plans/${id}`);
+  }
+
+  /** Propose a card: checked against the session (a refusal names the field); nothing happens
+   *  until it is approved. */
+  proposePlan(card: PlanCard): Promise<Answer<"/api/plans", "post">> {
+    return this.request("POST", "/api/plans", undefined, card);
+  }
+
+  /** Change fields of a proposed card (the whole card is checked again). */
+  editPlan(id: number, changes: Body<"/api/plans/{plan_id}", "patch">): Promise<Answer<"/api/plans/{plan_id}", "patch">> {
+    return this.request("PATCH", `/api/plans/${id}`, undefined, changes);
+  }
+
+  discardPlan(id: number): Promise<Answer<"/api/plans/{plan_id}/discard", "post">> {
+    return this.request("POST", `/api/plans/${id}/discard`);
+  }
+
+  /** Approve a proposed card: its run carries it out at its next step boundary (the card then
+   *  goes approved -> running -> done or failed). */
+  approvePlan(id: number): Promise<PlanApproved> {
+    return this.request("POST", `/api/plans/${id}/approve`);
+  }
+
+  lineage(): Promise<Lineage> {
+    return this.get("/api/lineage");
+  }
+
+  /** Ask run `runId`'s training process to compare runs: a command, whose result (the
+   *  comparison's id) comes as a `command_applied` event (and a `comparison` event). */
+  compare(runId: number, args: CompareArgs): Promise<Answer<"/api/runs/{run_id}/comparisons", "post">> {
+    return this.request("POST", `/api/runs/${runId}/comparisons`, undefined, args);
+  }
+
+  comparisons(): Promise<Answer<"/api/comparisons">> {
+    return this.get("/api/comparisons");
+  }
+
+  comparison(id: number): Promise<ComparisonOut> {
+    return this.get(`/api/comparisons/${id}`);
+  }
+
   /** Where a ready archive downloads from: like `exportFileUrl`, no token, the page's cookie. */
   archiveFileUrl(id: string): string {
     return new URL(`/api/session/archives/${encodeURIComponent(id)}/file`, this.base).toString();
@@ -257,7 +326,8 @@ export class ApiClient {
       credentials: "omit",
     });
     if (!response.ok) {
-      throw new ApiError(response.status, await errorMessage(response));
+      const problem = await readProblem(response);
+      throw new ApiError(response.status, problem.message, problem.fields);
     }
     return response;
   }
@@ -265,7 +335,12 @@ export class ApiClient {
 
 /** The server's `detail` as one line: a string as is, a pydantic error list as "field: message; ...". */
 export async function errorMessage(response: Response): Promise<string> {
-  const fallback = `${response.status} ${response.statusText || "error"}`;
+  return (await readProblem(response)).message;
+}
+
+/** The server's `detail` as one line, and the fields a pydantic error list names. */
+async function readProblem(response: Response): Promise<{ message: string; fields: string[] }> {
+  const fallback = { message: `${response.status} ${response.statusText || "error"}`, fields: [] };
   let body: unknown;
   try {
     body = await response.json();
@@ -273,16 +348,18 @@ export async function errorMessage(response: Response): Promise<string> {
     return fallback;
   }
   const detail = isRecord(body) ? body["detail"] : undefined;
-  if (typeof detail === "string") return detail;
+  if (typeof detail === "string") return { message: detail, fields: [] };
   if (Array.isArray(detail)) {
+    const fields: string[] = [];
     const parts = detail.map((item: unknown) => {
       if (!isRecord(item)) return String(item);
       // The field is the last part of loc: ["body", "set_lr", "lr"] -> "lr".
       const loc = Array.isArray(item["loc"]) && item["loc"].length > 1 ? String(item["loc"][item["loc"].length - 1]) : "";
       const msg = typeof item["msg"] === "string" ? item["msg"] : JSON.stringify(item);
+      if (loc) fields.push(loc);
       return loc ? `${loc}: ${msg}` : msg;
     });
-    if (parts.length > 0) return parts.join("; ");
+    if (parts.length > 0) return { message: parts.join("; "), fields };
   }
   return fallback;
 }

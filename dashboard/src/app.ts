@@ -1,16 +1,20 @@
 // The dashboard: reads the session's state from the REST API, then keeps it current from the event
 // stream. Each event goes to the views that show it; a status or command event re-reads the run
 // (and so which commands are possible); the end of an epoch refreshes the distribution (and with it
-// the per-sample table); a command's outcome reaches whoever waits for it.
+// the per-sample table); a command's outcome reaches whoever waits for it; plan and run events
+// (from any run) refresh the plan cards and the lineage.
 
 import type { ApiClient, RunInfo } from "./api";
 import type { StepChart, StepRange } from "./charts";
 import type { ClusterView } from "./clusters";
 import { columnsOf, type Columns } from "./columns";
+import type { CompareView } from "./compare";
 import type { DistributionView } from "./distribution";
-import { parseEvents, type ProgressEvent } from "./event-types";
+import { kindName, parseEvents, type ProgressEvent } from "./event-types";
 import { STATE_CHANGING, logEntry, testResult } from "./events";
+import type { LineageView } from "./lineage";
 import { CommandOutcomes } from "./outcomes";
+import type { PlanPanel } from "./plans";
 import type { SliceList } from "./slices";
 import { EventStream, type Delivery } from "./socket";
 import type { LogEntry, Store, TestResult } from "./state";
@@ -21,6 +25,10 @@ export const CHART_POINTS = 2000;
  *  server's recent feed holds `progress` events too (up to 100k), which the log skips. */
 const EVENT_PAGE = 10_000;
 const MAX_EVENT_PAGES = 50;
+/** Events about the session's plan cards and its runs, whichever run sends them (the page shows
+ *  one run, but a fork's parent publishes its card's progress, and its children their status). */
+const PLAN_EVENTS: ReadonlySet<string> = new Set(["plan_proposed", "plan_discarded", "plan_started", "plan_finished", "autofork_suggested"]);
+const LINEAGE_EVENTS: ReadonlySet<string> = new Set(["run_created", "status", "run_finished", "plan_finished"]);
 
 export interface Charts {
   trainLoss: StepChart;
@@ -35,6 +43,9 @@ export interface Views {
   distribution: DistributionView;
   clusters: ClusterView;
   slices: SliceList;
+  plans: PlanPanel;
+  lineage: LineageView;
+  compare: CompareView;
 }
 
 export class Dashboard {
@@ -83,6 +94,9 @@ export class Dashboard {
     const afterSeq = await this.readEventLog(0);
     if (run !== undefined) this.show(run);
     void views.slices.refresh();
+    void views.plans.refresh();
+    void views.lineage.refresh();
+    void views.compare.start();
     this.stream = new EventStream(
       {
         url: (seq) => this.api.streamUrl(seq),
@@ -116,6 +130,14 @@ export class Dashboard {
           this.refreshRun();
         }
       });
+  }
+
+  /** Make run `runId` the page's run (a click in the lineage). The page still follows a newer run
+   *  that starts sending events, as it does from the start. */
+  selectRun(runId: number): void {
+    if (runId === this.runId || runId === this.switchingTo) return;
+    this.switchingTo = runId;
+    void this.switchTo(runId);
   }
 
   /** Show a run: its state, its curves, its per-sample views. */
@@ -178,10 +200,16 @@ export class Dashboard {
     const tests: TestResult[] = [];
     let readRun = false;
     let endedEpoch: number | null = null;
+    let plansChanged = false;
+    let lineageChanged = false;
+    const comparisons: number[] = [];
     for (const event of delivery.events) {
       const entry = logEntry(event);
       if (entry !== null) entries.push(entry);
       this.outcomes.receive(event);
+      if (PLAN_EVENTS.has(kindName(event))) plansChanged = true;
+      if (LINEAGE_EVENTS.has(kindName(event))) lineageChanged = true;
+      if (event.kind === "comparison" && event.payload.comparison_id !== null) comparisons.push(event.payload.comparison_id);
       if (event.run_id !== null && event.run_id !== this.runId) {
         // The page follows the newest run of the session.
         if (event.run_id > (this.runId ?? 0) && event.run_id !== this.switchingTo) {
@@ -223,6 +251,9 @@ export class Dashboard {
     this.store.addTests(tests);
     if (readRun) this.refreshRun();
     if (endedEpoch !== null) views.distribution.refresh(endedEpoch >= 0 ? endedEpoch : undefined);
+    if (plansChanged) void views.plans.refresh();
+    if (lineageChanged) void views.lineage.refresh();
+    for (const id of comparisons) views.compare.onComparison(id);
   }
 
   private onProgress(event: ProgressEvent, charts: Charts): void {

@@ -54,6 +54,14 @@ export type RunCreatedEvent = Event<"run_created", { name: string | null; projec
 export type WaitingEvent = Event<"waiting", { for: string | null }>;
 export type CommandAppliedEvent = Event<"command_applied", CommandPayload & { result: Record<string, unknown> }>;
 export type CommandRejectedEvent = Event<"command_rejected", CommandPayload & Reason>;
+/** A plan card proposed from Python (one proposed over HTTP is no event: the page that proposed
+ *  it knows), discarded, started or finished (done or failed) by its run. */
+export type PlanProposedEvent = Event<"plan_proposed", { plan_id: number | null; source: string | null }>;
+export type PlanDiscardedEvent = Event<"plan_discarded", { plan_id: number | null }>;
+export type PlanStartedEvent = Event<"plan_started", { plan_id: number | null }>;
+export type PlanFinishedEvent = Event<"plan_finished", { plan_id: number | null; status: string | null; error: string | null; runs: number[] }>;
+/** A comparison's table is stored: GET /api/comparisons/{comparison_id}. */
+export type ComparisonEvent = Event<"comparison", { comparison_id: number | null; runs: number[]; sets: string[] }>;
 /** A kind this page does not know: `name` is the server's kind. */
 export type OtherEvent = Envelope & { kind: "other"; name: string; payload: Record<string, unknown> };
 
@@ -74,6 +82,11 @@ export type ServerEvent =
   | WaitingEvent
   | CommandAppliedEvent
   | CommandRejectedEvent
+  | PlanProposedEvent
+  | PlanDiscardedEvent
+  | PlanStartedEvent
+  | PlanFinishedEvent
+  | ComparisonEvent
   | OtherEvent;
 
 export type EventKind = ServerEvent["kind"];
@@ -114,6 +127,11 @@ const DECODERS: { [K in KnownKind]: (payload: Payload) => PayloadOf<K> } = {
   waiting: (p) => ({ for: text(p, "for") }),
   command_applied: (p) => ({ ...command(p), result: record(p["result"]) }),
   command_rejected: (p) => ({ ...command(p), ...reason(p) }),
+  plan_proposed: (p) => ({ plan_id: number(p, "plan_id"), source: text(p, "source") }),
+  plan_discarded: (p) => ({ plan_id: number(p, "plan_id") }),
+  plan_started: (p) => ({ plan_id: number(p, "plan_id") }),
+  plan_finished: (p) => ({ plan_id: number(p, "plan_id"), status: text(p, "status"), error: text(p, "error"), runs: numbers(p["runs"]) }),
+  comparison: (p) => ({ comparison_id: number(p, "comparison_id"), runs: numbers(p["runs"]), sets: texts(p["sets"]) }),
 };
 
 /** An event as the page uses it, from the server's JSON; null when even its envelope is not an
@@ -154,6 +172,14 @@ function number(value: Payload, name: string): number | null {
 function text(value: Payload, name: string): string | null {
   const field = value[name];
   return typeof field === "string" ? field : null;
+}
+
+function numbers(value: unknown): number[] {
+  return Array.isArray(value) ? value.filter((v): v is number => typeof v === "number" && Number.isFinite(v)) : [];
+}
+
+function texts(value: unknown): string[] {
+  return Array.isArray(value) ? value.filter((v): v is string => typeof v === "string") : [];
 }
 
 function record(value: unknown): Record<string, unknown> {

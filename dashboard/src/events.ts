@@ -72,6 +72,19 @@ function describe(event: ServerEvent): [string, LogEntry["tone"]] | null {
       return [`run created${event.payload.name ? ` "${event.payload.name}"` : ""}`, "info"];
     case "waiting":
       return ["waiting for Run", "info"];
+    case "plan_proposed":
+      return [`plan card ${event.payload.plan_id ?? "?"} proposed${event.payload.source ? ` (${event.payload.source})` : ""}`, "info"];
+    case "plan_discarded":
+      return [`plan card ${event.payload.plan_id ?? "?"} discarded`, "info"];
+    case "plan_started":
+      return [`plan card ${event.payload.plan_id ?? "?"} started`, "info"];
+    case "plan_finished": {
+      const { plan_id: id, status, error, runs } = event.payload;
+      if (status === "failed") return [`plan card ${id ?? "?"} failed: ${error ?? "no reason given"}`, "bad"];
+      return [`plan card ${id ?? "?"} done${runs.length ? `: runs ${runs.join(", ")}` : ""}`, "good"];
+    }
+    case "comparison":
+      return [`comparison ${event.payload.comparison_id ?? "?"} of runs ${event.payload.runs.join(", ")} on ${event.payload.sets.join(", ")}`, "good"];
     case "progress":
     case "epoch_started":
       return null;

@@ -71,3 +71,17 @@ const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFra
 export function formatCompact(value: number | null | undefined): string {
   return value == null || !Number.isFinite(value) ? "" : compact.format(value);
 }
+
+/** A signed number with `digits` decimals: "+3.1", "-0.4", "0.0" (a value that rounds to zero has
+ *  no sign, so -0.04 does not read as a loss). */
+export function formatSigned(value: number | null | undefined, digits = 1): string {
+  if (value == null || !Number.isFinite(value)) return "—";
+  const text = Math.abs(value).toFixed(digits);
+  if (Number(text) === 0) return text;
+  return `${value > 0 ? "+" : "-"}${text}`;
+}
+
+/** A difference in percentage points: "+3.1 pt", "-0.4 pt". */
+export function formatPoints(points: number | null | undefined): string {
+  return points == null || !Number.isFinite(points) ? "—" : `${formatSigned(points)} pt`;
+}

@@ -6,12 +6,15 @@ import { ApiClient } from "./api";
 import { Dashboard, type Charts } from "./app";
 import { StepChart } from "./charts";
 import { ClusterView } from "./clusters";
+import { CompareView } from "./compare";
 import { Controls, type ButtonName } from "./controls";
 import { DistributionView } from "./distribution";
 import { byId, byTestId, setText } from "./dom";
 import { formatCompact, formatCount, formatPercent, formatRate } from "./format";
 import { Header } from "./header";
 import { SampleHistoryView } from "./history";
+import { LineageView } from "./lineage";
+import { PlanPanel } from "./plans";
 import { SamplesTable } from "./samples";
 import { SessionFiles } from "./session";
 import { SliceForm, SliceList } from "./slices";
@@ -96,7 +99,62 @@ function main(): void {
     },
     { onPick: (runId, row) => void history.show(runId, row) },
   );
-  const slices = new SliceList(api, store, byId<HTMLTableElement>("slices-table"));
+  // The slice list, plan cards, lineage and comparison refer to each other through callbacks
+  // (called only after all four exist).
+  const slices = new SliceList(api, store, byId<HTMLTableElement>("slices-table"), {
+    onFork: (slice) => plans.openDraft(slice),
+    onChange: () => {
+      plans.slicesChanged();
+      compare.slicesChanged();
+    },
+  });
+  const plans = new PlanPanel(
+    api,
+    store,
+    {
+      form: byId<HTMLFormElement>("plan-form"),
+      title: byId("plan-form-title"),
+      description: byId("plan-form-description"),
+      fields: byId("plan-fields"),
+      errors: byTestId("plan-errors"),
+      propose: byId("button-propose"),
+      save: byId("button-plan-save"),
+      approve: byId("button-plan-approve"),
+      discard: byId("button-plan-discard"),
+      close: byId("button-plan-close"),
+      list: byTestId<HTMLTableElement>("plan-cards"),
+    },
+    {
+      runs: () => (lineage.nodes.length > 0 ? lineage.nodes : (store.session?.runs ?? [])),
+      slices: () => slices.slices,
+      run: () => store.run,
+      onFinished: () => void lineage.refresh(),
+      showComparison: (id) => compare.showComparison(id),
+    },
+  );
+  const lineage = new LineageView(
+    api,
+    store,
+    { graph: byTestId("lineage"), detail: byTestId("lineage-detail"), picks: byTestId("lineage-picks") },
+    {
+      onSelect: (runId) => dashboard.selectRun(runId),
+      onPick: (runs) => compare.setPicked(runs),
+      onNodes: () => plans.runsChanged(),
+    },
+  );
+  const compare = new CompareView(
+    api,
+    dashboard.outcomes,
+    {
+      runs: byTestId("compare-runs"),
+      reference: byId("select-compare-reference"),
+      sets: byTestId("compare-sets"),
+      button: byId("button-compare"),
+      caption: byTestId("compare-caption"),
+      table: byTestId<HTMLTableElement>("comparison-table"),
+    },
+    () => slices.slices,
+  );
   const distribution = new DistributionView(
     api,
     {
@@ -153,6 +211,7 @@ function main(): void {
     if (changed.has("run")) {
       controls.update(store.run);
       clusters.update(store.run);
+      lineage.setCurrent(store.run?.id ?? null);
     }
     if (changed.has("connection")) header.renderConnection(store.connection);
     if (changed.has("tests")) renderTestResults(testResults, store.tests);
@@ -170,7 +229,7 @@ function main(): void {
     }
   });
 
-  dashboard.start({ charts, distribution, clusters, slices }).catch((error: unknown) => {
+  dashboard.start({ charts, distribution, clusters, slices, plans, lineage, compare }).catch((error: unknown) => {
     store.setConnection("stopped");
     const reason = error instanceof Error ? error.message : String(error);
     store.showMessage(

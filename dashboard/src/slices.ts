@@ -1,6 +1,6 @@
 // Slices: named sets of samples saved in the session. The list shows every saved slice with its
-// definition in words, and exports it (CSV, Parquet or JSON, with the samples' data) or deletes
-// it. The form under the distribution saves a dragged loss range as a slice.
+// definition in words, drafts a fork card for it ("Fork…", plans.ts), exports it (CSV, Parquet
+// or JSON, with the samples' data) or deletes it. The form under the distribution saves a dragged loss range as a slice.
 //
 // An export is asked for with the token in the header and waited for (exports.ts); once it is
 // ready its file is a native browser download, authorised by the page's HttpOnly cookie: no token
@@ -65,17 +65,28 @@ export function bandText(low: number | null, high: number | null): string {
   return "any";
 }
 
+export interface SliceListOptions {
+  /** "Fork…" on a slice's row: draft a fork card for it. */
+  onFork?: (slice: SliceInfo) => void;
+  /** The list was read again. */
+  onChange?: (slices: readonly SliceInfo[]) => void;
+}
+
 /** The session's slices: the list in the "Slices" card, and saving from any view. */
 export class SliceList {
   private readonly api: ApiClient;
   private readonly store: Store;
   private readonly table: HTMLTableElement;
+  private readonly options: SliceListOptions;
   private generation = 0;
+  /** The slices as last read. */
+  slices: readonly SliceInfo[] = [];
 
-  constructor(api: ApiClient, store: Store, table: HTMLTableElement) {
+  constructor(api: ApiClient, store: Store, table: HTMLTableElement, options: SliceListOptions = {}) {
     this.api = api;
     this.store = store;
     this.table = table;
+    this.options = options;
     const head = table.createTHead().insertRow();
     for (const [title, numeric] of [["name", false], ["run", false], ["epoch", true], ["samples", true], ["definition", false], ["", false]] as const) {
       const th = element("th", numeric ? "num" : "", title);
@@ -89,7 +100,10 @@ export class SliceList {
     const generation = ++this.generation;
     try {
       const slices = await this.api.slices();
-      if (generation === this.generation) this.render(slices);
+      if (generation !== this.generation) return;
+      this.slices = slices;
+      this.render(slices);
+      this.options.onChange?.(slices);
     } catch (error) {
       if (generation === this.generation) this.store.showMessage(`Could not read the slices: ${String(error)}`);
     }
@@ -140,6 +154,8 @@ export class SliceList {
       element("td", "", describeSaved(slice)),
     );
     const actions = element("td", "actions");
+    const onFork = this.options.onFork;
+    if (onFork !== undefined) actions.append(this.button("Fork…", `Fork ${slice.name}`, async () => onFork(slice)));
     for (const format of EXPORTS) {
       const title = FORMAT_TITLES[format];
       actions.append(this.button(title, `Export ${slice.name} as ${title}`, () => this.export(slice, format)));

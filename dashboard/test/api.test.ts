@@ -105,6 +105,44 @@ describe("ApiClient", () => {
     await expect(api.command(1, { kind: "set_lr", lr: -1 })).rejects.toThrow("lr: Input should be greater than 0; bad");
   });
 
+  it("proposes, edits, approves and discards plan cards at their own paths", async () => {
+    const calls = fakeFetch(json({ id: 4 }, 201), json({ id: 4 }), json({ plan: {}, command: {} }, 202), json({ id: 4 }), json([]), json({ nodes: [], edges: [] }));
+    const card = { kind: "fork", name: "tail specialist", run_id: 1, slice: "tail", mix: "slice", ratio: 0.5, budget: 1, budget_unit: "epochs", lr: 0.01, trains: "all", rank: 4, seed: 0, control: true, min_slice_gain_pt: 0, max_other_drop_pt: 1 } as const;
+    await api.proposePlan(card);
+    await api.editPlan(4, { lr: 0.02, budget: 2 });
+    await api.approvePlan(4);
+    await api.discardPlan(4);
+    await api.plans();
+    await api.lineage();
+    expect(calls.map((c) => [c.init.method, new URL(c.url).pathname])).toEqual([
+      ["POST", "/api/plans"],
+      ["PATCH", "/api/plans/4"],
+      ["POST", "/api/plans/4/approve"],
+      ["POST", "/api/plans/4/discard"],
+      ["GET", "/api/plans"],
+      ["GET", "/api/lineage"],
+    ]);
+    expect(JSON.parse(String(calls[1]!.init.body))).toEqual({ lr: 0.02, budget: 2 });
+  });
+
+  it("asks a run to compare, then reads the comparisons back", async () => {
+    const calls = fakeFetch(json({ id: 9, kind: "compare", args: {} }, 202), json([]), json({ id: 2 }));
+    await api.compare(1, { runs: [1, 2, 3], reference: 3, sets: ["tail", "val"], n_boot: 2000, seed: 0 });
+    await api.comparisons();
+    await api.comparison(2);
+    expect(calls.map((c) => [c.init.method, new URL(c.url).pathname])).toEqual([
+      ["POST", "/api/runs/1/comparisons"],
+      ["GET", "/api/comparisons"],
+      ["GET", "/api/comparisons/2"],
+    ]);
+  });
+
+  it("names the fields a validation error is about, for a form to mark", async () => {
+    fakeFetch(json({ detail: [{ loc: ["body", "fork", "lr"], msg: "Input should be greater than 0" }, { loc: ["body", "fork", "budget"], msg: "bad" }] }, 422));
+    const error = await api.plans().catch((e: unknown) => e);
+    expect(error).toMatchObject({ status: 422, message: "lr: Input should be greater than 0; budget: bad", fields: ["lr", "budget"] });
+  });
+
   it("falls back to the status when the error has no JSON detail", async () => {
     fakeFetch(new Response("<html>oops</html>", { status: 502, statusText: "Bad Gateway" }));
     await expect(api.session()).rejects.toMatchObject({ status: 502, message: "502 Bad Gateway" });

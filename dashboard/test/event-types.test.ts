@@ -34,6 +34,13 @@ describe("parseEvent", () => {
     expect(rejected?.kind === "command_rejected" && rejected.payload).toEqual({ id: 5, command: "pause", args: {}, reason: "not running" });
   });
 
+  it("types plan and comparison events", () => {
+    const finished = parseEvent(rawEvent(4, "plan_finished", { plan_id: 2, status: "done", runs: [2, 3, "x"], verdict: { met: true } }));
+    expect(finished?.kind === "plan_finished" && finished.payload).toEqual({ plan_id: 2, status: "done", error: null, runs: [2, 3] });
+    const compared = parseEvent(rawEvent(5, "comparison", { comparison_id: 1, runs: [1, 2], sets: ["val"] }));
+    expect(compared?.kind === "comparison" && compared.payload).toEqual({ comparison_id: 1, runs: [1, 2], sets: ["val"] });
+  });
+
   it("keeps an unknown kind as 'other', with its name and payload", () => {
     const parsed = parseEvent(rawEvent(3, "export_ready", { id: "abc" }));
     expect(parsed).toMatchObject({ kind: "other", name: "export_ready", payload: { id: "abc" } });

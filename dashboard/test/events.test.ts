@@ -15,6 +15,10 @@ describe("logEntry", () => {
     ["run_finished", { status: "finished" }, "run finished", "good"],
     ["run_created", { name: "baseline" }, 'run created "baseline"', "info"],
     ["store_overflow", { dropped_records: 1200, reason: "disk too slow" }, "store dropped 1,200 records: disk too slow", "warn"],
+    ["plan_started", { plan_id: 2 }, "plan card 2 started", "info"],
+    ["plan_finished", { plan_id: 2, status: "done", runs: [2, 3] }, "plan card 2 done: runs 2, 3", "good"],
+    ["plan_finished", { plan_id: 2, status: "failed", error: "slice 'tail' is empty" }, "plan card 2 failed: slice 'tail' is empty", "bad"],
+    ["comparison", { comparison_id: 1, runs: [1, 2], sets: ["tail", "val"] }, "comparison 1 of runs 1, 2 on tail, val", "good"],
     ["some_new_kind", {}, "some new kind", "info"],
   ])("describes %s", (kind, payload, text, tone) => {
     const entry = logEntry(event(3, kind, payload));
