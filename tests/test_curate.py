@@ -97,3 +97,14 @@ def test_a_curation_card_from_a_later_step_waits_for_it() -> None:
     (applied,) = open_session(trainer.run.session.dir).events(kind="curation_applied")
     assert (applied["payload"]["from_step"], applied["payload"]["weight"]) == (20, 3.0)
     assert applied["payload"]["samples"] == open_session(trainer.run.session.dir).slice("tail")["count"]
+
+
+def test_the_per_sample_views_say_which_samples_are_dropped() -> None:
+    from onthefly.actions.curate import curated_weights
+
+    curate = Curate()
+    trainer = make_trainer((curate,))
+    trainer.fit(3)
+    reader = open_session(trainer.run.session.dir)
+    assert set(curated_weights(reader, 1).values()) == {1.0}  # dropped, then restored
+    assert len(curated_weights(reader, 1)) == 256

@@ -252,6 +252,9 @@ export class SamplesTable {
     const flags = element("td", "flags");
     if (row.mislabelled) flags.append(element("span", "flag flag-mislabelled", "mislabelled"));
     if (row.hard) flags.append(element("span", "flag flag-hard", "hard"));
+    // A curation card dropped or reweighted it (its loss weighs `weight` in training now).
+    if (row.weight === 0) flags.append(element("span", "flag flag-dropped", "dropped"));
+    else if (row.weight != null && row.weight !== 1) flags.append(element("span", "flag flag-reweighted", `×${row.weight}`));
     tr.append(flags);
     const pick = this.options.onPick;
     if (pick !== undefined && runId !== null) {

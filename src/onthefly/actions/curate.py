@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..store.reader import SessionReader
 
-__all__ = ["WEIGHTS", "execute"]
+__all__ = ["WEIGHTS", "curated_weights", "execute"]
 
 WEIGHTS = {"drop": 0.0, "restore": 1.0}  # "reweight": the card's weight
 
@@ -39,3 +39,18 @@ def execute(trainer: Any, plan: dict[str, Any]) -> dict[str, Any]:
                                                            "action": card["action"]})
     return {"runs": [], "samples": int(indices.size), "weight": weight, "from_step": from_step,
             "verdict": {"met": None, "scheduled_from_step": from_step}}
+
+
+def curated_weights(reader: SessionReader, run_id: int) -> dict[int, float]:
+    """Sample index -> its curation weight now, for the samples of ``run_id`` a curation card
+    changed (in the order the cards took effect); a sample not in the result weighs 1."""
+    weights: dict[int, float] = {}
+    plans = {p["id"]: p for p in reader.plans() if p["kind"] == "curate"}
+    for event in reader.events(run_id, kind="curation_applied"):
+        plan = plans.get(event["payload"].get("plan_id"))
+        if plan is None:
+            continue
+        indices = reader.slice_indices(reader.slice(plan["card"]["slice"]))
+        weight = float(event["payload"]["weight"])
+        weights.update(dict.fromkeys(indices.tolist(), weight))
+    return weights

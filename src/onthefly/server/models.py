@@ -181,6 +181,8 @@ class SampleRow(BaseModel):
     variability: float | None = Field(description="dataset cartography: std of confidence over epochs")
     hard: bool
     mislabelled: bool = Field(description="likely mislabelled (see rule)")
+    weight: float | None = Field(default=None, description="its curation weight in training now (0: dropped); "
+                                                           "None: never curated")
 
 
 class SampleTable(BaseModel):

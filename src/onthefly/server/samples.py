@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 from ..actions import export as exporting
 from ..actions import slices as slicing
 from ..actions.cluster import scatter_points
+from ..actions.curate import curated_weights
 from ..engine.channel import encode_array
 from ..signals.dynamics import STAT_COLUMNS, FlagRule, flag_counts
 from .models import (
@@ -100,6 +101,9 @@ def evidence_routes(backend: Any) -> APIRouter:
                 table = table.filter(np.asarray(table.column("label").to_numpy(zero_copy_only=False) == label))
             order_ = _page(table, sort, order == "desc", offset, limit)
             rows = jsonable(table.take(pa.array(order_)).to_pylist())
+            curated = curated_weights(backend.reader, run_id)
+            for row in rows:  # which samples a curation card dropped or reweighted
+                row["weight"] = curated.get(row["index"])
             return {"epoch": shown, "epochs": backend.reader.sample_epochs(run_id, split),
                     "total": table.num_rows,
                     "offset": offset, "rows": rows, "flags": counts, "rule": rule.describe(),
