@@ -28,15 +28,30 @@ def noisy() -> TensorDataset:
     return TensorDataset(x, y)
 
 
+class AwaitSuggestion(onthefly.Callback):
+    """Before the last epochs, wait (on an event, with a deadline) for the watcher's first card:
+    it is made on the watcher's thread, and an approval must reach a step boundary to run."""
+
+    def __init__(self) -> None:
+        self.watcher: object = None
+
+    def on_epoch_end(self, run: onthefly.Run) -> None:
+        if run.epoch == 3:
+            assert self.watcher is not None
+            assert self.watcher.suggested.wait(60), "no suggestion by epoch 3"  # type: ignore[attr-defined]
+
+
 def fit(mode: str) -> tuple[onthefly.Trainer, object]:
+    waiter = AwaitSuggestion()
     model = toy_model()
     trainer = onthefly.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
                                loss_fn=nn.CrossEntropyLoss(),
                                train_loader=DataLoader(noisy(), batch_size=32, shuffle=True,
                                                        generator=torch.Generator().manual_seed(0)),
-                               project="auto", run_name="generalist", progress=False)
+                               project="auto", run_name="generalist", progress=False,
+                               callbacks=(waiter,) if mode != "off" else ())
     forking.attach(trainer)
-    watcher = autofork.attach(trainer, mode=mode, rule=RULE)  # type: ignore[arg-type]
+    watcher = waiter.watcher = autofork.attach(trainer, mode=mode, rule=RULE)  # type: ignore[arg-type]
     trainer.fit(6)
     return trainer, watcher
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..store.reader import SessionReader
 from ..store.samples import read_samples
 from . import fork as forking
 
@@ -66,6 +67,7 @@ class _Watcher:
         self._epochs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.suggested = threading.Event()  # set once a card has been proposed (and approved, with opt-in)
 
     def on_event(self, event: Any) -> None:  # any thread: the bus's publisher
         if (event.kind == "epoch_summary" and event.run_id == self.run.run_id
@@ -76,9 +78,17 @@ class _Watcher:
             self._epochs.put(int(event.epoch))
 
     def close(self) -> None:
+        """The run has ended: finish the last epochs' rule, and say of any card approved too late
+        for a step boundary to carry it out that it was not."""
         self._epochs.put(None)
         if self._thread is not None:
             self._thread.join(30)
+        reader = SessionReader(self.run.session.dir)
+        for suggestion in self.suggestions:
+            if self.mode == "approve" and reader.plan(suggestion["id"])["status"] == "approved":
+                self.run.session.update_plan(suggestion["id"], status="failed",
+                                             error="the run ended before a step boundary carried it out; "
+                                                   "fork from its final checkpoint instead")
 
     def _work(self) -> None:
         while (epoch := self._epochs.get()) is not None:
@@ -146,5 +156,6 @@ class _Watcher:
         run.bus.publish("autofork_suggested", {"plan_id": plan["id"], "evidence": evidence, "mode": self.mode},
                         run_id=run.run_id, step=None, epoch=now)
         self.suggestions.append({**plan, "evidence": evidence})
-        if self.mode == "approve":
+        if self.mode == "approve" and not run.closed:
             forking.approve(run, plan["id"])
+        self.suggested.set()
