@@ -63,7 +63,7 @@ class ExportAt(onthefly.Callback):
 
     def on_step_end(self, run: onthefly.Run) -> None:
         if run.global_step == self.step:
-            slicing.save_slice(run.session, "label0", run.run_id, {"kind": "label", "label": 0})
+            slicing.save_run_slice(run, "label0", {"kind": "label", "label": 0})
             run.request("export", export_id=self.export_id, slice="label0", run_id=run.run_id, epoch=None,
                         format="csv", filename="label0.csv")
 

@@ -30,7 +30,7 @@ from onthefly.actions.report import (
     TOP_SAMPLES,
     write_report,
 )
-from onthefly.actions.slices import save_slice
+from onthefly.actions.slices import save_run_slice
 from onthefly.errors import StoreError
 from onthefly.store import SessionReader, SessionStore, open_session
 
@@ -50,7 +50,7 @@ class Evidence(Callback):
             run.save_checkpoint()
 
     def on_fit_end(self, run: Run) -> None:
-        save_slice(run.session, "top decile", run.run_id, {"kind": "quantile_band", "low": 0.9, "high": 1.0})
+        save_run_slice(run, "top decile", {"kind": "quantile_band", "low": 0.9, "high": 1.0})
         save_clustering(run.session, run.run_id, k=3)
 
 
