@@ -42,7 +42,7 @@ from . import compare as comparing
 from . import curate as curating
 from .adapters import add_adapters, train_head_only
 from .export import isolated_rng
-from .plans import check_card, edit_card, plan_out
+from .plans import check_card, edit_card, plan_out, require_proposed
 
 __all__ = ["approve", "attach", "discard", "edit", "propose"]
 
@@ -70,8 +70,7 @@ def edit(run: Any, plan_id: int, **changes: Any) -> dict[str, Any]:
 def discard(run: Any, plan_id: int) -> dict[str, Any]:
     reader = SessionReader(run.session.dir)
     plan = reader.plan(plan_id)
-    if plan["status"] != "proposed":
-        raise StateError(f"plan card {plan_id} is {plan['status']}: only a proposed card can be discarded")
+    require_proposed(plan, "discarded")
     run.session.update_plan(plan_id, status="discarded")
     run.bus.publish("plan_discarded", {"plan_id": plan_id}, **_where(run))
     return plan_out(reader.plan(plan_id))
@@ -82,8 +81,7 @@ def approve(run: Any, plan_id: int) -> int:
     boundary. Returns the queued command's id."""
     reader = SessionReader(run.session.dir)
     plan = reader.plan(plan_id)
-    if plan["status"] != "proposed":
-        raise StateError(f"plan card {plan_id} is {plan['status']}: only a proposed card can be approved")
+    require_proposed(plan, "approved")
     check_card(reader, plan["card"])
     run.session.update_plan(plan_id, status="approved")
     return int(run.request("execute_plan", plan_id=plan_id).id)

@@ -25,7 +25,7 @@ from ..errors import ConfigError, NotFoundError, StateError
 from ..store.reader import SessionReader
 from ..strict import StrictModel
 
-__all__ = ["CARD_KINDS", "CurateCard", "ForkCard", "check_card", "edit_card", "plan_out"]
+__all__ = ["CARD_KINDS", "CurateCard", "ForkCard", "check_card", "edit_card", "plan_out", "require_proposed"]
 
 Name = Annotated[str, Wording("a name of letters, digits, spaces, '-', '_' or '.' (at most 64)")]
 
@@ -122,10 +122,15 @@ def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]
     return checked
 
 
+def require_proposed(plan: Mapping[str, Any], action: str) -> None:
+    """Only a proposed card can be edited, discarded or approved (a StateError: 409 over HTTP)."""
+    if plan["status"] != "proposed":
+        raise StateError(f"plan card {plan['id']} is {plan['status']}: only a proposed card can be {action}")
+
+
 def edit_card(reader: SessionReader, plan: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     """A proposed card with ``changes`` applied, checked again."""
-    if plan["status"] != "proposed":
-        raise StateError(f"plan card {plan['id']} is {plan['status']}: only a proposed card can be edited")
+    require_proposed(plan, "edited")
     if "kind" in changes and changes["kind"] != plan["kind"]:
         raise ConfigError(f"kind cannot change (the card is a {plan['kind']} card)")
     return check_card(reader, {**plan["card"], **changes})

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body
 from pydantic import Field
 
-from ..actions.plans import CurateCard, ForkCard, check_card, edit_card, plan_out
+from ..actions.plans import CurateCard, ForkCard, check_card, edit_card, plan_out, require_proposed
 from ..engine.control import CompareArgs
 from .models import CommandAccepted, ComparisonOut, LineageOut, PlanApproved, PlanOut, Problem
 
@@ -69,9 +69,7 @@ def plan_routes(backend: Any) -> APIRouter:
     async def discard(plan_id: int) -> PlanOut:
         def save() -> dict[str, Any]:
             found = backend.reader.plan(plan_id)
-            if found["status"] != "proposed":
-                raise HTTPException(409, f"plan card {plan_id} is {found['status']}: only a proposed card can be "
-                                         "discarded")
+            require_proposed(found, "discarded")
             backend.ask("update_plan", plan_id=plan_id, status="discarded")
             return backend.reader.plan(plan_id)
 
@@ -84,9 +82,7 @@ def plan_routes(backend: Any) -> APIRouter:
         def go() -> dict[str, Any]:
             fresh()
             found = backend.reader.plan(plan_id)
-            if found["status"] != "proposed":
-                raise HTTPException(409, f"plan card {plan_id} is {found['status']}: only a proposed card can be "
-                                         "approved")
+            require_proposed(found, "approved")
             card = check_card(backend.reader, found["card"])
             backend.ask("update_plan", plan_id=plan_id, status="approved")
             try:
