@@ -40,6 +40,8 @@ from ..store.checkpoints import read_checkpoint
 from ..store.reader import SessionReader
 from . import compare as comparing
 from . import curate as curating
+from . import merge as merging
+from . import merging as merging_ops
 from .adapters import add_adapters, train_head_only
 from .export import isolated_rng
 from .plans import check_card, edit_card, plan_out, require_proposed
@@ -83,6 +85,7 @@ def approve(run: Any, plan_id: int) -> int:
     plan = reader.plan(plan_id)
     require_proposed(plan, "approved")
     check_card(reader, plan["card"])
+    merging.keepable(plan)
     run.session.update_plan(plan_id, status="approved")
     return int(run.request("execute_plan", plan_id=plan_id).id)
 
@@ -93,6 +96,7 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
     told of each child run as it is made (the dashboard's channel serves it live)."""
     run = trainer.run
     trainer.forks = getattr(trainer, "forks", {})  # run id -> the child's model, kept for comparisons
+    trainer.merge_previews = getattr(trainer, "merge_previews", {})  # plan id -> the previewed candidate
 
     def execute(args: dict[str, Any]) -> dict[str, Any]:
         plan_id = int(args["plan_id"])
@@ -109,7 +113,10 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
             else:
                 run.controller.set_status("paused")  # one run trains at a time: the parent waits here
                 try:
-                    result = _fork(trainer, plan, on_child)
+                    if plan["kind"] == "merge":
+                        result = merging.execute(trainer, plan, on_child)
+                    else:
+                        result = _fork(trainer, plan, on_child)
                 finally:
                     run.controller.set_status(status)
                 result["comparison_id"] = run.session.save_comparison(
@@ -132,7 +139,20 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
                         **_where(run))
         return {"comparison": comparison_id}
 
+    def preview(args: dict[str, Any]) -> dict[str, Any]:
+        plan = SessionReader(run.session.dir).plan(int(args["plan_id"]))
+        require_proposed(plan, "previewed")
+        status = run.controller.status
+        run.controller.set_status("paused")
+        try:
+            result = merging.preview(trainer, plan)
+        finally:
+            run.controller.set_status(status)
+        run.bus.publish("plan_previewed", result, **_where(run))
+        return result
+
     run.register_action("execute_plan", execute)
+    run.register_action("preview_plan", preview)
     run.register_action("compare", compare)
 
 
@@ -150,12 +170,16 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
     run.session.flush()
     reader = SessionReader(run.session.dir)
     slice_indices = np.array(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)  # writable
+    fork_checkpoint = card["checkpoint_id"]
     if card["checkpoint_id"] is not None:
         tensors, _ = read_checkpoint(reader.checkpoint(card["checkpoint_id"])["path"])
         fork_step = reader.checkpoint(card["checkpoint_id"])["step"]
     else:
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
         fork_step = run.global_step
+        # The fork point is saved: lineage names the weights each child started from (a merge's
+        # task vectors are taken from there). A full disk does not stop the fork.
+        fork_checkpoint, _ = run.checkpoint_here("fork")
     loader = trainer.train_loader.original
     dataset = loader.dataset
     n = len(dataset)
@@ -196,12 +220,12 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
                 run_name=name, device=trainer.device, amp=trainer.amp, grad_clip=trainer.grad_clip,
                 accumulate_grad_batches=trainer.accumulate, inputs=trainer.spec.inputs,
                 targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn, progress=False,
-                session=run.session, parent=(run.run_id, card["checkpoint_id"]),
+                session=run.session, parent=(run.run_id, fork_checkpoint),
                 callbacks=(_FirstStep(first_step, name, started),))
             child.run.config.update({"plan_id": plan["id"], "fork": edge_kind, "trains": card["trains"]})
             run.session.set_run_config(child.run.run_id, child.run.config)
             run.session.add_edge(child_id=child.run.run_id, parent_id=run.run_id, kind=edge_kind, step=fork_step,
-                                 checkpoint_id=card["checkpoint_id"], plan_id=plan["id"])
+                                 checkpoint_id=fork_checkpoint, plan_id=plan["id"])
             if on_child is not None:
                 on_child(child.run)
             child.fit(epochs)
@@ -379,9 +403,10 @@ def _model_of(trainer: Any, reader: SessionReader, run_id: int) -> nn.Module:
     if not checkpoints:
         raise ConfigError(f"runs: run {run_id} has no checkpoint and is not in this process")
     tensors, _ = read_checkpoint(checkpoints[-1]["path"])
+    folded = merging_ops.fold_adapters(merging_ops.TensorWeights(tensors))  # an adapter fork: its weights folded
     model = copy.deepcopy(trainer.model)
     try:
-        model.load_state_dict(tensors)
+        model.load_state_dict({key: folded.get(key) for key in folded.keys()})
     except RuntimeError as exc:
         raise ConfigError(f"runs: run {run_id}'s checkpoint does not fit this model ({exc})") from None
     return model

@@ -15,6 +15,7 @@ proposed, edited and approved; a refusal names the field.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,8 @@ from ..errors import ConfigError, NotFoundError, StateError
 from ..store.reader import SessionReader
 from ..strict import StrictModel
 
-__all__ = ["CARD_KINDS", "CurateCard", "ForkCard", "check_card", "edit_card", "plan_out", "require_proposed"]
+__all__ = ["CARD_KINDS", "MERGE_METHODS", "CurateCard", "ForkCard", "MergeCard", "MergeParent", "check_card",
+           "checkpoint_of", "edit_card", "nonempty_slice", "plan_out", "require_proposed"]
 
 Name = Annotated[str, Wording("a name of letters, digits, spaces, '-', '_' or '.' (at most 64)")]
 
@@ -84,7 +86,77 @@ class CurateCard(StrictModel):
         default=None, ge=0, le=2**53, description="the first step trained with it (default: the next one)")
 
 
-CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard, "curate": CurateCard}
+MergeMethod = Literal["linear", "greedy_soup", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher",
+                      "adapter_fusion", "distill"]
+MERGE_METHODS: tuple[str, ...] = typing.get_args(MergeMethod)
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+SetNames = Annotated[list[str], Wording("a list of 1 to 12 saved slice names, 'val' or 'test'")]
+
+
+class MergeParent(StrictModel):
+    """One ingredient of a merge: a run's weights (a checkpoint, by default its newest; the live
+    run's own: its weights when the merge is carried out) and its weight in the recipe."""
+
+    run_id: int = Field(ge=1, le=2**31, description="the run")
+    checkpoint_id: Annotated[int | None, Wording(omitted="the live run's current weights, another run's newest "
+                                                          "checkpoint")] = Field(
+        default=None, ge=1, le=2**31, description="one of the run's checkpoints")
+    weight: float = Field(default=1.0, ge=-100.0, le=100.0, allow_inf_nan=False,
+                          description="its weight (linear, task vectors, fisher, adapter_fusion; mergekit's 'weight')")
+
+
+class MergeCard(StrictModel):
+    """Merge parents (runs or checkpoints of the session) into a new run with one of the methods;
+    method and parameter names follow mergekit's. Before it is approved the candidate can be
+    previewed: compared, paired, against every parent on ``sets``; a merge worse than its best
+    parent on validation is not kept unless ``override`` (the greedy-soup rule)."""
+
+    kind: Literal["merge"]
+    name: Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.\-]+$",
+                       description="the merged run's name")
+    run_id: int = Field(ge=1, le=2**31, description="the live run that carries the merge out: its model's "
+                                                    "architecture, loss, loaders and device are used")
+    parents: Annotated[list[MergeParent], Wording("a list of 2 to 32 parents ({run_id, checkpoint_id, weight})")] = \
+        Field(min_length=2, max_length=32, description="the models merged (their weights in the recipe)")
+    method: MergeMethod = Field(
+        description="linear (SWA / uniform soup with equal weights), greedy_soup, task_arithmetic, ties, dare_linear, "
+                    "dare_ties, fisher (Fisher-weighted soup), adapter_fusion, distill")
+    normalize: bool = Field(default=True, description="linear, task_arithmetic: divide by the sum of the weights")
+    lambda_: float = Field(default=1.0, alias="lambda", ge=-10.0, le=10.0, allow_inf_nan=False,
+                           description="task vectors: the scaling of the merged task vector")
+    density: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False,
+                           description="ties, dare_*: the fraction of each task vector kept")
+    majority_sign: Literal["total", "frequency"] = Field(
+        default="total", description="ties, dare_ties: the sign elected per parameter, by total mass or by count")
+    base_checkpoint_id: Annotated[int | None, Wording(omitted="the parents' common fork point in the lineage")] = Field(
+        default=None, ge=1, le=2**31, description="task vectors: the weights they are taken from")
+    rank: Annotated[int | None, Wording(omitted="no re-factorisation")] = Field(
+        default=None, ge=1, le=4096, description="adapter_fusion: re-factorise each fused update to this rank")
+    data: str = Field(default="train", min_length=1, max_length=64,
+                      description="the data that BatchNorm statistics, Fisher and distillation use: 'train' or a "
+                                  "saved slice")
+    update_bn: bool = Field(default=True, description="recompute BatchNorm statistics on 'data' after merging")
+    fisher_samples: int = Field(default=512, ge=1, le=1_000_000,
+                                description="fisher: the samples each parent's diagonal Fisher is estimated on")
+    fisher_estimator: Literal["empirical", "sampled"] = Field(
+        default="empirical", description="fisher: gradients of the loss at the true labels (empirical) or at "
+                                         "labels sampled from the model (the true Fisher)")
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0, allow_inf_nan=False,
+                               description="distill: the softmax temperature of the soft targets")
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description="distill: the weight of the soft targets (1 - alpha on the true labels)")
+    budget: int = Field(default=200, ge=1, le=1_000_000, description="distill: the student's training steps")
+    lr: Annotated[float | None, Wording(omitted="the live run's")] = Field(
+        default=None, gt=0.0, le=10.0, allow_inf_nan=False, description="distill: the student's learning rate")
+    student: Annotated[int | None, Wording(omitted="the first parent")] = Field(
+        default=None, ge=1, le=2**31, description="distill: the parent run whose weights the student starts from")
+    seed: int = Field(default=0, ge=0, le=2**31, description="seed of DARE's masks, Fisher's and distillation's draws")
+    sets: SetNames = Field(default_factory=lambda: ["val"], min_length=1, max_length=12,
+                           description="what the candidate is compared with every parent on")
+    override: bool = Field(default=False, description="keep the merge even when it is worse than its best parent")
+
+
+CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard, "curate": CurateCard, "merge": MergeCard}
 CARD_KINDS = tuple(CARDS)
 
 
@@ -96,30 +168,45 @@ def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]
     model = CARDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise ConfigError(f"kind must be one of {', '.join(repr(k) for k in CARD_KINDS)}, got {kind!r}")
+    assert isinstance(kind, str)
     checked = {"kind": kind, **check_fields(model, card, what=f"a {kind} card")}
     runs = {r["id"]: r for r in reader.runs()}
     # Fields that name something the session lacks: 404; that conflict with it: 409.
     if checked["run_id"] not in runs:
         raise NotFoundError(f"run_id {checked['run_id']} is not a run of this session (its runs: "
-                          f"{', '.join(map(str, runs)) or 'none'})")
-    if "checkpoint_id" in checked and checked["checkpoint_id"] is not None:
-        try:
-            found = reader.checkpoint(checked["checkpoint_id"])
-        except NotFoundError as exc:
-            raise NotFoundError(f"checkpoint_id: {exc}") from None
-        if found["run_id"] != checked["run_id"]:
-            raise StateError(f"checkpoint_id {checked['checkpoint_id']} belongs to run {found['run_id']}, "
-                              f"not to run {checked['run_id']}")
-    try:
-        saved = reader.slice(checked["slice"])
-    except NotFoundError as exc:
-        raise NotFoundError(f"slice: {exc}") from None
-    if saved["count"] == 0:
-        raise StateError(f"slice {checked['slice']!r} is empty: a {kind} card needs samples to act on")
-    names = {r["name"] for r in runs.values()}
-    if "name" in checked and checked["name"] in names:
+                            f"{', '.join(map(str, runs)) or 'none'})")
+    if checked.get("checkpoint_id") is not None:
+        checkpoint_of(reader, checked["checkpoint_id"], checked["run_id"], "checkpoint_id")
+    if "slice" in checked:
+        nonempty_slice(reader, checked["slice"], "slice", kind)
+    if "name" in checked and checked["name"] in {r["name"] for r in runs.values()}:
         raise StateError(f"name {checked['name']!r} is taken by a run of this session; pick another")
+    if kind == "merge":
+        from .recipes import check_merge  # the merge's checks read checkpoint files and the lineage
+
+        check_merge(reader, checked, runs)
     return checked
+
+
+def checkpoint_of(reader: SessionReader, checkpoint_id: int, run_id: int, field: str) -> dict[str, Any]:
+    """Checkpoint ``checkpoint_id``'s record, which must belong to ``run_id``."""
+    try:
+        found = reader.checkpoint(checkpoint_id)
+    except NotFoundError as exc:
+        raise NotFoundError(f"{field}: {exc}") from None
+    if found["run_id"] != run_id:
+        raise StateError(f"{field}: checkpoint {checkpoint_id} belongs to run {found['run_id']}, not to run {run_id}")
+    return found
+
+
+def nonempty_slice(reader: SessionReader, name: str, field: str, kind: str) -> dict[str, Any]:
+    try:
+        saved = reader.slice(name)
+    except NotFoundError as exc:
+        raise NotFoundError(f"{field}: {exc}") from None
+    if saved["count"] == 0:
+        raise StateError(f"{field}: slice {name!r} is empty: a {kind} card needs samples to act on")
+    return saved
 
 
 def require_proposed(plan: Mapping[str, Any], action: str) -> None:

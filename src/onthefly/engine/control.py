@@ -175,6 +175,14 @@ class ExecutePlanCommand(StrictModel):
     plan_id: int = Field(ge=1, le=2**31, description="the approved plan card")
 
 
+class PreviewPlanCommand(StrictModel):
+    """Make a proposed merge card's candidate and compare it with its parents, without keeping it
+    (``POST /api/plans/{id}/preview``, ``onthefly.actions.merge.request_preview``)."""
+
+    kind: Literal["preview_plan"]
+    plan_id: int = Field(ge=1, le=2**31, description="the proposed merge card")
+
+
 class CompareArgs(StrictModel):
     """Evaluate runs side by side on sets of samples, paired, against a reference run."""
 
@@ -212,6 +220,7 @@ COMMANDS: dict[str, type[StrictModel]] = {
 COMMANDS["checkpoint"] = CheckpointAtPath
 COMMANDS["export"] = ExportCommand
 COMMANDS["execute_plan"] = ExecutePlanCommand
+COMMANDS["preview_plan"] = PreviewPlanCommand
 COMMANDS["compare"] = CompareCommand
 COMMAND_KINDS: tuple[str, ...] = tuple(COMMANDS)
 
@@ -233,25 +242,26 @@ def check_fields(model: type[StrictModel], data: Mapping[str, Any], *, what: str
         checked = model.model_validate(dict(data))
     except ValidationError as error:
         raise ConfigError(_refusal(what, model, data, error)) from None
-    return checked.model_dump(mode="json", exclude={"kind"})
+    return checked.model_dump(mode="json", by_alias=True, exclude={"kind"})  # by alias: a card's "lambda"
 
 
 def _refusal(kind: str, model: type[StrictModel], data: Mapping[str, Any], error: ValidationError) -> str:
     problems: dict[str, str] = {}  # one message per field, in the order pydantic reports them
     extras: list[str] = []
+    fields = {info.alias or name: info for name, info in model.model_fields.items()}  # by their JSON names
     for item in error.errors():
         name = str(item["loc"][0]) if item["loc"] else ""
         if item["type"] == "extra_forbidden":
             extras.append(name)
-        elif name not in model.model_fields:
+        elif name not in fields:
             problems.setdefault(name, item["msg"])
         elif item["type"] == "missing":
-            problems.setdefault(name, f"{kind} needs {name}: {_expected(model.model_fields[name])}")
+            problems.setdefault(name, f"{kind} needs {name}: {_expected(fields[name])}")
         else:
-            expected, got = _expected(model.model_fields[name]), _shown(data[name])
+            expected, got = _expected(fields[name]), _shown(data[name])
             problems.setdefault(name, f"{name} must be {expected}, got {got}")
     if extras:
-        takes = ", ".join(name for name in model.model_fields if name != "kind") or "no arguments"
+        takes = ", ".join(name for name in fields if name != "kind") or "no arguments"
         problems[""] = f"unexpected argument(s) {sorted(extras)} for {kind}; it takes {takes}"
     return "; ".join(problems.values())
 

@@ -482,7 +482,7 @@ class Run:
         self.last_eval[split] = result
         tested: dict[str, Any] = {}
         if split == "test":  # every test names the checkpoint of the weights it tested
-            checkpoint_id, why_not = self._checkpoint_here("test")
+            checkpoint_id, why_not = self.checkpoint_here("test")
             tested = {"checkpoint_id": checkpoint_id} if why_not is None else {"checkpoint_error": why_not}
         now = time.time()
         self.session.metrics([
@@ -543,7 +543,7 @@ class Run:
                          **self._where())
         return folder
 
-    def _checkpoint_here(self, reason: str) -> tuple[int | None, str | None]:
+    def checkpoint_here(self, reason: str) -> tuple[int | None, str | None]:
         """(id, None) of a checkpoint of the weights as they are now (saved unless one was just
         saved at this step), or (None, why not)."""
         if self._checkpoint_at is not None and self._checkpoint_at[0] == self.global_step:
@@ -673,7 +673,7 @@ class Run:
             # The final model is always in the session (and so in its export): saved unless the
             # newest checkpoint already holds these weights.
             with contextlib.suppress(Exception):
-                _, why_not = self._checkpoint_here("final")
+                _, why_not = self.checkpoint_here("final")
                 if why_not is not None:
                     self.bus.publish("final_checkpoint_failed", {"reason": why_not}, **self._where())
         with contextlib.suppress(Exception):

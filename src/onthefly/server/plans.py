@@ -15,8 +15,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from pydantic import Field
 
-from ..actions.plans import CurateCard, ForkCard, check_card, edit_card, plan_out, require_proposed
+from ..actions.merge import keepable
+from ..actions.plans import (
+    CurateCard,
+    ForkCard,
+    MergeCard,
+    check_card,
+    edit_card,
+    plan_out,
+    require_proposed,
+)
 from ..engine.control import CompareArgs
+from ..errors import ConfigError
 from .models import CommandAccepted, ComparisonOut, LineageOut, PlanApproved, PlanOut, Problem
 
 __all__ = ["plan_routes"]
@@ -43,10 +53,10 @@ def plan_routes(backend: Any) -> APIRouter:
 
     @router.post("/api/plans", response_model=PlanOut, status_code=201, responses={**BAD, **NOT_FOUND, **CONFLICT},
                  summary="Propose a plan card (checked against the session; nothing happens until it is approved)")
-    async def propose(card: Annotated[ForkCard | CurateCard, Field(discriminator="kind")]) -> PlanOut:
+    async def propose(card: Annotated[ForkCard | CurateCard | MergeCard, Field(discriminator="kind")]) -> PlanOut:
         def save() -> dict[str, Any]:
             fresh()
-            checked = check_card(backend.reader, card.model_dump(mode="json"))
+            checked = check_card(backend.reader, card.model_dump(mode="json", by_alias=True))
             record: dict[str, Any] = backend.ask("save_plan", kind=checked["kind"], card=checked, source="user")
             return record
 
@@ -84,6 +94,7 @@ def plan_routes(backend: Any) -> APIRouter:
             found = backend.reader.plan(plan_id)
             require_proposed(found, "approved")
             card = check_card(backend.reader, found["card"])
+            keepable(found)  # a merge that lost to a parent in its preview needs override
             backend.ask("update_plan", plan_id=plan_id, status="approved")
             try:
                 accepted = backend.command(card["run_id"], "execute_plan", {"plan_id": plan_id})
@@ -93,6 +104,23 @@ def plan_routes(backend: Any) -> APIRouter:
             return {"plan": plan_out(backend.reader.plan(plan_id)), "command": accepted}
 
         return PlanApproved.model_validate(await asyncio.to_thread(go))
+
+    @router.post("/api/plans/{plan_id}/preview", response_model=CommandAccepted, status_code=202,
+                 responses={**BAD, **NOT_FOUND, **CONFLICT},
+                 summary="Preview a proposed merge card: its run makes the candidate and compares it with every "
+                         "parent (then the card's result.preview holds the comparison; the card stays proposed)")
+    async def preview(plan_id: int) -> CommandAccepted:
+        def go() -> CommandAccepted:
+            fresh()
+            found = backend.reader.plan(plan_id)
+            if found["kind"] != "merge":
+                raise ConfigError(f"plan card {plan_id} is a {found['kind']} card; only merge cards have a preview")
+            require_proposed(found, "previewed")
+            check_card(backend.reader, found["card"])
+            accepted: CommandAccepted = backend.command(found["card"]["run_id"], "preview_plan", {"plan_id": plan_id})
+            return accepted
+
+        return await asyncio.to_thread(go)
 
     @router.get("/api/lineage", response_model=LineageOut,
                 summary="The session's runs as a graph: forks (and resumes) as edges with their steps and cards")
