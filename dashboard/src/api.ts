@@ -261,6 +261,13 @@ export class ApiClient {
     return this.request("POST", `/api/plans/${id}/approve`);
   }
 
+  /** Ask a proposed merge card's run to make the candidate and compare it with every parent: a
+   *  command, whose result (the comparison's id, and whether the merge lost) comes as a
+   *  `command_applied` event; the card's `result.preview` holds it then. */
+  previewPlan(id: number): Promise<Answer<"/api/plans/{plan_id}/preview", "post">> {
+    return this.request("POST", `/api/plans/${id}/preview`);
+  }
+
   lineage(): Promise<Lineage> {
     return this.get("/api/lineage");
   }

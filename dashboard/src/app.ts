@@ -27,7 +27,7 @@ const EVENT_PAGE = 10_000;
 const MAX_EVENT_PAGES = 50;
 /** Events about the session's plan cards and its runs, whichever run sends them (the page shows
  *  one run, but a fork's parent publishes its card's progress, and its children their status). */
-const PLAN_EVENTS: ReadonlySet<string> = new Set(["plan_proposed", "plan_discarded", "plan_started", "plan_finished", "autofork_suggested"]);
+const PLAN_EVENTS: ReadonlySet<string> = new Set(["plan_proposed", "plan_discarded", "plan_started", "plan_finished", "plan_previewed", "autofork_suggested"]);
 const LINEAGE_EVENTS: ReadonlySet<string> = new Set(["run_created", "status", "run_finished", "plan_finished"]);
 
 export interface Charts {

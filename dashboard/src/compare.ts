@@ -296,58 +296,64 @@ export class CompareView {
       return;
     }
     this.elements.table.dataset["comparison"] = String(comparison.id);
-    const confidence = table.confidence === null ? "" : `${Math.round(table.confidence * 100)}% `;
-    const resamples = table.nBoot === null ? "" : `, ${formatCount(table.nBoot)} resamples`;
-    setText(
-      this.elements.caption,
-      `comparison ${comparison.id} · reference ${nameOf(table, table.reference)} · differences are run − reference, accuracy in points, with ${confidence}paired-bootstrap intervals${resamples}`,
-    );
+    setText(this.elements.caption, comparisonCaption(comparison.id, table));
     this.renderTable(table, "");
   }
 
   private renderTable(table: ComparisonTable | null, empty: string): void {
-    const t = this.elements.table;
-    t.tHead?.remove();
-    const body = t.tBodies[0] ?? t.createTBody();
-    if (table === null) {
-      delete t.dataset["comparison"];
-      showEmpty(body, empty, 1);
-      return;
-    }
-    const head = t.createTHead().insertRow();
-    head.append(headCell("run"), ...table.sets.map((set) => headCell(set)));
-    body.replaceChildren(
-      ...table.runs.map((run) => {
-        const tr = element("tr");
-        tr.dataset["run"] = run;
-        const isReference = run === table.reference;
-        const name = element("th", "compare-run", nameOf(table, run));
-        name.scope = "row";
-        if (isReference) name.append(element("span", "tag", "reference"));
-        tr.append(name);
-        for (const set of table.sets) tr.append(this.cell(table.cells.get(cellKey(run, set)), run, set));
-        return tr;
-      }),
-    );
+    renderComparison(this.elements.table, table, empty);
   }
+}
 
-  private cell(cell: Cell | undefined, run: string, set: string): HTMLTableCellElement {
-    const td = element("td", "compare-cell");
-    td.dataset["testid"] = "comparison-cell";
-    td.dataset["run"] = run;
-    td.dataset["set"] = set;
-    if (cell === undefined) {
-      td.textContent = "—";
-      return td;
-    }
-    for (const [field, text] of cellLines(cell)) {
-      const line = element("div", `line line-${field}`, text);
-      line.dataset["field"] = field;
-      if (field === "diff" && cell.diff?.accuracy) line.dataset["tone"] = tone(cell.diff.accuracy);
-      td.append(line);
-    }
+/** What a comparison's table shows, in words: its id, reference, and how differences read. */
+export function comparisonCaption(id: number, table: ComparisonTable): string {
+  const confidence = table.confidence === null ? "" : `${Math.round(table.confidence * 100)}% `;
+  const resamples = table.nBoot === null ? "" : `, ${formatCount(table.nBoot)} resamples`;
+  return `comparison ${id} · reference ${nameOf(table, table.reference)} · differences are run − reference, accuracy in points, with ${confidence}paired-bootstrap intervals${resamples}`;
+}
+
+/** A comparison as a table: one row per run (the reference tagged), one column per set; `empty`
+ *  in its place when there is none. The compare panel and a merge card's preview both show one. */
+export function renderComparison(t: HTMLTableElement, table: ComparisonTable | null, empty: string): void {
+  t.tHead?.remove();
+  const body = t.tBodies[0] ?? t.createTBody();
+  if (table === null) {
+    delete t.dataset["comparison"];
+    showEmpty(body, empty, 1);
+    return;
+  }
+  const head = t.createTHead().insertRow();
+  head.append(headCell("run"), ...table.sets.map((set) => headCell(set)));
+  body.replaceChildren(
+    ...table.runs.map((run) => {
+      const tr = element("tr");
+      tr.dataset["run"] = run;
+      const name = element("th", "compare-run", nameOf(table, run));
+      name.scope = "row";
+      if (run === table.reference) name.append(element("span", "tag", "reference"));
+      tr.append(name);
+      for (const set of table.sets) tr.append(comparisonCell(table.cells.get(cellKey(run, set)), run, set));
+      return tr;
+    }),
+  );
+}
+
+function comparisonCell(cell: Cell | undefined, run: string, set: string): HTMLTableCellElement {
+  const td = element("td", "compare-cell");
+  td.dataset["testid"] = "comparison-cell";
+  td.dataset["run"] = run;
+  td.dataset["set"] = set;
+  if (cell === undefined) {
+    td.textContent = "—";
     return td;
   }
+  for (const [field, text] of cellLines(cell)) {
+    const line = element("div", `line line-${field}`, text);
+    line.dataset["field"] = field;
+    if (field === "diff" && cell.diff?.accuracy) line.dataset["tone"] = tone(cell.diff.accuracy);
+    td.append(line);
+  }
+  return td;
 }
 
 /** An interval above zero is a gain, below zero a loss; one across zero says nothing either way. */

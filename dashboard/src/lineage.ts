@@ -1,8 +1,10 @@
-// The lineage: the session's runs as a tree, drawn as inline SVG, layered by parent from left to
-// right (a run's children in the column after it), each edge labelled with its kind (fork,
-// control, resume) and the parent's step, each run coloured by its status. A click on a run makes
-// it the page's run (its curves, distribution, samples); shift-click, or the ticks under the
-// graph, pick runs to compare. Read from GET /api/lineage, again when runs appear or change.
+// The lineage: the session's runs as a graph, drawn as inline SVG, layered by parent from left to
+// right (a run's children in the column after it; a merged run, which has an edge from each of
+// its parents, in the column after its deepest parent), each edge labelled with its kind (fork,
+// control, resume, merge) and the parent's step, each run coloured by its status. A click on a
+// run makes it the page's run (its curves, distribution, samples); shift-click, or the ticks
+// beside the graph, pick runs to compare, or to merge ("Merge…"). Read from GET /api/lineage,
+// again when runs appear or change.
 
 import type { ApiClient, Lineage, LineageEdge, LineageNode } from "./api";
 import { element, setText } from "./dom";
@@ -22,7 +24,7 @@ export const DEFAULT_LAYOUT: LayoutOptions = { nodeWidth: 176, nodeHeight: 40, c
 
 export interface NodePosition {
   id: number;
-  /** Depth from its root: 0 for a run without a parent. */
+  /** One more than its deepest parent's: 0 for a run without a parent. */
   layer: number;
   /** Leaves take rows 0, 1, 2, … in order; a parent sits midway between its first and last child. */
   row: number;
@@ -39,25 +41,32 @@ export interface LineageLayout {
 
 /** Where each run goes: layered by parent (roots, then their children, …), children in id order
  *  under their parent, so that a fork and its control sit side by side next to their parent. A
- *  parent that is not in the list (or a loop, which a lineage never has) makes a run a root. */
-export function layoutLineage(nodes: readonly Pick<LineageNode, "id" | "parent_id">[], options: LayoutOptions = DEFAULT_LAYOUT): LineageLayout {
-  const ids = new Set(nodes.map((n) => n.id));
+ *  run with several parents (a merge: an edge from each) goes one column after the deepest of
+ *  them and sits in the rows of the last of those (the others' edges reach it across). A parent
+ *  that is not in the list (or a loop, which a lineage never has) makes a run a root. */
+export function layoutLineage(
+  nodes: readonly Pick<LineageNode, "id" | "parent_id">[],
+  options: LayoutOptions = DEFAULT_LAYOUT,
+  edges: readonly Pick<LineageEdge, "parent" | "child">[] = [],
+): LineageLayout {
+  const parents = parentsOf(nodes, edges);
+  const layers = layersOf(parents);
   const children = new Map<number, number[]>();
   const roots: number[] = [];
   for (const node of [...nodes].sort((a, b) => a.id - b.id)) {
-    const parent = node.parent_id;
-    if (parent !== null && parent !== node.id && ids.has(parent)) children.set(parent, [...(children.get(parent) ?? []), node.id]);
-    else roots.push(node.id);
+    const tree = treeParent(node.id, parents, layers);
+    if (tree === null) roots.push(node.id);
+    else children.set(tree, [...(children.get(tree) ?? []), node.id]);
   }
   const positions = new Map<number, NodePosition>();
   let rows = 0;
-  let layers = 0;
+  let columns = 0;
   const place = (id: number, layer: number): number => {
     const kids = (children.get(id) ?? []).filter((kid) => !positions.has(kid));
     positions.set(id, { id, layer, row: 0, x: 0, y: 0 }); // marked before the children: a loop stops here
     const kidRows = kids.map((kid) => place(kid, layer + 1));
     const row = kidRows.length === 0 ? rows++ : (kidRows[0]! + kidRows[kidRows.length - 1]!) / 2;
-    layers = Math.max(layers, layer + 1);
+    columns = Math.max(columns, layer + 1);
     positions.set(id, { id, layer, row, x: options.margin + layer * options.columnWidth, y: options.margin + row * options.rowHeight });
     return row;
   };
@@ -66,15 +75,74 @@ export function layoutLineage(nodes: readonly Pick<LineageNode, "id" | "parent_i
   for (const node of nodes) if (!positions.has(node.id)) place(node.id, 0);
   return {
     positions,
-    width: layers === 0 ? 0 : 2 * options.margin + (layers - 1) * options.columnWidth + options.nodeWidth,
+    width: columns === 0 ? 0 : 2 * options.margin + (columns - 1) * options.columnWidth + options.nodeWidth,
     height: rows === 0 ? 0 : 2 * options.margin + (rows - 1) * options.rowHeight + options.nodeHeight,
   };
 }
 
-/** An edge's label: "fork · step 1,200", "control · step 1,200", "resume". */
+/** Every run's parents in the list: its `parent_id` and the parent of every edge into it. */
+function parentsOf(nodes: readonly Pick<LineageNode, "id" | "parent_id">[], edges: readonly Pick<LineageEdge, "parent" | "child">[]): Map<number, number[]> {
+  const ids = new Set(nodes.map((n) => n.id));
+  const parents = new Map<number, number[]>(nodes.map((n) => [n.id, []]));
+  const add = (child: number, parent: number | null) => {
+    const list = parents.get(child);
+    if (list !== undefined && parent !== null && parent !== child && ids.has(parent) && !list.includes(parent)) list.push(parent);
+  };
+  for (const node of nodes) add(node.id, node.parent_id);
+  for (const edge of edges) add(edge.child, edge.parent);
+  return parents;
+}
+
+/** Each run's layer: one after its deepest parent (the longest path from a root). A loop is cut
+ *  where it closes (the parent still being walked counts as none). */
+function layersOf(parents: ReadonlyMap<number, readonly number[]>): Map<number, number> {
+  const layers = new Map<number, number>();
+  const walking = new Set<number>();
+  const layerOf = (id: number): number => {
+    const known = layers.get(id);
+    if (known !== undefined) return known;
+    if (walking.has(id)) return -1;
+    walking.add(id);
+    const layer = 1 + Math.max(-1, ...(parents.get(id) ?? []).map(layerOf));
+    walking.delete(id);
+    layers.set(id, layer);
+    return layer;
+  };
+  for (const id of parents.keys()) layerOf(id);
+  return layers;
+}
+
+/** The parent a run is drawn next to: of those in the layer before it, the latest (a merge of a
+ *  fork and its control sits by the control); null for a root. */
+function treeParent(id: number, parents: ReadonlyMap<number, readonly number[]>, layers: ReadonlyMap<number, number>): number | null {
+  const layer = layers.get(id) ?? 0;
+  const before = (parents.get(id) ?? []).filter((p) => layers.get(p) === layer - 1);
+  return before.length === 0 ? null : Math.max(...before);
+}
+
+/** An edge's label: "fork · step 1,200", "control · step 1,200", "resume", "merge · step 900". */
 export function edgeLabel(edge: Pick<LineageEdge, "kind" | "step">): string {
   return edge.step === null ? edge.kind : `${edge.kind} · step ${formatCount(edge.step)}`;
 }
+
+/** How a run came to be, in words: "fork · step 1,200 of baseline (1) (checkpoint 3) · card 1",
+ *  or for a merge "merge of a (2), b (3) · card 4"; "no parent" for a root. */
+export function originText(edges: readonly LineageEdge[], nameOf: (id: number) => string): string {
+  if (edges.length === 0) return "no parent";
+  const card = (e: LineageEdge) => (e.plan_id === null ? "" : ` · card ${e.plan_id}`);
+  if (edges.length > 1 || edges[0]!.kind === "merge") {
+    return `merge of ${edges.map((e) => nameOf(e.parent)).join(", ")}${card(edges[0]!)}`;
+  }
+  const edge = edges[0]!;
+  return `${edgeLabel(edge)} of ${nameOf(edge.parent)}${edge.checkpoint_id === null ? "" : ` (checkpoint ${edge.checkpoint_id})`}${card(edge)}`;
+}
+
+/** The edge kinds the legend names, and how each is drawn. */
+export const EDGE_KINDS: readonly { kind: string; text: string }[] = [
+  { kind: "fork", text: "fork / resume" },
+  { kind: "control", text: "matched control" },
+  { kind: "merge", text: "merge (one edge from each parent)" },
+];
 
 /** A run picked for comparison, with how it came to be (its edge's kind; null for a root). */
 export interface PickedRun {
@@ -93,6 +161,8 @@ export interface LineageOptions {
   /** Make this run the page's run. */
   onSelect: (runId: number) => void;
   onPick: (runs: PickedRun[]) => void;
+  /** "Merge…": a merge card for the picked runs (two or more). */
+  onMerge: (runs: PickedRun[]) => void;
   /** The runs were read again (names and statuses for the other panels). */
   onNodes: (nodes: readonly LineageNode[]) => void;
 }
@@ -110,12 +180,18 @@ export class LineageView {
   private current: number | null = null;
   private reading: Promise<void> | null = null;
   private readAgain = false;
+  private readonly mergeButton: HTMLButtonElement;
 
   constructor(api: ApiClient, store: Store, elements: LineageElements, options: LineageOptions) {
     this.api = api;
     this.store = store;
     this.elements = elements;
     this.options = options;
+    this.mergeButton = element("button", "small lineage-merge", "Merge…");
+    this.mergeButton.type = "button";
+    this.mergeButton.title = "Merge the ticked runs into one: opens a merge card (nothing happens until it is approved)";
+    this.mergeButton.addEventListener("click", () => this.options.onMerge(this.pickedRuns()));
+    elements.picks.after(this.mergeButton);
     this.render();
   }
 
@@ -166,6 +242,10 @@ export class LineageView {
     return this.lineage.edges.find((e) => e.child === child);
   }
 
+  private edgesInto(child: number): LineageEdge[] {
+    return this.lineage.edges.filter((e) => e.child === child);
+  }
+
   private toggle(id: number, on = !this.picked.has(id)): void {
     if (on) this.picked.add(id);
     else this.picked.delete(id);
@@ -174,8 +254,7 @@ export class LineageView {
   }
 
   private select(node: LineageNode): void {
-    const edge = this.edgeOf(node.id);
-    const from = edge === undefined ? "no parent" : `${edgeLabel(edge)} of ${this.nameOf(edge.parent)}${edge.checkpoint_id === null ? "" : ` (checkpoint ${edge.checkpoint_id})`}${edge.plan_id === null ? "" : ` · card ${edge.plan_id}`}`;
+    const from = originText(this.edgesInto(node.id), (id) => this.nameOf(id));
     setText(this.elements.detail, `${node.name} (run ${node.id}) · ${node.status} · created ${formatClock(node.created)} · ${from}`);
     this.options.onSelect(node.id);
   }
@@ -190,12 +269,13 @@ export class LineageView {
     const graph = this.elements.graph;
     graph.dataset["nodes"] = String(nodes.length);
     graph.dataset["edges"] = String(edges.length);
+    this.mergeButton.disabled = this.picked.size < 2;
     if (nodes.length === 0) {
       graph.replaceChildren(element("p", "muted", "No runs yet."));
       this.elements.picks.replaceChildren();
       return;
     }
-    const layout = layoutLineage(nodes);
+    const layout = layoutLineage(nodes, DEFAULT_LAYOUT, edges);
     const svg = svgElement("svg", { width: layout.width, height: layout.height, viewBox: `0 0 ${layout.width} ${layout.height}`, role: "img" });
     svg.setAttribute("aria-label", `lineage of ${nodes.length} runs`);
     for (const edge of edges) {
@@ -207,7 +287,7 @@ export class LineageView {
       const at = layout.positions.get(node.id);
       if (at !== undefined) svg.append(this.node(node, at));
     }
-    graph.replaceChildren(svg);
+    graph.replaceChildren(svg, legend(edges));
     this.renderPicks(nodes);
   }
 
@@ -218,13 +298,21 @@ export class LineageView {
     const x2 = child.x;
     const y2 = child.y + nodeHeight / 2;
     const bend = (x2 - x1) / 2;
+    const merge = edge.kind === "merge";
     const group = svgElement("g", { class: "lineage-edge" });
+    group.dataset["testid"] = "lineage-edge";
     group.dataset["kind"] = edge.kind;
     group.dataset["child"] = String(edge.child);
     group.dataset["parent"] = String(edge.parent);
-    group.append(svgElement("path", { d: `M ${x1} ${y1} C ${x1 + bend} ${y1}, ${x2 - bend} ${y2}, ${x2} ${y2}` }));
-    // The label sits over the flat end of the curve, by its child, where labels of siblings do not meet.
-    const label = svgElement("text", { x: x2 - 8, y: y2 - 6, "text-anchor": "end" });
+    const title = svgElement("title", {});
+    title.textContent = `${edgeLabel(edge)}: ${this.nameOf(edge.parent)} → ${this.nameOf(edge.child)}${edge.plan_id === null ? "" : ` (card ${edge.plan_id})`}`;
+    group.setAttribute("aria-label", title.textContent);
+    group.append(title, svgElement("path", { d: `M ${x1} ${y1} C ${x1 + bend} ${y1}, ${x2 - bend} ${y2}, ${x2} ${y2}` }));
+    // A label sits over the flat end of its curve by the child, where siblings' labels do not
+    // meet; a merge's, by each parent instead (its edges all end at the one merged run).
+    const label = merge
+      ? svgElement("text", { x: x1 + 8, y: y1 - 6, "text-anchor": "start" })
+      : svgElement("text", { x: x2 - 8, y: y2 - 6, "text-anchor": "end" });
     label.textContent = edgeLabel(edge);
     group.append(label);
     return group;
@@ -279,6 +367,27 @@ export class LineageView {
       }),
     );
   }
+}
+
+/** Which line is which kind of edge: a short sample of each, drawn as the graph draws it. */
+function legend(edges: readonly LineageEdge[]): HTMLElement {
+  const list = element("ul", "lineage-legend");
+  list.dataset["testid"] = "lineage-legend";
+  list.setAttribute("aria-label", "edge kinds");
+  const present = new Set(edges.map((e) => (e.kind === "resume" ? "fork" : e.kind)));
+  for (const { kind, text } of EDGE_KINDS) {
+    if (!present.has(kind) && kind !== "fork") continue;
+    const item = element("li");
+    item.dataset["kind"] = kind;
+    const sample = svgElement("svg", { width: 28, height: 10, "aria-hidden": "true" });
+    const line = svgElement("g", { class: "lineage-sample" });
+    line.dataset["kind"] = kind;
+    line.append(svgElement("path", { d: "M 1 5 L 27 5" }));
+    sample.append(line);
+    item.append(sample, document.createTextNode(text));
+    list.append(item);
+  }
+  return list;
 }
 
 function svgElement<K extends keyof SVGElementTagNameMap>(tag: K, attributes: Record<string, string | number>): SVGElementTagNameMap[K] {

@@ -130,6 +130,7 @@ function main(): void {
       run: () => store.run,
       onFinished: () => void lineage.refresh(),
       showComparison: (id) => compare.showComparison(id),
+      waitOutcome: (runId, commandId, timeoutMs) => dashboard.outcomes.wait(runId, commandId, timeoutMs),
     },
   );
   const lineage = new LineageView(
@@ -139,6 +140,7 @@ function main(): void {
     {
       onSelect: (runId) => dashboard.selectRun(runId),
       onPick: (runs) => compare.setPicked(runs),
+      onMerge: (runs) => void plans.openMergeDraft(runs),
       onNodes: () => plans.runsChanged(),
     },
   );

@@ -5,6 +5,7 @@ import type { CardField } from "./card-form";
 import { CARD_FIELDS } from "./card-form";
 import type { ForkCard, ForkCardField, PlanCard, PlanOut } from "./api";
 import { formatCount, formatPoints, formatRate, formatValue } from "./format";
+import { mergePlanText } from "./merge-card";
 
 /** The run every difference of a fork's verdict is taken against. */
 export function referenceOf(card: Pick<ForkCard, "control">): string {
@@ -18,8 +19,9 @@ export function criterionText(card: Pick<ForkCard, "control" | "min_slice_gain_p
   return `slice ≥ ${formatPoints(card.min_slice_gain_pt)}, held-out ≥ ${formatPoints(-card.max_other_drop_pt)} vs ${referenceOf(card)}`;
 }
 
-/** What a card will do: "tail · from baseline (1) · 2 epochs · lr 0.05 · with control", or for a
- *  curation "reweight tail ×2 · on baseline (1)". `runName` names a run. */
+/** What a card will do: "tail · from baseline (1) · 2 epochs · lr 0.05 · with control", for a
+ *  curation "reweight tail ×2 · on baseline (1)", for a merge "linear of a (2) + b (3) · by
+ *  baseline (1)". `runName` names a run. */
 export function planText(card: PlanCard, runName: (id: number) => string): string {
   switch (card.kind) {
     case "fork":
@@ -29,12 +31,14 @@ export function planText(card: PlanCard, runName: (id: number) => string): strin
       const from = card.from_step == null ? "" : ` · from step ${formatCount(card.from_step)}`;
       return `${card.action} ${card.slice}${weight} · on ${runName(card.run_id)}${from}`;
     }
+    case "merge":
+      return mergePlanText(card, runName);
   }
 }
 
-/** A card's own name: a fork's specialist, else what it does. */
+/** A card's own name: a fork's specialist, a merge's merged run, else what it does. */
 export function cardTitle(card: PlanCard): string {
-  return card.kind === "fork" ? card.name : `${card.kind} ${card.slice}`;
+  return card.kind === "curate" ? `${card.kind} ${card.slice}` : card.name;
 }
 
 /** A done fork's verdict, read from its result. */

@@ -151,7 +151,7 @@ class MergeCard(StrictModel):
     student: Annotated[int | None, Wording(omitted="the first parent")] = Field(
         default=None, ge=1, le=2**31, description="distill: the parent run whose weights the student starts from")
     seed: int = Field(default=0, ge=0, le=2**31, description="seed of DARE's masks, Fisher's and distillation's draws")
-    sets: SetNames = Field(default_factory=lambda: ["val"], min_length=1, max_length=12,
+    sets: SetNames = Field(default=["val"], min_length=1, max_length=12,
                            description="what the candidate is compared with every parent on")
     override: bool = Field(default=False, description="keep the merge even when it is worse than its best parent")
 
