@@ -87,3 +87,66 @@ def test_invalid_cards_are_refused_over_http(idle: LiveSession, changes: dict[st
     assert refused.status_code == status, refused.text
     assert message in refused.text
     assert idle.get("/api/plans") == []
+
+
+def test_a_merge_card_over_http_previewed_then_approved(idle: LiveSession) -> None:
+    idle.http.post("/api/slices", json={"name": "tail", "run_id": 1,
+                                        "definition": {"kind": "quantile_band", "low": 0.8}})
+    fork = idle.http.post("/api/plans", json=card()).json()
+    idle.http.post(f"/api/plans/{fork['id']}/approve")
+    idle.wait_until(lambda: idle.get(f"/api/plans/{fork['id']}")["status"] in ("done", "failed"), "the fork")
+    specialist, control = idle.get(f"/api/plans/{fork['id']}")["runs"]
+
+    merge = {"kind": "merge", "name": "soup", "run_id": 1, "method": "ties", "density": 0.6, "lambda": 0.8,
+             "parents": [{"run_id": specialist}, {"run_id": control, "weight": 2}], "sets": ["val", "tail"]}
+    proposed = idle.http.post("/api/plans", json=merge)
+    assert proposed.status_code == 201, proposed.text
+    plan = proposed.json()
+    assert plan["card"]["lambda"] == 0.8 and plan["card"]["majority_sign"] == "total"
+    assert idle.http.post(f"/api/plans/{fork['id']}/preview").status_code == 400  # a fork card has none
+
+    previewed = idle.http.post(f"/api/plans/{plan['id']}/preview")
+    assert previewed.status_code == 202, previewed.text
+    idle.wait_until(lambda: (idle.get(f"/api/plans/{plan['id']}")["result"] or {}).get("preview"), "the preview")
+    failed = idle.get(f"/api/plans/{plan['id']}")["result"]["preview"]
+    assert "the live run has no val_loader" in failed["error"]  # this run has none: the card says so
+    assert idle.http.patch(f"/api/plans/{plan['id']}", json={"sets": ["tail"]}).status_code == 200
+    assert idle.http.post(f"/api/plans/{plan['id']}/preview").status_code == 202
+    idle.wait_until(lambda: "comparison_id" in idle.get(f"/api/plans/{plan['id']}")["result"]["preview"],
+                    "the preview")
+    preview = idle.get(f"/api/plans/{plan['id']}")["result"]["preview"]
+    table = idle.get(f"/api/comparisons/{preview['comparison_id']}")["result"]
+    assert set(table["runs"]) == {"merge", str(specialist), str(control)} and table["sets"] == ["tail"]
+    assert idle.get(f"/api/plans/{plan['id']}")["status"] == "proposed"
+
+    if preview["worse"] is not None:  # the greedy-soup rule: refused until the card says override
+        refused = idle.http.post(f"/api/plans/{plan['id']}/approve")
+        assert refused.status_code == 409 and "override" in refused.text
+        assert idle.http.patch(f"/api/plans/{plan['id']}", json={"override": True}).status_code == 200
+    approved = idle.http.post(f"/api/plans/{plan['id']}/approve")
+    assert approved.status_code == 202, approved.text
+    idle.wait_until(lambda: idle.get(f"/api/plans/{plan['id']}")["status"] in ("done", "failed"), "the merge")
+    done = idle.get(f"/api/plans/{plan['id']}")
+    assert done["status"] == "done", done["error"]
+    (merged,) = done["runs"]
+    assert done["result"]["recipe"]["base_checkpoint_id"] is not None  # the fork point
+    edges = {(e["parent"], e["kind"]) for e in idle.get("/api/lineage")["edges"] if e["child"] == merged}
+    assert edges == {(specialist, "merge"), (control, "merge")}
+    assert idle.get(f"/api/runs/{merged}")["status"] == "finished"
+
+
+@pytest.mark.parametrize(("changes", "status", "message"), [
+    ({"method": "blend"}, 422, "method"),
+    ({"parents": [{"run_id": 1}]}, 422, "parents"),
+    ({"parents": [{"run_id": 1}, {"run_id": 9}]}, 404, "parents: run 9 is not a run"),
+    ({"parents": [{"run_id": 1}, {"run_id": 1}]}, 409, "listed twice"),
+    ({"lambda": 99}, 422, "lambda"),
+])
+def test_invalid_merge_cards_are_refused_over_http(idle: LiveSession, changes: dict[str, Any], status: int,
+                                                   message: str) -> None:
+    merge = {"kind": "merge", "name": "soup", "run_id": 1, "method": "linear",
+             "parents": [{"run_id": 1}, {"run_id": 1, "checkpoint_id": None, "weight": 2}], **changes}
+    refused = idle.http.post("/api/plans", json=merge)
+    assert refused.status_code == status, refused.text
+    assert message in refused.text
+    assert idle.get("/api/plans") == []

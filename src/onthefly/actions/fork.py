@@ -146,6 +146,9 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
         run.controller.set_status("paused")
         try:
             result = merging.preview(trainer, plan)
+        except Exception as exc:  # the card says why there is no preview (the command is rejected too)
+            merging.preview_failed(run, plan, f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             run.controller.set_status(status)
         run.bus.publish("plan_previewed", result, **_where(run))

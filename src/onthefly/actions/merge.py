@@ -42,7 +42,8 @@ from . import merging, recipes
 from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
-__all__ = ["add_edges", "data_indices", "estimate_fisher", "execute", "keepable", "load_model", "preview", "request_preview", "update_bn"]
+__all__ = ["add_edges", "data_indices", "estimate_fisher", "execute", "keepable", "load_model", "preview", "preview_failed",
+           "request_preview", "update_bn"]
 
 
 # ---- the Python API (any thread of the training process) ----------------------------------------
@@ -87,6 +88,12 @@ def preview(trainer: Any, plan: Mapping[str, Any]) -> dict[str, Any]:
                "recipe": _recipe(card, resolved, details)}
     run.session.update_plan(plan["id"], result={**(plan["result"] or {}), "preview": summary})
     return {"plan_id": plan["id"], "comparison_id": comparison_id, "worse": compared["worse"]}
+
+
+def preview_failed(run: Any, plan: Mapping[str, Any], error: str) -> None:
+    """Say on the card why its preview could not be made."""
+    run.session.update_plan(plan["id"], result={**(plan["result"] or {}),
+                                                "preview": {"card": _card_key(plan["card"]), "error": error}})
 
 
 def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], None] | None) -> dict[str, Any]:
