@@ -321,3 +321,20 @@ def test_bad_merge_cards_are_refused(session_with_forks: onthefly.Trainer, field
     with pytest.raises(error, match=match):
         check_card(reader, card_for(session_with_forks, **fields))
     assert [p["kind"] for p in reader.plans()] == ["fork"]  # nothing written
+
+
+def test_a_merged_run_trains_further_from_its_checkpoint() -> None:
+    trainer, plan = merged({})
+    reader = open_session(trainer.run.session.dir)
+    checkpoint = reader.checkpoints(plan["runs"][0])[-1]
+    assert checkpoint["reason"] == "merge" and checkpoint["step"] == 0
+    model = toy_model()
+    resumed = onthefly.Trainer(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        loss_fn=nn.CrossEntropyLoss(), train_loader=DataLoader(toy_data(), batch_size=32, shuffle=True),
+        val_loader=DataLoader(toy_data(96, seed=1), batch_size=32), project="merges", progress=False,
+        resume_from=checkpoint["path"])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(start[k], v) for k, v in checkpoint_tensors(reader, plan["runs"][0]).items())
+    summary = resumed.fit(1)
+    assert summary.status == "finished" and summary.steps == 8

@@ -221,7 +221,7 @@ class _FoldedWeights:
             if layer is not None and suffix == _BASE_WEIGHT:
                 self.layer_of[plain] = layer
         for layer in layers:
-            (a, _), (b, _), (w, _) = (weights.meta(layer + s) for s in (_LORA_A, _LORA_B, _BASE_WEIGHT))
+            a, b, w = (weights.meta(layer + s)[0] for s in (_LORA_A, _LORA_B, _BASE_WEIGHT))
             if not (len(w) == len(a) == len(b) == 2 and a[1] == w[1] and b == (w[0], a[0])):
                 raise ConfigError(f"adapters: {layer!r} has lora_a {a} and lora_b {b} for a base "
                                   f"weight {w}; expected lora_a (r, in) and lora_b (out, r)")
@@ -278,7 +278,8 @@ def _check_same(named: Mapping[str, Weights], field: str) -> None:
         key_set = set(keys)
         lacking = next((k for k in first_keys if k not in key_set), None)
         if lacking is not None:
-            raise ConfigError(f"{field}: {name} lacks {lacking!r} that {first_name} has; {_SAME_FIX}")
+            raise ConfigError(f"{field}: {name} lacks {lacking!r} that {first_name} has; "
+                              f"{_SAME_FIX}")
         extra = next((k for k in keys if k not in first_set), None)
         if extra is not None:
             raise ConfigError(f"{field}: {name} has {extra!r} that {first_name} lacks; {_SAME_FIX}")
@@ -301,9 +302,11 @@ def _check_parents(parents: Sequence[Weights], base: Weights | None = None) -> N
     if base is not None:
         named["base"] = base
     for name, weights in named.items():
-        if not all(hasattr(weights, m) for m in ("keys", "meta", "get")) or isinstance(weights, Mapping):
-            raise ConfigError(f"parents: {name} is a {type(weights).__name__}, not Weights; wrap a "
-                              f"state dict in TensorWeights(...) or open a file with FileWeights(path)")
+        is_weights = all(hasattr(weights, m) for m in ("keys", "meta", "get"))
+        if not is_weights or isinstance(weights, Mapping):
+            raise ConfigError(f"parents: {name} is a {type(weights).__name__}, not Weights; wrap "
+                              f"a state dict in TensorWeights(...) or open a file with "
+                              f"FileWeights(path)")
     if not parents:
         raise ConfigError("parents: none given; pass at least one model to merge")
     _check_same(named, "parents")
@@ -385,7 +388,8 @@ def _stream(first: Weights, merge_key: MergeKey) -> dict[str, torch.Tensor]:
         if not dtype.is_floating_point:
             out[key] = first.get(key).clone()
             continue
-        out[key] = merge_key(key, index, _compute_dtype(dtype), scratch).to(dtype)  # no copy if equal
+        merged = merge_key(key, index, _compute_dtype(dtype), scratch)
+        out[key] = merged.to(dtype)  # no copy when the dtype is already right
     return out
 
 
@@ -542,7 +546,8 @@ def ties(base: Weights, parents: Sequence[Weights], weights: Sequence[float] | N
     def merge_key(key: str, _: int, dtype: torch.dtype, scratch: _Scratch) -> torch.Tensor:
         rows, base_tensor = _task_vectors(base, parents, key, dtype, scratch)
         _keep_largest(rows, density, scratch)
-        return _add_to_base(base_tensor, _disjoint_merge(rows, values, majority_sign_method, scratch), lambda_)
+        merged = _disjoint_merge(rows, values, majority_sign_method, scratch)
+        return _add_to_base(base_tensor, merged, lambda_)
 
     return _stream(parents[0], merge_key)
 
@@ -597,7 +602,8 @@ def dare_ties(base: Weights, parents: Sequence[Weights], weights: Sequence[float
     def merge_key(key: str, index: int, dtype: torch.dtype, scratch: _Scratch) -> torch.Tensor:
         rows, base_tensor = _task_vectors(base, parents, key, dtype, scratch)
         _drop_and_rescale(rows, density, _dare_generator(seed, index), scratch)
-        return _add_to_base(base_tensor, _disjoint_merge(rows, values, majority_sign_method, scratch), lambda_)
+        merged = _disjoint_merge(rows, values, majority_sign_method, scratch)
+        return _add_to_base(base_tensor, merged, lambda_)
 
     return _stream(parents[0], merge_key)
 
@@ -612,7 +618,8 @@ def fisher_weighted(parents: Sequence[Weights], fishers: Sequence[Weights],
     _check_parents(parents)
     if len(fishers) != len(parents):
         raise ConfigError(f"fishers: got {len(fishers)} for {len(parents)} parents; give one "
-                          f"Fisher (per-parameter importance, keyed like the parameters) per parent")
+                          f"Fisher (per-parameter importance, keyed like the parameters) per "
+                          f"parent")
     _check_same({f"fisher {i}": f for i, f in enumerate(fishers, start=1)}, "fishers")
     fisher_keys, parent_keys = set(fishers[0].keys()), set(parents[0].keys())
     for key in fishers[0].keys():
@@ -640,8 +647,10 @@ def fisher_weighted(parents: Sequence[Weights], fishers: Sequence[Weights],
         shape = parents[0].meta(key)[0]
         numerator = torch.zeros(shape, dtype=dtype)
         denominator = scratch("denominator", shape, dtype).zero_()
-        importance, parameter = scratch("importance", shape, dtype), scratch("parameter", shape, dtype)
-        for parent, fisher, weight in zip(parents, fishers, values or [1.0] * len(parents), strict=True):
+        importance = scratch("importance", shape, dtype)
+        parameter = scratch("parameter", shape, dtype)
+        uniform = [1.0] * len(parents)
+        for parent, fisher, weight in zip(parents, fishers, values or uniform, strict=True):
             _read_into(fisher, key, importance).clamp_(min=floor)
             denominator.add_(importance, alpha=weight)  # fused: one pass for w * F and the sum
             numerator.addcmul_(importance, _read_into(parent, key, parameter), value=weight)
@@ -679,7 +688,8 @@ def fuse_adapters(models: Sequence[Weights], weights: Sequence[float] | None = N
                               f"fuse only runs whose adapters sit on the same layers")
     views = [_FoldedWeights(model, layers) for model in models]
     _check_same(dict(zip(names, views, strict=True)), "models")
-    values = _check_weights(weights, len(models), normalize=False) or [1 / len(models)] * len(models)
+    count = len(models)
+    values = _check_weights(weights, count, normalize=False) or [1 / count] * count
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ConfigError(f"rank: got {rank!r}; expected a positive integer, or None to keep "
                           f"the fused update's full rank")
@@ -689,12 +699,12 @@ def fuse_adapters(models: Sequence[Weights], weights: Sequence[float] | None = N
     for key in first.keys():
         source = first.source[key]
         tensor = first.inner.get(source)
-        if source.endswith((_BASE_WEIGHT, _BASE_BIAS)):
+        if source != key:  # an adapted layer's frozen base weight or bias
             for name, model in zip(names[1:], models[1:], strict=True):
                 if not torch.equal(model.get(source), tensor):
                     raise ConfigError(f"models: {source!r} differs between model 1 and {name}; "
                                       f"fused adapters need one frozen base (forks of one "
-                                      f"checkpoint); merge full weights with linear or ties instead")
+                                      f"checkpoint); merge full weights with linear or ties")
         layer = first.layer_of.get(key)
         if layer is None:
             out[key] = tensor.clone()
