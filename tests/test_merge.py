@@ -338,3 +338,71 @@ def test_a_merged_run_trains_further_from_its_checkpoint() -> None:
     assert all(torch.equal(start[k], v) for k, v in checkpoint_tensors(reader, plan["runs"][0]).items())
     summary = resumed.fit(1)
     assert summary.status == "finished" and summary.steps == 8
+
+
+@pytest.mark.parametrize("method", ["linear", "distill"])
+def test_the_live_run_goes_on_exactly_as_if_it_had_not_merged(method: str) -> None:
+    plain = make_trainer(callbacks=(Script({0: fork_two()}),))
+    plain.fit(4)
+    trainer, plan = merged({"method": method, "budget": 3})
+    assert plan["status"] == "done", plan["error"]
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+
+
+class CheckpointEveryEpoch(onthefly.Callback):
+    def on_fit_start(self, run: onthefly.Run) -> None:
+        run.save_checkpoint(reason="manual")  # step 0: the untrained weights, a bad ingredient
+
+    def on_epoch_end(self, run: onthefly.Run) -> None:
+        run.save_checkpoint(reason="manual")
+
+
+def test_swa_along_one_trajectory_and_a_greedy_soup_that_leaves_out_what_does_not_help() -> None:
+    script = Script({})
+    plans: dict[str, int] = {}
+
+    def propose(run: onthefly.Run) -> None:
+        run.session.flush()
+        ids = [c["id"] for c in open_session(run.session.dir).checkpoints(run.run_id)]  # steps 0, 8, 16, 24
+        for name, method, chosen in (("swa", "linear", ids[1:]), ("greedy", "greedy_soup", ids)):
+            card = {"kind": "merge", "name": name, "run_id": run.run_id, "method": method, "override": True,
+                    "parents": [{"run_id": run.run_id, "checkpoint_id": c} for c in chosen]}
+            plans[name] = forking.propose(run, card)["id"]
+            forking.approve(run, plans[name])
+
+    script.steps = {2: propose}
+    trainer = make_trainer(callbacks=(CheckpointEveryEpoch(), script))
+    trainer.fit(4)
+    trainer.run.session.flush()
+    reader = open_session(trainer.run.session.dir)
+    swa, greedy = reader.plan(plans["swa"]), reader.plan(plans["greedy"])
+    assert swa["status"] == greedy["status"] == "done", (swa["error"], greedy["error"])
+
+    def averaged(checkpoint_ids: list[int]) -> dict[str, torch.Tensor]:
+        average = AveragedModel(toy_model())
+        for checkpoint_id in checkpoint_ids:
+            model = toy_model()
+            model.load_state_dict(load_file(str(recipes.model_file(reader.checkpoint(checkpoint_id)))))
+            average.update_parameters(model)
+        return average.module.state_dict()
+
+    expected = averaged([p["checkpoint_id"] for p in swa["card"]["parents"]])
+    got = checkpoint_tensors(reader, swa["runs"][0])
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+    soup = greedy["result"]["recipe"]["soup"]
+    steps = soup["steps"]
+    assert len(steps) == 4 and steps[0]["added"] is True
+    assert [s["alone"] for s in steps] == sorted((s["alone"] for s in steps), reverse=True)  # best first
+    untrained = next(s for s in steps if s["checkpoint_id"] == greedy["card"]["parents"][0]["checkpoint_id"])
+    assert untrained["added"] is False  # the step-0 weights made the soup worse
+    kept = [s["checkpoint_id"] for s in steps if s["added"]]
+    assert soup["ingredients"] == kept
+    best = steps[0]["soup"]
+    for step in steps[1:]:  # the rule: added exactly when the soup's validation score improves
+        assert step["added"] == (step["soup"] > best)
+        best = max(best, step["soup"]) if step["added"] else best
+    expected = averaged(kept)
+    got = checkpoint_tensors(reader, greedy["runs"][0])
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

@@ -100,23 +100,23 @@ def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], Non
     """Carry out an approved merge card: the merged run, its edges, checkpoint and recipe."""
     run, card = trainer.run, plan["card"]
     cached = trainer.merge_previews.pop(plan["id"], None)
-    with isolated_rng():
+    with isolated_rng():  # the live run's random streams are exactly as they were afterwards
         if cached is not None and cached[0] == _card_key(card):
             _, resolved, model, details = cached  # what was previewed is what is kept (deterministic anyway)
         else:
             resolved = _resolve(trainer, card)
             model, details = _candidate(trainer, card, resolved, on_child=on_child, plan_id=plan["id"])
         compared = _compare(trainer, card, model, resolved)
-    if compared["worse"] is not None and not card["override"] and card["method"] != "distill":
-        raise StateError(f"{compared['worse']['text']}; the merge is not kept (set override to keep it anyway)")
-    recipe = _recipe(card, resolved, details)
-    student = details.pop("student_run", None)
-    if student is None:
-        child_id = _merged_run(trainer, card, model, recipe, plan["id"], resolved, on_child)
-    else:  # the distilled student is already a run: its config gets the recipe
-        child_id = int(student.run_id)
-        student.config["merge"] = recipe
-        run.session.set_run_config(child_id, student.config)
+        if compared["worse"] is not None and not card["override"] and card["method"] != "distill":
+            raise StateError(f"{compared['worse']['text']}; the merge is not kept (set override to keep it anyway)")
+        recipe = _recipe(card, resolved, details)
+        student = details.pop("student_run", None)
+        if student is None:
+            child_id = _merged_run(trainer, card, model, recipe, plan["id"], resolved, on_child)
+        else:  # the distilled student is already a run: its config gets the recipe
+            child_id = int(student.run_id)
+            student.config["merge"] = recipe
+            run.session.set_run_config(child_id, student.config)
     trainer.forks[child_id] = model
     verdict = {"met": compared["worse"] is None, "worse": compared["worse"]}
     return {"runs": [child_id], "recipe": recipe, "comparison": compared["table"], "verdict": verdict}
