@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from onthefly.actions import merging
-from onthefly.actions.merging import FileWeights
+from onthefly.actions.model_weights import FileWeights
 
 PARENTS = 4
 WEIGHTS = [0.4, 0.3, 0.2, 0.1]

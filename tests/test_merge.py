@@ -21,7 +21,7 @@ import onthefly
 from conftest import toy_data, toy_model
 from onthefly.actions import fork as forking
 from onthefly.actions import merge as merges
-from onthefly.actions import merging, recipes
+from onthefly.actions import merging, model_weights, recipes
 from onthefly.actions import slices as slicing
 from onthefly.actions.plans import check_card
 from onthefly.errors import ConfigError, NotFoundError, StateError
@@ -142,8 +142,8 @@ def test_task_arithmetic_takes_task_vectors_from_the_fork_point_and_the_recipe_r
     recipe = plan["result"]["recipe"]
     fork_edge = next(e for e in reader.lineage()["edges"] if e["kind"] == "fork")
     assert recipe["base_checkpoint_id"] == fork_edge["checkpoint_id"] is not None
-    base = merging.FileWeights(recipes.model_file(reader.checkpoint(recipe["base_checkpoint_id"])))
-    parents = [merging.FileWeights(recipes.model_file(reader.checkpoint(p["checkpoint_id"])))
+    base = model_weights.FileWeights(recipes.model_file(reader.checkpoint(recipe["base_checkpoint_id"])))
+    parents = [model_weights.FileWeights(recipes.model_file(reader.checkpoint(p["checkpoint_id"])))
                for p in recipe["parents"]]
     expected = merging.task_arithmetic(base, parents, [1.0, 1.0], lambda_=0.7, normalize=True)
     got = checkpoint_tensors(reader, plan["runs"][0])

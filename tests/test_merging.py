@@ -18,19 +18,21 @@ from torch.optim.swa_utils import AveragedModel
 
 from onthefly.actions.adapters import LowRankAdapter, add_adapters
 from onthefly.actions.merging import (
-    FileWeights,
-    TensorWeights,
-    adapter_layers,
-    check_same_architecture,
     dare_linear,
     dare_seed,
     dare_ties,
     fisher_weighted,
-    fold_adapters,
     fuse_adapters,
     linear,
     task_arithmetic,
     ties,
+)
+from onthefly.actions.model_weights import (
+    FileWeights,
+    TensorWeights,
+    adapter_layers,
+    check_same_architecture,
+    fold_adapters,
 )
 from onthefly.errors import ConfigError, StateError
 

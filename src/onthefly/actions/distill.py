@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
-from . import merging, recipes
+from . import model_weights, recipes
 
 __all__ = ["distill"]
 
@@ -38,16 +38,16 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
     run = trainer.run
     teachers = []
     for _, record in resolved:
-        with merging.FileWeights(recipes.model_file(record)) as weights:
-            teacher = load_model(trainer, merging.fold_adapters(weights)).eval()
+        with model_weights.FileWeights(recipes.model_file(record)) as weights:
+            teacher = load_model(trainer, model_weights.fold_adapters(weights)).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         teachers.append(teacher)
     student_run = card["student"] if card["student"] is not None else resolved[0][0]["run_id"]
     start = next(record for parent, record in resolved if parent["run_id"] == student_run)
     _seed(card["seed"])
-    with merging.FileWeights(recipes.model_file(start)) as weights:
-        student = load_model(trainer, merging.fold_adapters(weights))
+    with model_weights.FileWeights(recipes.model_file(start)) as weights:
+        student = load_model(trainer, model_weights.fold_adapters(weights))
     soft = _SoftTargets(teachers, card["temperature"])
     student.register_forward_hook(soft, with_kwargs=True)
     loss_fn = _DistillLoss(student, soft, card["temperature"], card["alpha"])

@@ -41,7 +41,7 @@ from ..store.reader import SessionReader
 from . import compare as comparing
 from . import curate as curating
 from . import merge as merging
-from . import merging as merging_ops
+from . import model_weights
 from .adapters import add_adapters, train_head_only
 from .export import isolated_rng
 from .plans import check_card, edit_card, plan_out, require_proposed
@@ -406,7 +406,7 @@ def _model_of(trainer: Any, reader: SessionReader, run_id: int) -> nn.Module:
     if not checkpoints:
         raise ConfigError(f"runs: run {run_id} has no checkpoint and is not in this process")
     tensors, _ = read_checkpoint(checkpoints[-1]["path"])
-    folded = merging_ops.fold_adapters(merging_ops.TensorWeights(tensors))  # an adapter fork: its weights folded
+    folded = model_weights.fold_adapters(model_weights.TensorWeights(tensors))  # an adapter fork: its weights folded
     model = copy.deepcopy(trainer.model)
     try:
         model.load_state_dict({key: folded.get(key) for key in folded.keys()})

@@ -38,7 +38,7 @@ from ..engine.batch import to_device
 from ..errors import ConfigError, StateError
 from ..store.reader import SessionReader
 from . import compare as comparing
-from . import merging, recipes
+from . import merging, model_weights, recipes
 from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
@@ -160,12 +160,12 @@ def _label(parent: Mapping[str, Any], resolved: Resolved) -> str:
     return f"{parent['run_id']}" + (f"@{parent['checkpoint_id']}" if twice and parent["checkpoint_id"] else "")
 
 
-def _open(resolved: Resolved) -> list[merging.FileWeights]:
+def _open(resolved: Resolved) -> list[model_weights.FileWeights]:
     """The parents' weight files, opened lazily (close them)."""
-    return [merging.FileWeights(recipes.model_file(record)) for _, record in resolved]
+    return [model_weights.FileWeights(recipes.model_file(record)) for _, record in resolved]
 
 
-def load_model(trainer: Any, tensors: Mapping[str, torch.Tensor] | merging.Weights) -> nn.Module:
+def load_model(trainer: Any, tensors: Mapping[str, torch.Tensor] | model_weights.Weights) -> nn.Module:
     """A copy of the live run's module holding ``tensors``, on its device."""
     model = copy.deepcopy(trainer.model)
     state = ({k: tensors.get(k) for k in tensors.keys()} if not isinstance(tensors, Mapping) else tensors)
@@ -195,17 +195,17 @@ def _candidate(trainer: Any, card: Mapping[str, Any], resolved: Resolved, *,
         model, details["soup"] = _greedy_soup(trainer, card, resolved)
         return model, details
     opened = _open(resolved)
-    parents = opened if method == "adapter_fusion" else [merging.fold_adapters(w) for w in opened]
+    parents = opened if method == "adapter_fusion" else [model_weights.fold_adapters(w) for w in opened]
     try:
         if method == "linear":
             tensors = merging.linear(parents, uniform, normalize=card["normalize"])
         elif method in TASK_VECTOR_METHODS:
             base_record = _base(trainer, card, resolved)
             details["base_checkpoint_id"] = base_record["id"]
-            base = merging.fold_adapters(merging.FileWeights(recipes.model_file(base_record)))
+            base = model_weights.fold_adapters(model_weights.FileWeights(recipes.model_file(base_record)))
             tensors = _task_vectors(card, base, parents, weights)
         elif method == "fisher":
-            fishers = [merging.TensorWeights(estimate_fisher(trainer, card, load_model(trainer, p))) for p in parents]
+            fishers = [model_weights.TensorWeights(estimate_fisher(trainer, card, load_model(trainer, p))) for p in parents]
             tensors = merging.fisher_weighted(parents, fishers, weights)
         elif method == "adapter_fusion":
             tensors = merging.fuse_adapters(parents, None if len(set(weights)) == 1 else weights, rank=card["rank"])
@@ -220,7 +220,7 @@ def _candidate(trainer: Any, card: Mapping[str, Any], resolved: Resolved, *,
     return model, details
 
 
-def _task_vectors(card: Mapping[str, Any], base: merging.Weights, parents: Sequence[merging.Weights],
+def _task_vectors(card: Mapping[str, Any], base: model_weights.Weights, parents: Sequence[model_weights.Weights],
                   weights: list[float]) -> dict[str, torch.Tensor]:
     method, scale = card["method"], card["lambda"]
     if method == "task_arithmetic":
@@ -254,8 +254,8 @@ def _greedy_soup(trainer: Any, card: Mapping[str, Any], resolved: Resolved) -> t
     data = data_indices(trainer, card)
     scores = []
     for parent, record in resolved:
-        with merging.FileWeights(recipes.model_file(record)) as weights:
-            model = load_model(trainer, merging.fold_adapters(weights))
+        with model_weights.FileWeights(recipes.model_file(record)) as weights:
+            model = load_model(trainer, model_weights.fold_adapters(weights))
         scores.append((_val_score(trainer, model), parent, record))
     scores.sort(key=lambda s: -s[0])  # a stable sort: ties keep the card's order
     soup: Resolved = [(scores[0][1], scores[0][2])]
@@ -279,7 +279,7 @@ def _greedy_soup(trainer: Any, card: Mapping[str, Any], resolved: Resolved) -> t
 def _load_soup(trainer: Any, card: Mapping[str, Any], soup: Resolved, data: np.ndarray | None) -> nn.Module:
     opened = _open(soup)
     try:
-        model = load_model(trainer, merging.linear([merging.fold_adapters(w) for w in opened], None))
+        model = load_model(trainer, merging.linear([model_weights.fold_adapters(w) for w in opened], None))
     finally:
         for weights in opened:
             weights.close()
@@ -394,8 +394,8 @@ def _compare(trainer: Any, card: Mapping[str, Any], model: nn.Module, resolved: 
                           np.asarray(reader.slice_indices(reader.slice(name)), dtype=np.int64))
     entrants: dict[str, nn.Module] = {"merge": model}
     for parent, record in resolved:
-        with merging.FileWeights(recipes.model_file(record)) as weights:
-            entrants[_label(parent, resolved)] = load_model(trainer, merging.fold_adapters(weights))
+        with model_weights.FileWeights(recipes.model_file(record)) as weights:
+            entrants[_label(parent, resolved)] = load_model(trainer, model_weights.fold_adapters(weights))
     results = {label: {name: _evaluate(trainer, m, *where) for name, where in sets.items()}
                for label, m in entrants.items()}
     table = comparing.compare(results, "merge", seed=card["seed"])

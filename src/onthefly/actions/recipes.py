@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigError, NotFoundError, StateError
 from ..store.checkpoints import MODEL_FILE
 from ..store.reader import SessionReader
-from . import merging
+from . import model_weights
 from .plans import TASK_VECTOR_METHODS, checkpoint_of, nonempty_slice
 
 __all__ = ["ancestors", "check_merge", "common_base", "model_file", "origin", "parent_checkpoint"]
@@ -104,7 +104,7 @@ def check_merge(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[in
     resolved = [(p, parent_checkpoint(reader, p)) for p in card["parents"]]
     on_disk = {f"run {p['run_id']}" + (f" checkpoint {c['id']}" if p["checkpoint_id"] else ""): c
                for p, c in resolved if c is not None}
-    opened = {name: merging.FileWeights(model_file(c)) for name, c in on_disk.items()}
+    opened = {name: model_weights.FileWeights(model_file(c)) for name, c in on_disk.items()}
     try:
         _check_weights(reader, card, method, resolved, opened)
     except ConfigError as exc:  # the card is well formed; it conflicts with what the parents are: 409
@@ -116,23 +116,23 @@ def check_merge(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[in
 
 def _check_weights(reader: SessionReader, card: Mapping[str, Any], method: str,
                    resolved: Sequence[tuple[Mapping[str, Any], dict[str, Any] | None]],
-                   opened: Mapping[str, merging.Weights]) -> None:
+                   opened: Mapping[str, model_weights.Weights]) -> None:
     """The parents' weight files against the method (ConfigError naming the first problem)."""
     if method == "adapter_fusion":
         _check_adapters(opened)
     else:
-        merging.check_same_architecture({name: merging.fold_adapters(w) for name, w in opened.items()})
+        model_weights.check_same_architecture({name: model_weights.fold_adapters(w) for name, w in opened.items()})
     if method in TASK_VECTOR_METHODS:
         base = _task_vector_base(reader, card, resolved)
         if base is not None and opened:
-            with merging.FileWeights(model_file(base)) as weights:
+            with model_weights.FileWeights(model_file(base)) as weights:
                 name = f"the base (checkpoint {base['id']})"
-                merging.check_same_architecture({name: merging.fold_adapters(weights),
-                                                 **{k: merging.fold_adapters(w) for k, w in opened.items()}})
+                model_weights.check_same_architecture({name: model_weights.fold_adapters(weights),
+                                                 **{k: model_weights.fold_adapters(w) for k, w in opened.items()}})
 
 
-def _check_adapters(opened: Mapping[str, merging.Weights]) -> None:
-    layouts = {name: merging.adapter_layers(w) for name, w in opened.items()}
+def _check_adapters(opened: Mapping[str, model_weights.Weights]) -> None:
+    layouts = {name: model_weights.adapter_layers(w) for name, w in opened.items()}
     for name, layers in layouts.items():
         if not layers:
             raise ConfigError(f"method: adapter_fusion fuses forks trained with adapters (trains='adapters'); "
