@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from . import model_weights, recipes
+from .children import Draws, optimizer_like, seed_all
 
 __all__ = ["distill"]
 
@@ -32,7 +33,6 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
             on_child: Callable[[Any], None] | None, plan_id: int | None) -> tuple[nn.Module, Any]:
     """Train the student run; returns its model and its Run."""
     from ..engine.trainer import Trainer
-    from .fork import _Draws, _optimizer_like, _seed
     from .merge import add_edges, data_indices, load_model
 
     run = trainer.run
@@ -45,7 +45,7 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
         teachers.append(teacher)
     student_run = card["student"] if card["student"] is not None else resolved[0][0]["run_id"]
     start = next(record for parent, record in resolved if parent["run_id"] == student_run)
-    _seed(card["seed"])
+    seed_all(card["seed"])
     with model_weights.FileWeights(recipes.model_file(start)) as weights:
         student = load_model(trainer, model_weights.fold_adapters(weights))
     soft = _SoftTargets(teachers, card["temperature"])
@@ -58,11 +58,11 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
     batch_size = source.batch_size or 1
     generator = torch.Generator().manual_seed(card["seed"])
     loader = DataLoader(source.dataset, batch_size=batch_size,
-                        sampler=_Draws(pool, None, card["budget"] * batch_size, generator),
+                        sampler=Draws(pool, None, card["budget"] * batch_size, generator),
                         num_workers=source.num_workers, collate_fn=source.collate_fn, pin_memory=source.pin_memory,
                         drop_last=source.drop_last, worker_init_fn=source.worker_init_fn, persistent_workers=False)
     lr = card["lr"] if card["lr"] is not None else trainer.optimizer.param_groups[0]["lr"]
-    optimizer = _optimizer_like(trainer.optimizer, list(student.parameters()), {"lr": lr, "weight_decay": None})
+    optimizer = optimizer_like(trainer.optimizer, list(student.parameters()), {"lr": lr, "weight_decay": None})
     child = Trainer(model=student, optimizer=optimizer, loss_fn=loss_fn, train_loader=loader,
                     val_loader=trainer.val_loader, test_loader=trainer.test_loader, project=run.project,
                     run_name=card["name"], device=trainer.device, amp=trainer.amp, grad_clip=trainer.grad_clip,

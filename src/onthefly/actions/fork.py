@@ -24,15 +24,14 @@ locked), and the verdict written on the card.
 from __future__ import annotations
 
 import copy
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..engine.callbacks import Callback
 from ..errors import ConfigError, StateError
@@ -43,6 +42,7 @@ from . import curate as curating
 from . import merge as merging
 from . import model_weights
 from .adapters import add_adapters, train_head_only
+from .children import Draws, evaluate, optimizer_like, seed_all
 from .export import isolated_rng
 from .plans import check_card, edit_card, plan_out, require_proposed
 
@@ -199,7 +199,7 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
     first_step: dict[str, float] = {}  # branch name -> seconds from the start of the fork to its first step
     with isolated_rng():  # the parent's random streams are exactly as they were afterwards
         for edge_kind, name, (pool, weights, per_epoch) in branches:
-            _seed(card["seed"])
+            seed_all(card["seed"])
             model = copy.deepcopy(trainer.model)
             model.load_state_dict(tensors)
             if card["trains"] == "adapters":
@@ -207,12 +207,12 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
             elif card["trains"] == "head":
                 train_head_only(model)
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = _optimizer_like(trainer.optimizer, params, card)
+            optimizer = optimizer_like(trainer.optimizer, params, card)
             generator = torch.Generator().manual_seed(card["seed"])
             epochs, samples = (card["budget"], per_epoch) if card["budget_unit"] == "epochs" else \
                 (1, card["budget"] * (card["batch_size"] or loader.batch_size or 1))
             child_loader = DataLoader(dataset, batch_size=card["batch_size"] or loader.batch_size,
-                                      sampler=_Draws(pool, weights, samples, generator),
+                                      sampler=Draws(pool, weights, samples, generator),
                                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                       pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                                       worker_init_fn=loader.worker_init_fn,
@@ -252,33 +252,6 @@ class _FirstStep(Callback):
         self.into.setdefault(self.name, time.perf_counter() - self.started)
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _optimizer_like(parent: torch.optim.Optimizer, params: list[nn.Parameter], card: Mapping[str, Any]) \
-        -> torch.optim.Optimizer:
-    """The parent's optimizer class over ``params``, with its first group's settings and the card's
-    learning rate and weight decay."""
-    if not params:
-        raise ConfigError("trains: nothing would train (no parameter requires a gradient)")
-    settings = {k: v for k, v in parent.param_groups[0].items() if k != "params" and k in parent.defaults}
-    settings["lr"] = card["lr"]
-    if card["weight_decay"] is not None:
-        if "weight_decay" not in settings:
-            raise ConfigError(f"weight_decay: {type(parent).__name__} has no weight decay setting")
-        settings["weight_decay"] = card["weight_decay"]
-    for key in ("initial_lr",):
-        settings.pop(key, None)
-    try:
-        return type(parent)(params, **settings)
-    except TypeError as exc:
-        raise ConfigError(f"cannot build a {type(parent).__name__} for the fork from the parent's settings: {exc}") \
-            from exc
-
-
 def _draws(card: Mapping[str, Any], slice_indices: np.ndarray | None, n: int) \
         -> tuple[np.ndarray, np.ndarray | None, int]:
     """(pool, weights, samples per epoch) of a branch: the slice's indices; all indices with the
@@ -297,32 +270,6 @@ def _draws(card: Mapping[str, Any], slice_indices: np.ndarray | None, n: int) \
     return everything, weights, n
 
 
-class _Draws(Sampler[int]):
-    """Dataset indices for one epoch of a fork: ``samples`` draws from ``pool`` - shuffled passes
-    without replacement, or with ``weights`` (with replacement) - from ``generator``, which the
-    engine saves and restores with its checkpoints."""
-
-    def __init__(self, pool: np.ndarray, weights: np.ndarray | None, samples: int, generator: torch.Generator) -> None:
-        self.pool = torch.as_tensor(pool, dtype=torch.int64)
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        self.samples = samples
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return self.samples
-
-    def __iter__(self) -> Iterator[int]:
-        if self.weights is not None:
-            drawn = self.pool[torch.multinomial(self.weights, self.samples, replacement=True, generator=self.generator)]
-            yield from drawn.tolist()
-            return
-        left = self.samples
-        while left > 0:
-            order = self.pool[torch.randperm(len(self.pool), generator=self.generator)][:left]
-            yield from order.tolist()
-            left -= len(order)
-
-
 # ---- judging and comparing ---------------------------------------------------------------------
 def _judge(trainer: Any, card: Mapping[str, Any], source: nn.Module, models: dict[str, nn.Module],
            slice_indices: np.ndarray, n: int) -> dict[str, Any]:
@@ -336,7 +283,7 @@ def _judge(trainer: Any, card: Mapping[str, Any], source: nn.Module, models: dic
     if trainer.val_loader is not None:
         sets["val"] = (trainer.val_loader.dataset, None)
     entrants = {"parent": source, **{("specialist" if k == "fork" else k): m for k, m in models.items()}}
-    results = {label: {name: _evaluate(trainer, model, *where) for name, where in sets.items() if where[1] is None
+    results = {label: {name: evaluate(trainer, model, *where) for name, where in sets.items() if where[1] is None
                        or len(where[1])} for label, model in entrants.items()}
     reference = "control" if "control" in entrants else "parent"
     table = comparing.compare(results, reference, seed=card["seed"])
@@ -363,13 +310,6 @@ def _points(cell: Mapping[str, Any] | None) -> float | None:
     return None if accuracy is None else float(accuracy["value"]) * 100.0
 
 
-def _evaluate(trainer: Any, model: nn.Module, dataset: Any, indices: np.ndarray | None) -> comparing.PerSample:
-    loader = trainer.train_loader.original
-    return comparing.evaluate_set(model, dataset, indices, loss=trainer.loss, spec=trainer.spec,
-                                  device=trainer.device, batch_size=max(loader.batch_size or 1, 256),
-                                  collate_fn=loader.collate_fn, autocast=trainer._autocast)
-
-
 def compare_runs(trainer: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     """The "compare" command: the runs' models (the live parent's current weights, forks kept in
     this process, else a run's newest checkpoint) evaluated paired on the sets."""
@@ -390,7 +330,7 @@ def compare_runs(trainer: Any, args: Mapping[str, Any]) -> dict[str, Any]:
             sets[name] = (dataset, np.asarray(reader.slice_indices(reader.slice(name)), dtype=np.int64))
     models = {run_id: _model_of(trainer, reader, run_id) for run_id in args["runs"]}
     with isolated_rng():
-        results = {str(run_id): {name: _evaluate(trainer, model, *where) for name, where in sets.items()}
+        results = {str(run_id): {name: evaluate(trainer, model, *where) for name, where in sets.items()}
                    for run_id, model in models.items()}
     table = comparing.compare(results, str(args["reference"]), n_boot=args["n_boot"], seed=args["seed"])
     table["names"] = {str(r["id"]): r["name"] for r in reader.runs() if r["id"] in args["runs"]}

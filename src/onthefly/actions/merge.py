@@ -39,6 +39,7 @@ from ..errors import ConfigError, StateError
 from ..store.reader import SessionReader
 from . import compare as comparing
 from . import merging, model_weights, recipes
+from .children import evaluate, optimizer_like
 from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
@@ -373,9 +374,7 @@ def estimate_fisher(trainer: Any, card: Mapping[str, Any], model: nn.Module) -> 
 
 # ---- comparing and keeping ---------------------------------------------------------------------
 def _evaluate(trainer: Any, model: nn.Module, dataset: Any, indices: np.ndarray | None) -> comparing.PerSample:
-    from .fork import _evaluate as evaluate  # the same per-sample evaluation as every comparison
-
-    return evaluate(trainer, model, dataset, indices)
+    return evaluate(trainer, model, dataset, indices)  # the same per-sample evaluation as every comparison
 
 
 def _compare(trainer: Any, card: Mapping[str, Any], model: nn.Module, resolved: Resolved) -> dict[str, Any]:
@@ -447,10 +446,9 @@ def _merged_run(trainer: Any, card: Mapping[str, Any], model: nn.Module, recipe:
     """The merged model as a run of the session: a checkpoint at step 0 with the state a resume
     needs (the live run's optimizer class over its parameters, its loaders), then finished."""
     from ..engine.trainer import Trainer
-    from .fork import _optimizer_like
 
     run = trainer.run
-    optimizer = _optimizer_like(trainer.optimizer, list(model.parameters()),
+    optimizer = optimizer_like(trainer.optimizer, list(model.parameters()),
                                 {"lr": trainer.optimizer.param_groups[0]["lr"], "weight_decay": None})
     first = resolved[0]
     child = Trainer(model=model, optimizer=optimizer, loss_fn=trainer.loss.loss_fn,
