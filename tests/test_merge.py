@@ -232,14 +232,17 @@ def test_fisher_weighted_soup_and_its_fisher_estimate() -> None:
 
 
 def test_distillation_trains_a_student_run_on_its_teachers_soft_targets() -> None:
-    trainer, plan = merged({"method": "distill", "budget": 6, "temperature": 3.0, "alpha": 0.7})
+    trainer, plan = merged({"method": "distill", "budget": 6, "temperature": 3.0, "alpha": 0.7, "student": 1})
     assert plan["status"] == "done", plan["error"]
     reader = open_session(trainer.run.session.dir)
     (student,) = plan["runs"]
     assert reader.samples(student).num_rows == 6 * 32  # budget steps of the live run's batch size
-    assert {e["parent"] for e in reader.lineage()["edges"] if e["child"] == student} == {
-        p["run_id"] for p in plan["card"]["parents"]}
+    assert {(e["parent"], e["kind"]) for e in reader.lineage()["edges"] if e["child"] == student} == {
+        *((p["run_id"], "merge") for p in plan["card"]["parents"]), (1, "student")}
     assert plan["result"]["recipe"]["method"] == "distill"
+    student_run = next(r for r in reader.runs() if r["id"] == student)
+    start = reader.checkpoint(student_run["config"]["student_checkpoint_id"])
+    assert start["run_id"] == 1 and student_run["parent_id"] == 1  # the generalist, no teacher, starts it
     assert {c["run"] for c in plan["result"]["comparison"]["cells"]} >= {"merge"}
 
 
@@ -311,7 +314,7 @@ def test_task_vectors_need_a_common_ancestor(session_with_forks: onthefly.Traine
     ({"parents": [{"run_id": 2}]}, ConfigError, "parents"),
     ({"data": "nowhere"}, NotFoundError, "data: "),
     ({"sets": ["val", "nowhere"]}, NotFoundError, "sets: "),
-    ({"method": "distill", "student": 1}, StateError, "student: run 1 is not one of the parents"),
+    ({"method": "distill", "student": 99}, NotFoundError, "student: run 99 is not a run"),
     ({"method": "soup"}, ConfigError, "method must be"),
     ({"density": 0}, ConfigError, "density must be"),
 ])

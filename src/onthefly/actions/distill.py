@@ -1,8 +1,9 @@
 """Distillation, the merge that trains: a student run learns from the mean of its teachers'
 softened class probabilities (Hinton et al.), for the weight-space merges' fallback.
 
-The student is a run of the session like a fork: a copy of the live run's module holding one
-parent's weights, the live run's optimizer class with the card's learning rate, ``budget`` steps
+The student is a run of the session like a fork: a copy of the live run's module holding the
+weights of ``student`` (a parent, or any run of the session such as the generalist; default the
+first parent), the live run's optimizer class with the card's learning rate, ``budget`` steps
 on the card's data (drawn with the card's seed), its curves and per-sample values recorded. Its
 loss per sample is ``alpha * T**2 * KL(teachers || student at temperature T) + (1 - alpha) *
 cross-entropy at the true label``; on validation the student is scored by cross-entropy alone.
@@ -33,7 +34,7 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
             on_child: Callable[[Any], None] | None, plan_id: int | None) -> tuple[nn.Module, Any]:
     """Train the student run; returns its model and its Run."""
     from ..engine.trainer import Trainer
-    from .merge import add_edges, data_indices, load_model
+    from .merge import add_edges, checkpoint_for, data_indices, load_model
 
     run = trainer.run
     teachers = []
@@ -44,7 +45,8 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
             p.requires_grad_(False)
         teachers.append(teacher)
     student_run = card["student"] if card["student"] is not None else resolved[0][0]["run_id"]
-    start = next(record for parent, record in resolved if parent["run_id"] == student_run)
+    start = next((record for parent, record in resolved if parent["run_id"] == student_run), None) \
+        or checkpoint_for(trainer, {"run_id": student_run, "checkpoint_id": None})  # a run that is no teacher
     seed_all(card["seed"])
     with model_weights.FileWeights(recipes.model_file(start)) as weights:
         student = load_model(trainer, model_weights.fold_adapters(weights))
@@ -68,9 +70,13 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
                     run_name=card["name"], device=trainer.device, amp=trainer.amp, grad_clip=trainer.grad_clip,
                     inputs=trainer.spec.inputs, targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn,
                     progress=False, session=run.session, parent=(student_run, start["id"]))
-    child.run.config.update({"plan_id": plan_id, "distilled_from": [p["run_id"] for p, _ in resolved]})
+    child.run.config.update({"plan_id": plan_id, "distilled_from": [p["run_id"] for p, _ in resolved],
+                             "student_checkpoint_id": start["id"]})
     run.session.set_run_config(child.run.run_id, child.run.config)
     add_edges(run, child.run.run_id, resolved, plan_id or 0)
+    if all(parent["run_id"] != student_run for parent, _ in resolved):  # where its weights came from
+        run.session.add_edge(child_id=child.run.run_id, parent_id=student_run, kind="student", step=start["step"],
+                             checkpoint_id=start["id"], plan_id=plan_id)
     if on_child is not None:
         on_child(child.run)
     child.fit(1)

@@ -43,7 +43,7 @@ from .children import evaluate, optimizer_like
 from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
-__all__ = ["add_edges", "data_indices", "estimate_fisher", "execute", "keepable", "load_model", "preview", "preview_failed",
+__all__ = ["add_edges", "checkpoint_for", "data_indices", "estimate_fisher", "execute", "keepable", "load_model", "preview", "preview_failed",
            "request_preview", "update_bn"]
 
 
@@ -135,24 +135,24 @@ Resolved = list[tuple[dict[str, Any], dict[str, Any]]]  # (parent as on the card
 def _resolve(trainer: Any, card: Mapping[str, Any]) -> Resolved:
     """Every parent's checkpoint: the one it names, for the live run its weights now (saved as a
     checkpoint, so the recipe names a file), for another run its newest."""
+    return [(dict(parent), checkpoint_for(trainer, parent)) for parent in card["parents"]]
+
+
+def checkpoint_for(trainer: Any, parent: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint record of one parent (see ``_resolve``)."""
     run = trainer.run
-    resolved: Resolved = []
-    for parent in card["parents"]:
-        if parent["checkpoint_id"] is None and parent["run_id"] == run.run_id:
-            checkpoint_id, why_not = run.checkpoint_here("merge")
-            if checkpoint_id is None:
-                raise StateError(f"parents: cannot save run {run.run_id}'s weights for the merge: {why_not}")
-            run.session.flush()
-            record = SessionReader(run.session.dir).checkpoint(checkpoint_id)
-        else:
-            run.session.flush()
-            found = recipes.parent_checkpoint(SessionReader(run.session.dir), parent)
-            if found is None:
-                raise ConfigError(f"parents: run {parent['run_id']} has no checkpoint to merge (and is not the "
-                                  f"live run {run.run_id})")
-            record = found
-        resolved.append((dict(parent), record))
-    return resolved
+    if parent["checkpoint_id"] is None and parent["run_id"] == run.run_id:
+        checkpoint_id, why_not = run.checkpoint_here("merge")
+        if checkpoint_id is None:
+            raise StateError(f"parents: cannot save run {run.run_id}'s weights for the merge: {why_not}")
+        run.session.flush()
+        return SessionReader(run.session.dir).checkpoint(checkpoint_id)
+    run.session.flush()
+    found = recipes.parent_checkpoint(SessionReader(run.session.dir), parent)
+    if found is None:
+        raise ConfigError(f"parents: run {parent['run_id']} has no checkpoint to merge (and is not the "
+                          f"live run {run.run_id})")
+    return found
 
 
 def _label(parent: Mapping[str, Any], resolved: Resolved) -> str:

@@ -149,7 +149,7 @@ class MergeCard(StrictModel):
     lr: Annotated[float | None, Wording(omitted="the live run's")] = Field(
         default=None, gt=0.0, le=10.0, allow_inf_nan=False, description="distill: the student's learning rate")
     student: Annotated[int | None, Wording(omitted="the first parent")] = Field(
-        default=None, ge=1, le=2**31, description="distill: the parent run whose weights the student starts from")
+        default=None, ge=1, le=2**31, description="distill: the run whose weights the student starts from (a parent, the generalist...)")
     seed: int = Field(default=0, ge=0, le=2**31, description="seed of DARE's masks, Fisher's and distillation's draws")
     sets: SetNames = Field(default=["val"], min_length=1, max_length=12,
                            description="what the candidate is compared with every parent on")

@@ -99,8 +99,8 @@ def check_merge(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[in
             nonempty_slice(reader, name, "sets", "merge")
     if method == "distill":
         student = card["student"]
-        if student is not None and student not in {p["run_id"] for p in card["parents"]}:
-            raise StateError(f"student: run {student} is not one of the parents")
+        if student is not None and student not in runs:
+            raise NotFoundError(f"student: run {student} is not a run of this session")
     resolved = [(p, parent_checkpoint(reader, p)) for p in card["parents"]]
     on_disk = {f"run {p['run_id']}" + (f" checkpoint {c['id']}" if p["checkpoint_id"] else ""): c
                for p, c in resolved if c is not None}
