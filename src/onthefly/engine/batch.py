@@ -2,8 +2,14 @@
 
 Default: a tuple/list batch is ``(inputs, targets)``; a dict batch uses the keys named by
 ``inputs``/``targets`` (or a common name such as "input"/"label"). ``inputs`` may name several
-fields: a dict's become keyword arguments of the model, a tuple's positional ones. For any other
-model, pass ``forward_fn(model, batch) -> (outputs, targets)``.
+fields: a dict's become keyword arguments of the model, a tuple's positional ones. A Hugging
+Face-style dict (``input_ids``, ``pixel_values`` or ``input_values`` in it) gives the model every
+key but the targets by name (``attention_mask``, ``token_type_ids``...), and the targets are
+``labels``. For any other model, pass ``forward_fn(model, batch) -> (outputs, targets)``.
+
+A model's outputs that are not a tensor are reduced to their logits before the loss sees them
+(``logits_of``): a Hugging Face ``ModelOutput``, a dict or a dataclass with ``logits``, or a
+tuple whose first element is a tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["BatchSpec", "ForwardFn", "batch_size_of", "describe", "to_device"]
+__all__ = ["BatchSpec", "ForwardFn", "batch_size_of", "describe", "logits_of", "to_device"]
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 Field = str | int
@@ -24,6 +30,21 @@ Fields = Field | tuple[Field, ...] | list[Field]
 
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features", "input_ids", "data")
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
+_BY_NAME_KEYS = ("input_ids", "pixel_values", "input_values")  # a Hugging Face batch: every key by name
+
+
+def logits_of(outputs: Any) -> Any:
+    """``outputs`` as the loss takes them: a tensor stays; a ``ModelOutput``, dict or object with
+    ``logits`` gives them; a tuple or list gives its first element when that is a tensor (the
+    convention of models that return extras after the logits). Anything else is left as it is."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        return outputs["logits"] if "logits" in outputs else outputs
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0] if outputs and isinstance(outputs[0], torch.Tensor) else outputs
+    found = getattr(outputs, "logits", None)
+    return found if isinstance(found, torch.Tensor) else outputs
 
 
 def to_device(value: Any, device: torch.device, non_blocking: bool) -> Any:
@@ -64,11 +85,13 @@ class BatchSpec:
                 raise ConfigError(
                     f"forward_fn must return a pair (outputs, targets), got {describe(result)}"
                 )
-            return result
+            return logits_of(result[0]), result[1]
         if isinstance(batch, Mapping):
-            return self._forward_dict(model, batch)
+            outputs, targets = self._forward_dict(model, batch)
+            return logits_of(outputs), targets
         if isinstance(batch, (list, tuple)):
-            return self._forward_sequence(model, batch)
+            outputs, targets = self._forward_sequence(model, batch)
+            return logits_of(outputs), targets
         raise DataError(
             f"the loader yielded {describe(batch)}; On The Fly understands tuple, list and dict "
             "batches. Return (inputs, targets) from your dataset, or pass "
@@ -76,9 +99,12 @@ class BatchSpec:
         )
 
     def _forward_dict(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
-        inputs = self.inputs if self.inputs is not None else _first_key(batch, _INPUT_KEYS, "inputs")
         targets = self.targets if self.targets is not None else _first_key(batch, _TARGET_KEYS, "targets")
         y = _field(batch, targets)
+        if self.inputs is None and any(key in batch for key in _BY_NAME_KEYS):
+            # Not the labels: a Hugging Face model given them computes its own (mean) loss besides ours.
+            return model(**{str(k): v for k, v in batch.items() if k != targets}), y
+        inputs = self.inputs if self.inputs is not None else _first_key(batch, _INPUT_KEYS, "inputs")
         if isinstance(inputs, (list, tuple)):
             return model(**{str(k): _field(batch, k) for k in inputs}), y
         return model(_field(batch, inputs)), y

@@ -49,6 +49,7 @@ from ..signals.recorder import LOSS, ClassSignals, Derive, Indices, SampleRecord
 from ..store.checkpoints import read_checkpoint
 from ..store.session import SessionStore
 from ..store.sources import ResumeSource, resume_source
+from .batch import logits_of
 from .callbacks import HOOKS, Callback, overrides
 from .checks import check_first_step, check_step_shapes, non_finite_error
 from .control import Command, CommandQueue, RunStatus
@@ -358,6 +359,7 @@ class Run:
         ``indices`` are the batch's dataset indices, for a loop that does not iterate
         ``run.batches(loader)`` (which records them itself)."""
         indices = self._take_indices(indices)
+        logits = logits_of(logits)  # a Hugging Face ModelOutput (or a dict) gives its logits
         if self._first_step:
             self._classification = check_first_step(per_sample_loss, indices, logits, targets)
             self._first_step = False

@@ -69,7 +69,7 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save_file(dict(model_tensors), str(tmp / MODEL_FILE))
+        save_file(_untied(model_tensors), str(tmp / MODEL_FILE))
         torch.save(dict(state), tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
         _sync(tmp)  # the files' bytes reach the disk before the rename makes them the checkpoint
@@ -82,6 +82,24 @@ def write_checkpoint(folder: Path, model_tensors: Mapping[str, torch.Tensor], st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder_size(folder)
+
+
+def _untied(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors can write them: a tensor that shares memory with an earlier one
+    (tied weights: an embedding and the output layer of a language model) is written as a copy,
+    so that every key of the state dict is in the file and loads by name; non-contiguous ones
+    contiguous."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        storage = (tensor.untyped_storage().data_ptr(), tensor.device.index or 0) if tensor.numel() else None
+        if storage is not None and storage in seen:
+            out[key] = tensor.detach().clone(memory_format=torch.contiguous_format)
+            continue
+        if storage is not None:
+            seen.add(storage)
+        out[key] = tensor if tensor.is_contiguous() else tensor.contiguous()
+    return out
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
