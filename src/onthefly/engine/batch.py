@@ -99,12 +99,14 @@ class BatchSpec:
         )
 
     def _forward_dict(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
+        by_name = self.inputs is None and any(key in batch for key in _BY_NAME_KEYS)
+        inputs = self.inputs if self.inputs is not None or by_name else _first_key(batch, _INPUT_KEYS, "inputs")
         targets = self.targets if self.targets is not None else _first_key(batch, _TARGET_KEYS, "targets")
         y = _field(batch, targets)
-        if self.inputs is None and any(key in batch for key in _BY_NAME_KEYS):
+        if by_name:
             # Not the labels: a Hugging Face model given them computes its own (mean) loss besides ours.
             return model(**{str(k): v for k, v in batch.items() if k != targets}), y
-        inputs = self.inputs if self.inputs is not None else _first_key(batch, _INPUT_KEYS, "inputs")
+        assert inputs is not None
         if isinstance(inputs, (list, tuple)):
             return model(**{str(k): _field(batch, k) for k in inputs}), y
         return model(_field(batch, inputs)), y
