@@ -1,7 +1,7 @@
 """On The Fly: a local-first control room for PyTorch training.
 
 The few names users call: ``quickstart`` (we run the loop), ``start_run`` (you keep your loop),
-``Trainer`` (``quickstart`` with more control), ``Callback``, ``open_session`` (read a session),
+``Trainer`` (``quickstart`` with more control), ``Callback``, ``EarlyStopping``, ``open_session`` (read a session),
 ``export_slice`` (write a slice of samples with their signals and data to CSV/Parquet/JSON),
 ``export_session`` / ``import_session`` (save a whole session to one ``.otf`` archive, open it elsewhere).
 They are imported on first use, so ``onthefly --version`` does not wait for torch to load.
@@ -17,13 +17,14 @@ from .errors import OnTheFlyError
 
 if TYPE_CHECKING:
     from .actions.export import export_slice
-    from .engine import Callback, FitSummary, Run, RunStatus, Trainer
+    from .engine import Callback, EarlyStopping, FitSummary, Run, RunStatus, Trainer
     from .launch import quickstart, start_run
     from .store import open_session
     from .store.archive import export_session, import_session
 
 __all__ = [
     "Callback",
+    "EarlyStopping",
     "FitSummary",
     "OnTheFlyError",
     "Run",
@@ -40,6 +41,7 @@ __all__ = [
 
 _LAZY = {
     "Callback": ".engine",
+    "EarlyStopping": ".engine",
     "FitSummary": ".engine",
     "Run": ".engine",
     "RunStatus": ".engine",

@@ -3,7 +3,7 @@ sample tracking. Knows nothing of HTTP: it publishes events and takes commands."
 
 from __future__ import annotations
 
-from .callbacks import Callback
+from .callbacks import Callback, EarlyStopping
 from .control import COMMANDS, Command, CommandQueue, RunStatus
 from .events import Event, EventBus
 from .run import Run
@@ -14,6 +14,7 @@ __all__ = [
     "Callback",
     "Command",
     "CommandQueue",
+    "EarlyStopping",
     "Event",
     "EventBus",
     "FitSummary",

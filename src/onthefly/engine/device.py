@@ -6,7 +6,10 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["autocast_dtype", "model_device", "pick_device"]
+__all__ = ["amp_mode", "autocast_dtype", "model_device", "pick_device"]
+
+AMP_MODES = {True: "auto", "auto": "auto", "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
+             "bfloat16": "bfloat16"}
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
@@ -27,8 +30,27 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """float16 on CUDA (with a GradScaler), bfloat16 elsewhere (no scaler needed)."""
+def amp_mode(amp: bool | str) -> str | None:
+    """``amp`` as given to the Trainer: None (off), "auto" (True: float16 on CUDA, bfloat16
+    elsewhere), "float16" ("fp16") or "bfloat16" ("bf16")."""
+    if amp is False or amp is None:
+        return None
+    mode = AMP_MODES.get(amp) if isinstance(amp, (bool, str)) else None
+    if mode is None:
+        raise ConfigError(f"amp must be True, False, 'fp16' or 'bf16', got {amp!r}")
+    return mode
+
+
+def autocast_dtype(device: torch.device, mode: str | None = "auto") -> torch.dtype:
+    """float16 on CUDA (with a GradScaler), bfloat16 elsewhere (no scaler needed); or the
+    ``mode`` asked for ("float16" off CUDA is refused: CPU autocast computes in bfloat16)."""
+    if mode == "bfloat16":
+        return torch.bfloat16
+    if mode == "float16":
+        if device.type != "cuda":
+            raise ConfigError(f"amp='fp16' needs a CUDA device (float16 with a GradScaler); on {device.type} use "
+                              "amp='bf16' or amp=True")
+        return torch.float16
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 

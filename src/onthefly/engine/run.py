@@ -189,6 +189,7 @@ class Run:
             assert source is not None
             try:
                 self._restore(*checkpoint, source=source)
+                self.fire("on_load_checkpoint", source.checkpoint)
             except BaseException as exc:
                 self.close(exc)  # the session records why, and is not left looking "running"
                 raise
@@ -413,10 +414,14 @@ class Run:
         for callback in self._hooks["on_step_end"]:
             callback.on_step_end(self)
 
-    def fire(self, hook: str) -> None:
-        """Call ``hook`` on every callback that overrides it."""
+    def fire(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` (with ``args`` after the run) on every callback that overrides it."""
         for callback in self._hooks[hook]:
-            getattr(callback, hook)(self)
+            getattr(callback, hook)(self, *args)
+
+    def fires(self, hook: str) -> bool:
+        """Whether a callback overrides ``hook`` (so a caller builds its arguments only then)."""
+        return bool(self._hooks[hook])
 
     def _take_indices(self, given: Any) -> Indices | None:
         """The batch's dataset indices: from run.batches(), or given to step()."""
@@ -492,6 +497,8 @@ class Run:
             for name, value in result.items() if name != "samples"
         ])
         self.bus.publish("eval", {"split": split, **result, **tested}, **self._where())
+        if split == "val":
+            self.fire("on_validation_end", dict(result))
         return result
 
     def _eval_rows(self, split: str) -> SampleRows:
@@ -543,6 +550,7 @@ class Run:
         self._checkpoint_at = (self.global_step, checkpoint_id)
         self.bus.publish("checkpoint", {"path": str(folder), "reason": reason, "checkpoint_id": checkpoint_id},
                          **self._where())
+        self.fire("on_save_checkpoint", folder)
         return folder
 
     def checkpoint_here(self, reason: str) -> tuple[int | None, str | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from ..signals.per_sample import LossFn, PerSampleLoss
 from ..store.session import SessionStore
 from .batch import BatchSpec, Field, Fields, ForwardFn, batch_size_of, describe, to_device
 from .callbacks import Callback
-from .device import autocast_dtype, pick_device
+from .device import amp_mode, autocast_dtype, pick_device
 from .embed import embeddings
-from .evaluate import Evaluator
+from .evaluate import Evaluator, Metric
 from .loader import TrackedLoader
 from .progress import ProgressDisplay
 from .run import Run, host_lr
@@ -82,7 +82,7 @@ class Trainer:
         scheduler: Any = None,
         scheduler_interval: str = "epoch",
         device: str | torch.device | None = None,
-        amp: bool = False,
+        amp: bool | str = False,
         grad_clip: float | None = None,
         accumulate_grad_batches: int = 1,
         inputs: Fields | None = None,
@@ -96,6 +96,8 @@ class Trainer:
         grad_norm: bool = False,
         val_samples: bool = False,
         export_dataset: Any = None,
+        metrics: Mapping[str, Metric] | None = None,
+        val_every_steps: int | None = None,
         session: SessionStore | None = None,
         parent: tuple[int, int | None] | None = None,
     ) -> None:
@@ -109,6 +111,15 @@ class Trainer:
         if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
                                       or not grad_clip > 0):
             raise ConfigError(f"grad_clip must be a number > 0 (the max gradient norm) or None, got {grad_clip!r}")
+        if val_every_steps is not None and (isinstance(val_every_steps, bool) or not isinstance(val_every_steps, int)
+                                            or val_every_steps < 1):
+            raise ConfigError(f"val_every_steps must be a whole number >= 1 or None, got {val_every_steps!r}")
+        if val_every_steps is not None and val_loader is None:
+            raise ConfigError("val_every_steps needs a val_loader to validate on")
+        for name, metric in (metrics or {}).items():
+            if not isinstance(name, str) or not name.isidentifier() or not callable(metric):
+                raise ConfigError(f"metrics must map names (identifiers) to functions fn(outputs, targets) -> float; "
+                                  f"got {name!r}: {metric!r}")
         self.loss = PerSampleLoss(loss_fn)
         self.spec = BatchSpec(inputs, targets, forward_fn)
         # Fail at registration: every loader is checked now, not at the end of the first epoch.
@@ -126,19 +137,26 @@ class Trainer:
         self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.accumulate = accumulate_grad_batches
         self.amp = amp
-        self.scaler = torch.amp.GradScaler("cuda") if amp and self.device.type == "cuda" else None
+        # amp: float16 with a GradScaler (CUDA) or bfloat16 without one; checked now, not at step 1.
+        mode = amp_mode(amp)
+        self._amp_dtype = autocast_dtype(self.device, mode) if mode is not None else None
+        self.scaler = torch.amp.GradScaler("cuda") if self._amp_dtype == torch.float16 else None
+        self.val_every_steps = val_every_steps
         self.non_blocking = train_loader.pin_memory and self.device.type == "cuda"
         self.show_progress = progress
         # Validation and test; with val_samples, every validation's per-sample values too.
         evaluator = Evaluator(self.model, self.loss, self.spec, self.device, {"val": val_loader, "test": test_loader},
-                              autocast=self._autocast, record=frozenset({"val"} if val_samples else ()))
+                              autocast=self._autocast, record=frozenset({"val"} if val_samples else ()),
+                              metrics=metrics)
         self.run = Run(
             project=project, run_name=run_name, model=self.model, optimizer=optimizer,
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
             wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks, grad_norm=grad_norm,
             evaluator=evaluator, embed=self._embed, train_dataset=train_loader.dataset,
             export_dataset=export_dataset, session=session, parent=parent,
-            config={"device": str(self.device), "amp": amp, "grad_clip": grad_clip,
+            config={"device": str(self.device), "amp": amp,
+                    "amp_dtype": str(self._amp_dtype).removeprefix("torch.") if mode else None,
+                    "grad_clip": grad_clip, "val_every_steps": val_every_steps, "metrics": sorted(metrics or {}),
                     "accumulate_grad_batches": accumulate_grad_batches,
                     "optimizer": type(optimizer).__name__, "model": type(model).__name__,
                     "per_sample_loss": self.loss.method},
@@ -153,9 +171,9 @@ class Trainer:
 
     # ---- the step ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.amp:
+        if self._amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=autocast_dtype(self.device))
+        return torch.autocast(self.device.type, dtype=self._amp_dtype)
 
     def _forward_and_loss(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
         outputs, targets = self.spec.forward(self.model, batch)
@@ -249,6 +267,8 @@ class Trainer:
         else:
             self.run.step(per_sample, loss=loss, logits=outputs, targets=targets, boundary=boundary, lr=lr,
                           grad_norm_factor=factor)
+        if self.run.fires("on_train_batch_end"):
+            self.run.fire("on_train_batch_end", batch, outputs, loss)
 
     def _optimizer_step(self) -> None:
         """The end of an accumulation window: unscale, clip, step, step a per-step scheduler."""
@@ -257,6 +277,10 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             # Returns the norm as a device tensor; we do not read it (that would sync).
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.run.fires("on_before_optimizer_step"):
+            if self.scaler is not None and self.grad_clip is None:
+                self.scaler.unscale_(self.optimizer)  # the hook sees the true gradients
+            self.run.fire("on_before_optimizer_step", self.optimizer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -289,7 +313,11 @@ class Trainer:
                 self.model.train()
                 for batch in run.batches(self.train_loader, ends_epoch=False):
                     at_end = n_batches is not None and run.batch_in_epoch == n_batches
-                    self._train_step(batch, boundary=at_end or run.batch_in_epoch % self.accumulate == 0)
+                    boundary = at_end or run.batch_in_epoch % self.accumulate == 0
+                    self._train_step(batch, boundary=boundary)
+                    if self.val_every_steps is not None and boundary and not at_end \
+                            and run.global_step % self.val_every_steps == 0:
+                        run.evaluate("val")  # mid-epoch; the epoch's end validates anyway
                 if run.stopping:
                     break
                 if not self._zero_grad_next:
@@ -306,6 +334,8 @@ class Trainer:
             run.stop()  # Ctrl-C: a clean stop, the session keeps everything so far
         except BaseException as exc:
             error = exc
+            with contextlib.suppress(Exception):
+                run.fire("on_exception", exc)
             raise
         finally:
             with contextlib.suppress(Exception):
