@@ -175,3 +175,49 @@ def test_early_stopping_refuses_a_metric_validation_does_not_give() -> None:
     trainer = make_trainer(callbacks=[onthefly.EarlyStopping("val_f1")])
     with pytest.raises(ValueError, match="'val_f1' but validation gave"):
         trainer.fit(1)
+
+
+def test_model_checkpoint_keeps_the_last_and_the_best_and_prunes_the_rest() -> None:
+    keeper = onthefly.ModelCheckpoint(every_epochs=1, keep_last=1, keep_best=1, monitor="val_loss")
+    trainer = make_trainer(callbacks=[Worsening(), keeper])  # validation loss best after epoch 0
+    summary = trainer.fit(4)
+    reader = open_session(summary.session_dir)
+    periodic = [c for c in reader.checkpoints(summary.run_id) if c["reason"] == "periodic"]
+    assert [c["step"] for c in periodic] == [8, 32]  # the best (epoch 0) and the newest
+    assert [c["step"] for c in keeper.saved] == [8, 32]
+    for step in (16, 24):  # pruned: neither their files nor their rows remain
+        assert not list((summary.session_dir / "checkpoints" / f"run-{summary.run_id}").glob(f"*-step-{step:09d}"))
+    scores = [c["score"] for c in keeper.saved]
+    assert scores[0] == min(c["score"] for c in keeper.saved)
+
+
+def test_model_checkpoint_never_prunes_what_the_session_refers_to() -> None:
+    class TestAt(onthefly.Callback):
+        def on_epoch_end(self, run: onthefly.Run) -> None:
+            if run.epoch == 1:
+                run.evaluate("val")
+                run.request("test")  # the test at this step names the periodic checkpoint it reuses
+
+    keeper = onthefly.ModelCheckpoint(every_steps=4, keep_last=1)
+    model = toy_model()
+    trainer = onthefly.Trainer(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss(),
+        train_loader=DataLoader(toy_data(), batch_size=32), test_loader=DataLoader(toy_data(64, seed=2), batch_size=32),
+        project="loop", progress=False, callbacks=[keeper, TestAt()])
+    summary = trainer.fit(3)
+    reader = open_session(summary.session_dir)
+    tested = [e["payload"]["checkpoint_id"] for e in reader.events(summary.run_id, kind="eval")
+              if e["payload"]["split"] == "test"]
+    assert [reader.checkpoint(c)["reason"] for c in tested] == ["periodic"]  # reused, and still there
+    periodic = [c["step"] for c in reader.checkpoints(summary.run_id) if c["reason"] == "periodic"]
+    assert periodic[-1] == 24 and len(periodic) < 6
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"every_epochs": None}, "give every_epochs or every_steps"),
+    ({"keep_last": 0}, "keep_last must be"),
+    ({"monitor": "loss"}, "monitor must name"),
+])
+def test_bad_model_checkpoint_options_are_refused(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        onthefly.ModelCheckpoint(**options)

@@ -17,7 +17,15 @@ from .errors import OnTheFlyError
 
 if TYPE_CHECKING:
     from .actions.export import export_slice
-    from .engine import Callback, EarlyStopping, FitSummary, Run, RunStatus, Trainer
+    from .engine import (
+        Callback,
+        EarlyStopping,
+        FitSummary,
+        ModelCheckpoint,
+        Run,
+        RunStatus,
+        Trainer,
+    )
     from .launch import quickstart, start_run
     from .store import open_session
     from .store.archive import export_session, import_session
@@ -26,6 +34,7 @@ __all__ = [
     "Callback",
     "EarlyStopping",
     "FitSummary",
+    "ModelCheckpoint",
     "OnTheFlyError",
     "Run",
     "RunStatus",
@@ -42,6 +51,7 @@ __all__ = [
 _LAZY = {
     "Callback": ".engine",
     "EarlyStopping": ".engine",
+    "ModelCheckpoint": ".engine",
     "FitSummary": ".engine",
     "Run": ".engine",
     "RunStatus": ".engine",

@@ -3,7 +3,7 @@ sample tracking. Knows nothing of HTTP: it publishes events and takes commands."
 
 from __future__ import annotations
 
-from .callbacks import Callback, EarlyStopping
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .control import COMMANDS, Command, CommandQueue, RunStatus
 from .events import Event, EventBus
 from .run import Run
@@ -18,6 +18,7 @@ __all__ = [
     "Event",
     "EventBus",
     "FitSummary",
+    "ModelCheckpoint",
     "Run",
     "RunStatus",
     "Trainer",

@@ -15,7 +15,7 @@ import torch
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["HOOKS", "Callback", "EarlyStopping"]
+__all__ = ["HOOKS", "Callback", "EarlyStopping", "ModelCheckpoint"]
 
 HOOKS = ("on_fit_start", "on_epoch_start", "on_train_batch_end", "on_before_optimizer_step", "on_step_end",
          "on_validation_end", "on_epoch_end", "on_save_checkpoint", "on_load_checkpoint", "on_exception",
@@ -112,6 +112,74 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.waited, self.stopped = state["best"], int(state["waited"]), bool(state["stopped"])
+
+
+class ModelCheckpoint(Callback):
+    """Checkpoint every ``every_epochs`` epochs (after validation) and/or every ``every_steps``
+    steps, keeping the ``keep_last`` newest and the ``keep_best`` best by ``monitor`` (a
+    validation metric, "val_loss" by default for best; ``mode`` as in EarlyStopping); None keeps
+    all. The newest is always kept, and so is any checkpoint the session refers to (a fork point,
+    a tested model, a merge's parent). Its list travels in checkpoints, so a resumed run goes on
+    pruning the same way."""
+
+    def __init__(self, *, every_epochs: int | None = 1, every_steps: int | None = None, keep_last: int | None = None,
+                 keep_best: int | None = None, monitor: str = "val_loss", mode: str | None = None) -> None:
+        for name, value in (("every_epochs", every_epochs), ("every_steps", every_steps), ("keep_last", keep_last),
+                            ("keep_best", keep_best)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 or None, got {value!r}")
+        if every_epochs is None and every_steps is None:
+            raise ValueError("give every_epochs or every_steps (or both)")
+        if not monitor.startswith("val_") or len(monitor) <= 4:
+            raise ValueError(f"monitor must name a validation metric such as 'val_loss', got {monitor!r}")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.every_epochs, self.every_steps = every_epochs, every_steps
+        self.keep_last, self.keep_best, self.monitor = keep_last, keep_best, monitor
+        self.mode = mode or ("max" if monitor == "val_accuracy" else "min")
+        self.saved: list[dict[str, Any]] = []  # {"id", "step", "score"}, oldest first: the ones still kept
+
+    def on_step_end(self, run: Run) -> None:
+        if self.every_steps is not None and run.global_step % self.every_steps == 0:
+            self._save(run)
+
+    def on_epoch_end(self, run: Run) -> None:
+        if self.every_epochs is not None and (run.epoch + 1) % self.every_epochs == 0:
+            self._save(run)
+
+    def _save(self, run: Run) -> None:
+        if self.saved and self.saved[-1]["step"] == run.global_step:
+            return  # every_steps and every_epochs met at the same step: one checkpoint
+        checkpoint_id, why_not = run.checkpoint_here("periodic")
+        if checkpoint_id is None:
+            run.bus.publish("checkpoint_failed", {"reason": why_not}, run_id=run.run_id, step=run.global_step,
+                            epoch=run.epoch)
+            return
+        value = run.last_eval.get("val", {}).get(self.monitor.removeprefix("val_"))
+        self.saved.append({"id": checkpoint_id, "step": run.global_step, "score": value})
+        self._prune(run)
+
+    def _prune(self, run: Run) -> None:
+        keep = {self.saved[-1]["id"]}
+        if self.keep_last is None and self.keep_best is None:
+            return
+        if self.keep_last is not None:
+            keep.update(c["id"] for c in self.saved[-self.keep_last:])
+        if self.keep_best is not None:
+            scored = [c for c in self.saved if c["score"] is not None]
+            scored.sort(key=lambda c: c["score"], reverse=self.mode == "max")
+            keep.update(c["id"] for c in scored[:self.keep_best])
+        kept = []
+        for record in self.saved:
+            if record["id"] in keep or not run.session.prune_checkpoint(record["id"]):
+                kept.append(record)
+        self.saved = kept
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": [dict(c) for c in self.saved]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved = [dict(c) for c in state["saved"]]
 
 
 def overrides(callback: Callback, hook: str) -> bool:

@@ -499,6 +499,35 @@ class SessionStore:
         self._writer.task(write)
         return ckpt_id, target
 
+    def prune_checkpoint(self, checkpoint_id: int) -> bool:
+        """Remove a checkpoint (its files and its row) unless the session refers to it: a lineage
+        edge or a run started from it, an evaluation that names it (a test names the weights it
+        tested), a plan card or its result (a merge's recipe). Returns whether it was removed."""
+        self.flush()
+        conn = connect(self.db_path, readonly=True)
+        try:
+            row = conn.execute("SELECT path FROM checkpoints WHERE id = ?", (checkpoint_id,)).fetchone()
+            if row is None:
+                return False
+            used = conn.execute(
+                "SELECT EXISTS(SELECT 1 FROM edges WHERE checkpoint_id = ?) OR EXISTS(SELECT 1 FROM runs WHERE "
+                "parent_checkpoint_id = ?) OR EXISTS(SELECT 1 FROM events WHERE kind = 'eval' AND "
+                "json_extract(payload, '$.checkpoint_id') = ?)", (checkpoint_id,) * 3).fetchone()[0]
+            plans = conn.execute("SELECT card, result FROM plans").fetchall()
+        finally:
+            conn.close()
+        if used or any(_names_checkpoint(json.loads(text), checkpoint_id) for plan in plans for text in plan
+                       if text is not None):
+            return False
+        folder = Path(row[0]) if Path(row[0]).is_absolute() else self.dir / row[0]
+
+        def delete() -> list[_Sql]:
+            shutil.rmtree(folder, ignore_errors=True)
+            return [_Sql("DELETE FROM checkpoints WHERE id = ?", [(checkpoint_id,)])]
+
+        self._writer.task(delete)
+        return True
+
     # ---- slices and clusterings (block until written) -------------------------------------
     def save_slice(self, *, name: str, run_id: int, epoch: int | None, split: str,
                    definition: Mapping[str, Any], indices: np.ndarray) -> dict[str, Any]:
@@ -620,6 +649,16 @@ class SessionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close("failed" if exc[0] is not None else "finished")
+
+
+def _names_checkpoint(value: Any, checkpoint_id: int) -> bool:
+    """Whether a card or result (JSON) names the checkpoint under a key ending in checkpoint_id."""
+    if isinstance(value, dict):
+        return any((key.endswith("checkpoint_id") and item == checkpoint_id) or _names_checkpoint(item, checkpoint_id)
+                   for key, item in value.items())
+    if isinstance(value, list):
+        return any(_names_checkpoint(item, checkpoint_id) for item in value)
+    return False
 
 
 def _relative_to(path: Path, folder: Path) -> str:
