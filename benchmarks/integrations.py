@@ -71,9 +71,10 @@ class Turns:
 
 
 def fit(i: int, turns: Turns, data: TensorDataset, args: argparse.Namespace, with_callback: bool,
-        blocks: list[float], ended: list[float]) -> None:
+        blocks: list[float], drains: list[float], ended: list[float]) -> None:
     """Fit ``i`` (run in its own thread): trains in blocks of ``args.block`` steps when it is its
-    turn, and appends each block's seconds to ``blocks``."""
+    turn, and appends each block's seconds to ``blocks`` (of which waiting for the engine's
+    threads at its end: ``drains``)."""
     import lightning as L
 
     from onthefly.integrations.lightning import OnTheFlyCallback
@@ -101,9 +102,11 @@ def fit(i: int, turns: Turns, data: TensorDataset, args: argparse.Namespace, wit
     otf = OnTheFlyCallback(project="bench", run_name=f"lightning-{i}", dashboard=False) if with_callback else None
 
     def drain() -> None:  # the callback's work of this block is all done before the other's begins
+        started = time.perf_counter()
         if otf is not None and otf.run is not None and not otf.run.closed:
             otf.run.recorder.wait_idle()
             otf.run.session.flush()
+        drains.append(time.perf_counter() - started)
 
     class Blocks(L.Callback):
         """First in the list: a block is ``args.block`` whole steps, hooks of every callback included."""
@@ -143,21 +146,24 @@ def fit(i: int, turns: Turns, data: TensorDataset, args: argparse.Namespace, wit
     trainer.fit(MLP(), DataLoader(data, batch_size=args.batch, shuffle=True))
 
 
-def compare(data: TensorDataset, args: argparse.Namespace, with_callback: bool) -> tuple[list[float], float, float]:
-    """(each block's ratio to its plain neighbours, the median plain block, seconds ending the fit)."""
+def compare(data: TensorDataset, args: argparse.Namespace,
+            with_callback: bool) -> tuple[list[float], float, float, float]:
+    """(each block's ratio to its plain neighbours, the median plain block, the median wait for
+    the engine's threads at a block's end, seconds ending the fit)."""
     turns = Turns()
     plain: list[float] = []
     other: list[float] = []
+    drains: list[float] = []
     ended: list[float] = []
-    threads = [threading.Thread(target=fit, args=(0, turns, data, args, False, plain, [])),
-               threading.Thread(target=fit, args=(1, turns, data, args, with_callback, other, ended))]
+    threads = [threading.Thread(target=fit, args=(0, turns, data, args, False, plain, [], [])),
+               threading.Thread(target=fit, args=(1, turns, data, args, with_callback, other, drains, ended))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     # Block k of the other fit ran between plain blocks k and k + 1.
     ratios = [mine / ((before + after) / 2) for mine, before, after in zip(other, plain, plain[1:], strict=False)]
-    return ratios, statistics.median(plain), ended[0]
+    return ratios, statistics.median(plain), statistics.median(drains), ended[0]
 
 
 def main() -> None:
@@ -182,19 +188,21 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # what was loaded so far is never garbage: keep it out of every later collection
 
-    results: dict[str, tuple[list[float], float, float]] = {}
+    results: dict[str, tuple[list[float], float, float, float]] = {}
     for name, with_callback in (("control (plain vs plain)", False), ("callback vs plain", True)):
         results[name] = compare(data, args, with_callback)
-    for name, (ratios, _, _) in results.items():
+    for name, (ratios, *_) in results.items():
         q1, q3 = np.percentile(ratios, [25, 75])
         print(f"{name}: median {statistics.median(ratios):.3f}, interquartile range {q1:.3f}-{q3:.3f} "
               f"({len(ratios)} blocks)")
-    ratios, plain_block, ended = results["callback vs plain"]
+    ratios, plain_block, drain, ended = results["callback vs plain"]
     step = plain_block / args.block
     added = (statistics.median(ratios) - 1) * step
     print(f"blocks of {args.block} steps (batch {args.batch}), plain step {step * 1e3:.2f} ms; the callback adds "
           f"about {added * 1e6:.0f} us a step; training_step returns {args.returns}; "
           f"torch threads: {torch.get_num_threads()}; allocator: {'glibc thresholds pinned' if pinned else 'as it is'}")
+    print(f"of which waiting for the engine's threads at the end of a block (in a real run they work beside "
+          f"training): {drain / args.block * 1e6:.0f} us a step")
     print(f"ending the fit with the callback (its run closed: flush, final checkpoint): {ended * 1e3:.0f} ms, once")
     print(f"ratio: {statistics.median(ratios):.3f}")
 

@@ -26,8 +26,16 @@ from onthefly.engine.events import Event
 from onthefly.errors import ConfigError, LossError
 from onthefly.store import read_checkpoint
 
-L = pytest.importorskip("lightning")  # a dev dependency; the package never needs it
-from onthefly.integrations.lightning import OnTheFlyCallback  # noqa: E402  (after the skip)
+pytest.importorskip("lightning")  # a dev dependency; the package never needs it
+import lightning as L  # after the skip: imported only where it is installed
+
+from onthefly.integrations.lightning import OnTheFlyCallback
+
+pytestmark = [  # Lightning's advice on a tiny test set-up, and a deprecation inside Lightning
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+]
 
 DEADLINE = 60.0
 SAMPLES, BATCH = 128, 16
@@ -130,10 +138,10 @@ def statuses(callback: OnTheFlyCallback) -> list[str]:
 
 
 # ---- per-sample rows -------------------------------------------------------------------------
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_per_sample_rows_carry_each_samples_dataset_index(num_workers: int) -> None:
+@pytest.mark.parametrize("workers", [{}, {"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}])
+def test_per_sample_rows_carry_each_samples_dataset_index(workers: dict[str, Any]) -> None:
     module, callback = Tiny(), otf()
-    fit(module, callback, train=loader(num_workers=num_workers))
+    fit(module, callback, train=loader(**workers))
 
     assert callback.run is not None and callback.run.status == "finished"
     assert callback.run.global_step == 2 * STEPS_PER_EPOCH
@@ -162,6 +170,21 @@ def test_an_iterable_dataset_is_numbered_by_position() -> None:
     rows = session(callback).samples(callback.run.run_id)
     assert rows.column("index").to_pylist() == list(range(SAMPLES))
     assert session(callback).runs()[0]["config"]["sample_ids"] == "position"
+
+
+def test_per_sample_losses_from_combined_train_loaders_are_not_recorded_and_it_says_why() -> None:
+    class TwoLoaders(Tiny):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return super().training_step(batch["a"], batch_idx)  # Lightning gives one batch of each
+
+    callback = otf()
+    fit(TwoLoaders(), callback, train={"a": loader(), "b": loader()}, max_epochs=1)  # type: ignore[arg-type]
+    assert callback.run is not None and callback.run.status == "finished"
+    reader = session(callback)
+    assert reader.samples(callback.run.run_id).num_rows == 0
+    (event,) = reader.events(kind="samples_untracked")
+    assert "combines 2 train loaders" in event["payload"]["reason"]
+    assert len(reader.metrics(callback.run.run_id, "train_loss")) == STEPS_PER_EPOCH  # the curve still is
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -286,6 +309,32 @@ def test_train_more_raises_lightnings_max_epochs() -> None:
     trainer = fit(module, callback, before=lambda cb: [At(cb, 2, "train_more", epochs=1)], max_epochs=1)
     assert trainer.current_epoch == 2 and len(module.seen) == 2 * STEPS_PER_EPOCH
     assert callback.run is not None and callback.run.status == "finished"
+
+
+def test_after_the_planned_epochs_a_kept_alive_run_idles_until_told_to_train_more_or_stop() -> None:
+    module, callback = Tiny(), otf(keep_alive=True)
+    idles = threading.Semaphore(0)
+
+    class Subscribe(L.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            assert callback.run is not None
+            callback.run.bus.subscribe(lambda e: idles.release()
+                                       if e.kind == "status" and e.payload["status"] == "idle" else None)
+
+    def commander() -> None:
+        assert idles.acquire(timeout=DEADLINE)  # held at the end of the planned epoch
+        assert len(module.seen) == STEPS_PER_EPOCH and callback.run is not None
+        callback.run.request("train_more", epochs=1)
+        assert idles.acquire(timeout=DEADLINE)
+        callback.run.request("stop")
+
+    thread = threading.Thread(target=commander)
+    thread.start()
+    trainer = fit(module, callback, before=lambda _: [Subscribe()], max_epochs=1)
+    thread.join(DEADLINE)
+
+    assert trainer.current_epoch == 2 and len(module.seen) == 2 * STEPS_PER_EPOCH
+    assert statuses(callback) == ["running", "idle", "running", "idle", "stopped"]
 
 
 def test_the_test_command_evaluates_the_test_loader() -> None:

@@ -323,24 +323,21 @@ class OnTheFlyCallback(pl.Callback):
         stepped, lr = self._stepped, self._lr
         self._stepped, self._lr = False, None
         run.batch_in_epoch = batch_idx + 1
-        if loss is None and per is None:  # training_step returned nothing: nothing to record
-            if stepped:
-                run.step_boundary()
-            self._after_step(trainer, run)
-            return
-        if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+        if isinstance(loss, torch.Tensor) and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches  # Lightning divided it for accumulation (one kernel)
         if per is not None and indices is None:
             self._say_untracked(run)
             per = None
-        if per is None:  # the loss curve only: a step with no per-sample rows
-            if self._no_rows is None or self._no_rows.device != loss.device:  # type: ignore[union-attr]
-                self._no_rows = torch.empty(0, device=loss.device)  # type: ignore[union-attr]
-            run.step(self._no_rows, loss=loss, indices=_NO_INDICES, boundary=stepped, lr=lr)
-        else:
+        if per is not None:
             if logits is not None and targets is None:
                 targets = _targets_of(batch)
             run.step(per, loss=loss, logits=logits, targets=targets, indices=indices, boundary=stepped, lr=lr)
+        elif isinstance(loss, torch.Tensor):  # the loss curve only: a step with no per-sample rows
+            if self._no_rows is None or self._no_rows.device != loss.device:
+                self._no_rows = torch.empty(0, device=loss.device)
+            run.step(self._no_rows, loss=loss, indices=_NO_INDICES, boundary=stepped, lr=lr)
+        elif stepped:  # training_step returned nothing to record
+            run.step_boundary()
         self._after_step(trainer, run)
 
     def _after_step(self, trainer: pl.Trainer, run: Run) -> None:
