@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 from ..errors import ConfigError
 from . import compare as comparing
 
-__all__ = ["Draws", "evaluate", "optimizer_like", "seed_all"]
+__all__ = ["Draws", "evaluate", "evaluation_sets", "optimizer_like", "seed_all"]
 
 
 def seed_all(seed: int) -> None:
@@ -80,3 +80,19 @@ def evaluate(trainer: Any, model: nn.Module, dataset: Any, indices: np.ndarray |
     return comparing.evaluate_set(model, dataset, indices, loss=trainer.loss, spec=trainer.spec,
                                   device=trainer.device, batch_size=max(loader.batch_size or 1, 256),
                                   collate_fn=loader.collate_fn, autocast=trainer._autocast)
+
+
+def evaluation_sets(trainer: Any, reader: Any, names: list[str]) -> dict[str, tuple[Any, np.ndarray | None]]:
+    """Each named set as (dataset, indices or None): "val" and "test" the live run's loaders'
+    datasets, any other name a saved slice of its training data."""
+    sets: dict[str, tuple[Any, np.ndarray | None]] = {}
+    for name in names:
+        if name in ("val", "test"):
+            loader = trainer.val_loader if name == "val" else trainer.test_loader
+            if loader is None:
+                raise ConfigError(f"sets: the live run has no {name}_loader")
+            sets[name] = (loader.dataset, None)
+        else:
+            sets[name] = (trainer.train_loader.original.dataset,
+                          np.asarray(reader.slice_indices(reader.slice(name)), dtype=np.int64))
+    return sets

@@ -42,7 +42,7 @@ from . import curate as curating
 from . import merge as merging
 from . import model_weights
 from .adapters import add_adapters, train_head_only
-from .children import Draws, evaluate, optimizer_like, seed_all
+from .children import Draws, evaluate, evaluation_sets, optimizer_like, seed_all
 from .export import isolated_rng
 from .plans import check_card, edit_card, plan_out, require_proposed
 
@@ -318,16 +318,7 @@ def compare_runs(trainer: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     reader = SessionReader(run.session.dir)
     if args["reference"] not in args["runs"]:
         raise ConfigError(f"reference: run {args['reference']} is not one of the compared runs {args['runs']}")
-    dataset = trainer.train_loader.original.dataset
-    sets: dict[str, tuple[Any, np.ndarray | None]] = {}
-    for name in args["sets"]:
-        if name in ("val", "test"):
-            loader = trainer.val_loader if name == "val" else trainer.test_loader
-            if loader is None:
-                raise ConfigError(f"sets: this run has no {name}_loader")
-            sets[name] = (loader.dataset, None)
-        else:
-            sets[name] = (dataset, np.asarray(reader.slice_indices(reader.slice(name)), dtype=np.int64))
+    sets = evaluation_sets(trainer, reader, args["sets"])
     models = {run_id: _model_of(trainer, reader, run_id) for run_id in args["runs"]}
     with isolated_rng():
         results = {str(run_id): {name: evaluate(trainer, model, *where) for name, where in sets.items()}

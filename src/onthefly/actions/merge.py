@@ -39,7 +39,7 @@ from ..errors import ConfigError, StateError
 from ..store.reader import SessionReader
 from . import compare as comparing
 from . import merging, model_weights, recipes
-from .children import evaluate, optimizer_like
+from .children import evaluate, evaluation_sets, optimizer_like
 from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
@@ -381,16 +381,7 @@ def _compare(trainer: Any, card: Mapping[str, Any], model: nn.Module, resolved: 
     """The candidate against every parent on the card's sets, paired (the candidate is the
     reference: a parent's difference above 0 is a parent better than the merge)."""
     reader = SessionReader(trainer.run.session.dir)
-    sets: dict[str, tuple[Any, np.ndarray | None]] = {}
-    for name in card["sets"]:
-        if name in ("val", "test"):
-            loader = trainer.val_loader if name == "val" else trainer.test_loader
-            if loader is None:
-                raise ConfigError(f"sets: the live run has no {name}_loader")
-            sets[name] = (loader.dataset, None)
-        else:
-            sets[name] = (trainer.train_loader.original.dataset,
-                          np.asarray(reader.slice_indices(reader.slice(name)), dtype=np.int64))
+    sets = evaluation_sets(trainer, reader, card["sets"])
     entrants: dict[str, nn.Module] = {"merge": model}
     for parent, record in resolved:
         with model_weights.FileWeights(recipes.model_file(record)) as weights:
