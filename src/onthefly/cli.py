@@ -87,7 +87,64 @@ def _parser() -> argparse.ArgumentParser:
                         help="default: from the file name's suffix")
     export.add_argument("--run", type=_positive, default=None, help="run id (default: the session's only run)")
     export.add_argument("--epoch", type=int, default=None, help="epoch (default: the latest complete one)")
+    moe = commands.add_parser("export-moe", help="write a mixture of experts (a gate card's run) as one standalone "
+                              "inference artifact: torch.export program, safetensors, ONNX, manifest")
+    moe.add_argument("run", type=_positive, help="the mixture's run id")
+    moe.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    moe.add_argument("--session", default=None, help="session id, folder or .otf archive (default: the latest)")
+    bench = commands.add_parser("benchmark", help="print a mixture's benchmark at matched compute (a benchmark card "
+                                "trains its baselines in the training process)")
+    bench.add_argument("run", type=_positive, help="the mixture's run id")
+    bench.add_argument("--session", default=None, help="session id, folder or .otf archive (default: the latest)")
+    bench.add_argument("--json", action="store_true", help="print the whole report as JSON")
     return parser
+
+
+def _export_moe(console: Console, args: argparse.Namespace) -> int:
+    from .actions.mixture import export_moe
+
+    folder = _session_folder(console, args.session or _latest_session())
+    manifest = export_moe(folder, args.run, args.out)
+    onnx = manifest["onnx"]
+    console.print(f"wrote the mixture of run {args.run} ({len(manifest['experts'])} experts, {manifest['routing']} "
+                  f"routing) to {args.out}: " + ", ".join(sorted(manifest["files"]))
+                  + ("" if onnx["written"] else f" (no ONNX: {onnx['error']})"))
+    console.print(f"load it with torch alone:\n{manifest['load']}")
+    return 0
+
+
+def _benchmark(console: Console, args: argparse.Namespace) -> int:
+    import json
+
+    from .actions.benchmark import report_of
+    from .store.reader import SessionReader
+
+    report = report_of(SessionReader(_session_folder(console, args.session or _latest_session())), args.run)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    compute = report["compute"]
+    table = Table(title=f"mixture run {args.run} at matched compute ({compute['budget_flops']:.3g} FLOPs beyond "
+                        "the generalist)")
+    for column in ("entrant", *report["sets"], "inference FLOPs/sample", "latency ms/sample"):
+        table.add_column(column)
+    cells = {(c["run"], c["set"]): c for c in report["comparison"]["cells"]}
+    for entrant in report["comparison"]["runs"]:
+        row = [report["comparison"]["names"].get(entrant, entrant)]
+        for name in report["sets"]:
+            cell = cells[(entrant, name)]
+            row.append(f"{cell['accuracy'] * 100:.2f}%" if cell["accuracy"] is not None else f"{cell['loss']:.4g}")
+        inference = report["inference"][entrant]
+        row += [f"{inference['flops_per_sample']:.3g}", f"{inference['latency_ms_per_sample']:.4f}"]
+        table.add_row(*row)
+    console.print(table)
+    for item in compute["items"]:
+        console.print(f"  {item['what']}" + (f" (run {item['run_id']})" if item["run_id"] else "")
+                      + f": {item['samples']:,} samples, {item['flops']:.3g} FLOPs")
+    if compute["zero_flop_ops"]:
+        console.print("  counted as zero FLOPs: " + ", ".join(compute["zero_flop_ops"]))
+    console.print(report["summary"])
+    return 0
 
 
 def _sessions(console: Console) -> int:
@@ -142,7 +199,7 @@ def _latest_session() -> str:
 
     sessions = list_sessions()
     if not sessions:
-        raise NotFoundError(f"no sessions under {onthefly_home() / 'sessions'} to export")
+        raise NotFoundError(f"no sessions under {onthefly_home() / 'sessions'}")
     return str(sessions[-1].path)
 
 
@@ -293,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_script(args.script, args.args, open_browser=not args.no_browser, resume=args.resume)
         if args.command == "sessions":
             return _sessions(console)
-        handlers = {"export": _export, "import": _import, "open": _open, "report": _report, "remove": _remove}
+        handlers = {"export": _export, "import": _import, "open": _open, "report": _report, "remove": _remove,
+                    "export-moe": _export_moe, "benchmark": _benchmark}
         if args.command in handlers:
             return handlers[args.command](console, args)
         if args.command == "export-slice":

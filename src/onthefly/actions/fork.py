@@ -115,6 +115,14 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
                 try:
                     if plan["kind"] == "merge":
                         result = merging.execute(trainer, plan, on_child)
+                    elif plan["kind"] == "gate":
+                        from . import mixture as mixing  # torch.export, ONNX: imported when used
+
+                        result = mixing.execute(trainer, plan, on_child)
+                    elif plan["kind"] == "benchmark":
+                        from . import benchmark as benchmarking
+
+                        result = benchmarking.execute(trainer, plan, on_child)
                     else:
                         result = _fork(trainer, plan, on_child)
                 finally:
@@ -333,6 +341,11 @@ def _model_of(trainer: Any, reader: SessionReader, run_id: int) -> nn.Module:
         return trainer.model  # evaluate() restores its mode; nothing else is touched
     if run_id in getattr(trainer, "forks", {}):
         return trainer.forks[run_id]
+    record = next((r for r in reader.runs() if r["id"] == run_id), None)
+    if record is not None and "gate" in record["config"]:
+        from .mixture import rebuild
+
+        return rebuild(trainer, record)  # a mixture made in an earlier process
     checkpoints = reader.checkpoints(run_id)
     if not checkpoints:
         raise ConfigError(f"runs: run {run_id} has no checkpoint and is not in this process")

@@ -43,7 +43,8 @@ from .children import evaluate, evaluation_sets, optimizer_like
 from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
-__all__ = ["add_edges", "checkpoint_for", "data_indices", "estimate_fisher", "execute", "keepable", "load_model", "preview", "preview_failed",
+__all__ = ["add_edges", "checkpoint_for", "data_indices", "estimate_fisher", "execute", "judge_worse", "keepable",
+           "load_model", "preview", "preview_failed",
            "request_preview", "update_bn"]
 
 
@@ -138,19 +139,19 @@ def _resolve(trainer: Any, card: Mapping[str, Any]) -> Resolved:
     return [(dict(parent), checkpoint_for(trainer, parent)) for parent in card["parents"]]
 
 
-def checkpoint_for(trainer: Any, parent: Mapping[str, Any]) -> dict[str, Any]:
+def checkpoint_for(trainer: Any, parent: Mapping[str, Any], reason: str = "merge") -> dict[str, Any]:
     """The checkpoint record of one parent (see ``_resolve``)."""
     run = trainer.run
     if parent["checkpoint_id"] is None and parent["run_id"] == run.run_id:
-        checkpoint_id, why_not = run.checkpoint_here("merge")
+        checkpoint_id, why_not = run.checkpoint_here(reason)
         if checkpoint_id is None:
-            raise StateError(f"parents: cannot save run {run.run_id}'s weights for the merge: {why_not}")
+            raise StateError(f"parents: cannot save run {run.run_id}'s weights for the {reason}: {why_not}")
         run.session.flush()
         return SessionReader(run.session.dir).checkpoint(checkpoint_id)
     run.session.flush()
     found = recipes.parent_checkpoint(SessionReader(run.session.dir), parent)
     if found is None:
-        raise ConfigError(f"parents: run {parent['run_id']} has no checkpoint to merge (and is not the "
+        raise ConfigError(f"parents: run {parent['run_id']} has no checkpoint to {reason} (and is not the "
                           f"live run {run.run_id})")
     return found
 
@@ -391,17 +392,18 @@ def _compare(trainer: Any, card: Mapping[str, Any], model: nn.Module, resolved: 
     table = comparing.compare(results, "merge", seed=card["seed"])
     table["names"] = {"merge": card["name"], **{_label(p, resolved): next(
         (r["name"] for r in reader.runs() if r["id"] == p["run_id"]), str(p["run_id"])) for p, _ in resolved}}
-    return {"table": table, "worse": _worse(table, list(sets))}
+    return {"table": table, "worse": judge_worse(table, list(sets))}
 
 
-def _worse(table: Mapping[str, Any], sets: list[str]) -> dict[str, Any] | None:
-    """The best parent when it beats the merge on validation (else the first set): accuracy for a
-    classifier, else the mean loss."""
+def judge_worse(table: Mapping[str, Any], sets: list[str], reference: str = "merge", other: str = "parent") \
+        -> dict[str, Any] | None:
+    """The best ``other`` (a parent, an expert) when it beats ``reference`` on validation (else the
+    first set): accuracy for a classifier, else the mean loss."""
     judged = "val" if "val" in sets else sets[0]
     cells = [c for c in table["cells"] if c["set"] == judged]
-    merged = next(c for c in cells if c["run"] == "merge")
+    merged = next(c for c in cells if c["run"] == reference)
     metric = "accuracy" if merged["accuracy"] is not None else "loss"
-    parents = [c for c in cells if c["run"] != "merge" and c[metric] is not None]
+    parents = [c for c in cells if c["run"] != reference and c[metric] is not None]
     if merged[metric] is None or not parents:
         return None
     if metric == "accuracy":
@@ -409,14 +411,14 @@ def _worse(table: Mapping[str, Any], sets: list[str]) -> dict[str, Any] | None:
         if best["accuracy"] <= merged["accuracy"]:
             return None
         gap = (best["accuracy"] - merged["accuracy"]) * 100
-        text = (f"the merge is worse than parent run {best['run']} on {judged}: accuracy "
+        text = (f"the {reference} is worse than {other} run {best['run']} on {judged}: accuracy "
                 f"{merged['accuracy'] * 100:.2f}% against {best['accuracy'] * 100:.2f}% ({gap:.2f} points)")
     else:
         best = min(parents, key=lambda c: c["loss"])
         if best["loss"] >= merged["loss"]:
             return None
         gap = merged["loss"] - best["loss"]
-        text = (f"the merge is worse than parent run {best['run']} on {judged}: loss {merged['loss']:.4g} against "
+        text = (f"the {reference} is worse than {other} run {best['run']} on {judged}: loss {merged['loss']:.4g} against "
                 f"{best['loss']:.4g}")
     interval = (best.get("diff") or {}).get(metric)
     return {"run": best["run"], "set": judged, "metric": metric, "gap": gap, "interval": interval, "text": text}

@@ -26,7 +26,8 @@ from ..errors import ConfigError, NotFoundError, StateError
 from ..store.reader import SessionReader
 from ..strict import StrictModel
 
-__all__ = ["CARD_KINDS", "MERGE_METHODS", "CurateCard", "ForkCard", "MergeCard", "MergeParent", "check_card",
+__all__ = ["CARD_KINDS", "MERGE_METHODS", "BenchmarkCard", "CurateCard", "Expert", "ForkCard", "GateCard",
+           "MergeCard", "MergeParent", "check_card",
            "checkpoint_of", "edit_card", "nonempty_slice", "plan_out", "require_proposed"]
 
 Name = Annotated[str, Wording("a name of letters, digits, spaces, '-', '_' or '.' (at most 64)")]
@@ -156,7 +157,71 @@ class MergeCard(StrictModel):
     override: bool = Field(default=False, description="keep the merge even when it is worse than its best parent")
 
 
-CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard, "curate": CurateCard, "merge": MergeCard}
+class Expert(StrictModel):
+    """One expert of a mixture: a run's weights (a checkpoint, by default its newest; the live
+    run's own: its weights when the gate is trained)."""
+
+    run_id: int = Field(ge=1, le=2**31, description="the run")
+    checkpoint_id: Annotated[int | None, Wording(omitted="the live run's current weights, another run's newest "
+                                                          "checkpoint")] = Field(
+        default=None, ge=1, le=2**31, description="one of the run's checkpoints")
+
+
+class GateCard(StrictModel):
+    """Train a light gating network that routes each sample among frozen experts (the generalist
+    first, then specialists), on held-out data, and make the mixture a new run: gate plus experts
+    as one module, exported as a standalone artifact. Judged against every expert on ``sets``."""
+
+    kind: Literal["gate"]
+    name: Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.\-]+$",
+                       description="the mixture run's name")
+    run_id: int = Field(ge=1, le=2**31, description="the live run that trains the gate: its model's architecture, "
+                                                    "loss, loaders and device are used")
+    experts: Annotated[list[Expert], Wording("a list of 2 to 16 experts ({run_id, checkpoint_id}), the generalist "
+                                              "first")] = Field(
+        min_length=2, max_length=16, description="the experts routed among; the first is the generalist")
+    routing: Literal["top1", "soft"] = Field(
+        default="top1", description="top1: each sample goes to one expert; soft: the gate's mixture of their "
+                                    "probabilities")
+    gate_input: Literal["inputs", "embedding"] = Field(
+        default="inputs", description="what the gate sees: the model's input tensor (flattened), or the "
+                                      "generalist's embedding (the input of its last nn.Linear)")
+    hidden: int = Field(default=0, ge=0, le=4096, description="the gate's hidden width (0: a linear gate)")
+    data: str = Field(default="val", min_length=1, max_length=64,
+                      description="the held-out data the gate is trained on: 'val' or a saved slice")
+    steps: int = Field(default=300, ge=1, le=1_000_000, description="the gate's training steps")
+    batch_size: int = Field(default=256, ge=1, le=1_000_000, description="the gate's batch size")
+    lr: float = Field(default=0.01, gt=0.0, le=10.0, allow_inf_nan=False, description="the gate's learning rate (Adam)")
+    balance: float = Field(default=0.01, ge=0.0, le=100.0, allow_inf_nan=False,
+                           description="the load-balancing loss's weight (Switch Transformer's; 0: off)")
+    min_share: float = Field(default=0.02, ge=0.0, le=1.0, allow_inf_nan=False,
+                             description="warn about an expert that receives less than this share of the samples")
+    seed: int = Field(default=0, ge=0, le=2**31, description="seed of the gate's initialisation and batches")
+    sets: SetNames = Field(default=["test"], min_length=1, max_length=12,
+                           description="what the mixture is compared with every expert on")
+
+
+class BenchmarkCard(StrictModel):
+    """Benchmark a mixture at matched compute: the FLOPs its making cost (specialists, their
+    controls, the gate) given instead to (1) the generalist trained on as one model, against
+    (2) the best weight merge of the same experts and (3) the generalist alone; all evaluated,
+    paired, on ``sets`` and the specialists' slices, with inference FLOPs and latency."""
+
+    kind: Literal["benchmark"]
+    run_id: int = Field(ge=1, le=2**31, description="the live run that trains the monolith: its model's "
+                                                    "architecture, loss, loaders and device are used")
+    mixture: int = Field(ge=1, le=2**31, description="the mixture run (made by a gate card)")
+    merges: Annotated[list[Literal["linear", "ties", "task_arithmetic"]],
+                      Wording("a list of 1 to 3 of 'linear', 'ties', 'task_arithmetic'")] = Field(
+        default=["linear", "ties"], min_length=1, max_length=3,
+        description="the weight merges tried; the best on validation is the merge baseline")
+    sets: SetNames = Field(default=["test"], min_length=1, max_length=12,
+                           description="what every entrant is evaluated on (the specialists' slices are added)")
+    seed: int = Field(default=0, ge=0, le=2**31, description="seed of the monolith's data order and the intervals")
+
+
+CARDS: dict[str, type[StrictModel]] = {"fork": ForkCard, "curate": CurateCard, "merge": MergeCard, "gate": GateCard,
+                                       "benchmark": BenchmarkCard}
 CARD_KINDS = tuple(CARDS)
 
 
@@ -185,6 +250,10 @@ def check_card(reader: SessionReader, card: Mapping[str, Any]) -> dict[str, Any]
         from .recipes import check_merge  # the merge's checks read checkpoint files and the lineage
 
         check_merge(reader, checked, runs)
+    elif kind in ("gate", "benchmark"):
+        from .recipes import check_benchmark, check_gate
+
+        (check_gate if kind == "gate" else check_benchmark)(reader, checked, runs)
     return checked
 
 

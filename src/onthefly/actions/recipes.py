@@ -24,7 +24,7 @@ from ..store.reader import SessionReader
 from . import model_weights
 from .plans import TASK_VECTOR_METHODS, checkpoint_of, nonempty_slice
 
-__all__ = ["ancestors", "check_merge", "common_base", "model_file", "origin", "parent_checkpoint"]
+__all__ = ["ancestors", "check_benchmark", "check_gate", "check_merge", "common_base", "model_file", "origin", "parent_checkpoint"]
 
 TRAJECTORY_EDGES = ("fork", "control", "resume")  # a child that continues one parent's weights
 
@@ -112,6 +112,44 @@ def check_merge(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[in
     finally:
         for weights in opened.values():
             weights.close()
+
+
+def check_gate(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[int, Mapping[str, Any]]) -> None:
+    """A gate card against the session: its experts exist, each once, with weights of one
+    architecture (the live run's module holds each in turn); its data and sets exist."""
+    seen: set[int] = set()
+    for expert in card["experts"]:
+        if expert["run_id"] not in runs:
+            raise NotFoundError(f"experts: run {expert['run_id']} is not a run of this session")
+        if expert["run_id"] in seen:
+            raise StateError(f"experts: run {expert['run_id']} is listed twice; an expert is routed to once")
+        seen.add(expert["run_id"])
+    if card["data"] != "val":
+        nonempty_slice(reader, card["data"], "data", "gate")
+    for name in card["sets"]:
+        if name not in ("val", "test"):
+            nonempty_slice(reader, name, "sets", "gate")
+    found = [(e, parent_checkpoint(reader, e)) for e in card["experts"]]
+    opened = {f"run {e['run_id']}": model_weights.FileWeights(model_file(c)) for e, c in found if c is not None}
+    try:
+        model_weights.check_same_architecture({k: model_weights.fold_adapters(w) for k, w in opened.items()})
+    except ConfigError as exc:  # the experts' outputs could not be routed among: 409
+        raise StateError(f"experts: {exc}") from None
+    finally:
+        for weights in opened.values():
+            weights.close()
+
+
+def check_benchmark(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[int, Mapping[str, Any]]) -> None:
+    """A benchmark card against the session: its mixture is a mixture run, its sets exist."""
+    mixture = runs.get(card["mixture"])
+    if mixture is None:
+        raise NotFoundError(f"mixture: run {card['mixture']} is not a run of this session")
+    if "gate" not in (mixture.get("config") or {}):
+        raise StateError(f"mixture: run {card['mixture']} ({mixture['name']}) is not a mixture; a gate card makes one")
+    for name in card["sets"]:
+        if name not in ("val", "test"):
+            nonempty_slice(reader, name, "sets", "benchmark")
 
 
 def _check_weights(reader: SessionReader, card: Mapping[str, Any], method: str,

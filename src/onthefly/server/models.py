@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from ..actions.plans import CurateCard, ForkCard, MergeCard
+from ..actions.plans import BenchmarkCard, CurateCard, ForkCard, GateCard, MergeCard
 from ..actions.slices import SLICE_NAME, SliceDefinition
 from ..engine.control import AnyCommand, ClusterArgs
 from ..strict import StrictModel
@@ -301,9 +301,9 @@ class ArchiveOut(BaseModel):
 
 class PlanOut(BaseModel):
     id: int
-    kind: Literal["fork", "curate", "merge"]
+    kind: Literal["fork", "curate", "merge", "gate", "benchmark"]
     status: Literal["proposed", "approved", "running", "done", "failed", "discarded"]
-    card: ForkCard | CurateCard | MergeCard = Field(discriminator="kind")
+    card: ForkCard | CurateCard | MergeCard | GateCard | BenchmarkCard = Field(discriminator="kind")
     result: dict[str, Any] | None = Field(default=None, description="what came of it, against its criterion")
     error: str | None = None
     runs: list[int] = Field(description="the runs it made")

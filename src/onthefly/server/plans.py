@@ -17,8 +17,10 @@ from pydantic import Field
 
 from ..actions.merge import keepable
 from ..actions.plans import (
+    BenchmarkCard,
     CurateCard,
     ForkCard,
+    GateCard,
     MergeCard,
     check_card,
     edit_card,
@@ -53,7 +55,7 @@ def plan_routes(backend: Any) -> APIRouter:
 
     @router.post("/api/plans", response_model=PlanOut, status_code=201, responses={**BAD, **NOT_FOUND, **CONFLICT},
                  summary="Propose a plan card (checked against the session; nothing happens until it is approved)")
-    async def propose(card: Annotated[ForkCard | CurateCard | MergeCard, Field(discriminator="kind")]) -> PlanOut:
+    async def propose(card: Annotated[ForkCard | CurateCard | MergeCard | GateCard | BenchmarkCard, Field(discriminator="kind")]) -> PlanOut:
         def save() -> dict[str, Any]:
             fresh()
             checked = check_card(backend.reader, card.model_dump(mode="json", by_alias=True))

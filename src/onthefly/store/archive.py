@@ -173,8 +173,9 @@ def _members(folder: Path, snapshot: Path) -> tuple[dict[str, Path], dict[str, A
             if not source.is_dir():
                 raise StoreError(f"checkpoint {ckpt_id} of the registry is missing ({source}); it was deleted "
                                  "after it was saved")
-            for file in sorted(p for p in source.iterdir() if p.is_file()):
-                add(f"{rel}/{file.name}", file)
+            # Its files, and those of its folders (a mixture's inference artifact lies beside its weights).
+            for file in sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink()):
+                add(f"{rel}/{file.relative_to(source).as_posix()}", file)
             if rel != path:  # the archive's registry is relative to the session folder
                 conn.execute("UPDATE checkpoints SET path = ? WHERE id = ?", (rel, ckpt_id))
             registry.append({"id": ckpt_id, "run_id": run_id, "step": step, "epoch": epoch, "path": rel,
