@@ -93,6 +93,7 @@ def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], Non
     record["config"]["benchmark"] = report
     run.session.set_run_config(card["mixture"], record["config"])
     trainer.forks[monolith_id] = monolith
+    trainer.benchmarked = {**getattr(trainer, "benchmarked", {}), plan["id"]: entrants}  # for callers in-process
     verdict = {"met": _mixture_won(table, next(iter(sets))), "summary": report["summary"]}
     return {"runs": [monolith_id], "comparison": table, "verdict": verdict, "report": report}
 
@@ -218,8 +219,8 @@ def _specialists_lr(reader: SessionReader, recipe: Mapping[str, Any]) -> float |
 
 def _best_merge(trainer: Any, card: Mapping[str, Any], reader: SessionReader, recipe: Mapping[str, Any],
                 start: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """The card's weight merges of the experts (task vectors from the generalist's checkpoint),
-    the best on validation (else on the first set) kept."""
+    """The card's weight merges of the experts (task vectors from their common ancestor in the
+    lineage, else the generalist's checkpoint), the best on validation (else on the first set)."""
     from .merge import load_model
 
     records = [reader.checkpoint(e["checkpoint_id"]) for e in recipe["experts"]]
@@ -229,7 +230,8 @@ def _best_merge(trainer: Any, card: Mapping[str, Any], reader: SessionReader, re
     opened = [model_weights.FileWeights(recipes.model_file(r)) for r in records]
     try:
         parents = [model_weights.fold_adapters(w) for w in opened]
-        base = model_weights.TensorWeights(_weights(start))
+        common = recipes.common_base(reader, records)  # the fork point the task vectors are taken from
+        base = model_weights.TensorWeights(_weights(common if common is not None else start))
         ones = [1.0] * len(parents)
         for method in card["merges"]:
             if method == "linear":
@@ -247,7 +249,7 @@ def _best_merge(trainer: Any, card: Mapping[str, Any], reader: SessionReader, re
             w.close()
     score, method, model = max(tried, key=lambda t: t[0])
     return model, {"method": method, "chosen_on": judged_name, "score": score,
-                   "tried": {m: s for s, m, _ in tried}}
+                   "tried": {m: s for s, m, _ in tried}, "base_checkpoint_id": (common or start)["id"]}
 
 
 def _sets(trainer: Any, reader: SessionReader, card: Mapping[str, Any], recipe: Mapping[str, Any]) \

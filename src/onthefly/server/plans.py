@@ -10,12 +10,19 @@ needs the runs' models); its table is stored in the session and read back here.
 from __future__ import annotations
 
 import asyncio
+import secrets
+import shutil
+import tarfile
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
+from fastapi.responses import FileResponse
 from pydantic import Field
+from starlette.background import BackgroundTask
 
 from ..actions.merge import keepable
+from ..actions.mixture import artifact_folder, export_moe
 from ..actions.plans import (
     BenchmarkCard,
     CurateCard,
@@ -147,5 +154,27 @@ def plan_routes(backend: Any) -> APIRouter:
                 summary="One comparison's table")
     async def comparison(comparison_id: int) -> ComparisonOut:
         return ComparisonOut.model_validate(await asyncio.to_thread(backend.reader.comparison, comparison_id))
+
+    @router.get("/api/runs/{run_id}/mixture", response_class=FileResponse, responses={
+        200: {"content": {"application/x-tar": {}}, "description": "the artifact's folder as one tar file"},
+        **NOT_FOUND, **CONFLICT},
+        summary="A mixture of experts (a gate card's run) as its standalone inference artifact: torch.export "
+                "program, safetensors weights, ONNX where exported, manifest (what onthefly export-moe writes)")
+    async def mixture(run_id: int) -> FileResponse:
+        def build() -> Path:
+            fresh()
+            artifact_folder(backend.reader, run_id)  # a 404 / 409 that says why there is none
+            scratch = Path(backend.session_dir) / "exports" / f"mixture-{secrets.token_hex(8)}"
+            try:
+                export_moe(backend.reader, run_id, scratch / "mixture")  # every file checked against the manifest
+                with tarfile.open(scratch.with_suffix(".tar"), "w") as tar:
+                    tar.add(scratch / "mixture", arcname=f"mixture-run-{run_id}")
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return scratch.with_suffix(".tar")
+
+        path = await asyncio.to_thread(build)
+        return FileResponse(path, filename=f"{backend.project}-mixture-run-{run_id}.tar".replace("/", "_"),
+                            media_type="application/x-tar", background=BackgroundTask(path.unlink, missing_ok=True))
 
     return router
