@@ -252,3 +252,20 @@ def test_refusals_name_the_problem(made: tuple[onthefly.Trainer, dict[str, Any],
         mixing.export_moe(reader, script.notes["specialist"], "/nonexistent/out")
     assert cli(["export-moe", "12345", "--out", "/tmp/x", "--session", str(reader.dir)]) == 2
 
+
+
+def test_a_soft_gate_on_the_generalists_embedding_mixes_probabilities_and_exports() -> None:
+    trainer, plan, _ = session_with_mixture({"gate_input": "embedding", "routing": "soft", "hidden": 8,
+                                             "sets": ["test"]}, epochs=2)
+    assert plan["status"] == "done", plan["error"]
+    (mixture_id,) = plan["runs"]
+    mixture = trainer.forks[mixture_id]
+    x = TEST.tensors[0][:50]
+    with torch.no_grad():
+        out = mixture(x)
+        assert torch.allclose(out.exp().sum(dim=1), torch.ones(50), atol=1e-5)  # log-probabilities
+        assert mixture.gate.mean.numel() == 32  # the generalist's 32-wide embedding
+    assert plan["result"]["artifact"]["written"], plan["result"]["artifact"]
+    program = mixing.moe_export.load_artifact(mixing.artifact_folder(open_session(trainer.run.session.dir),
+                                                                     mixture_id))
+    assert torch.equal(program(x), out)

@@ -150,3 +150,28 @@ def test_invalid_merge_cards_are_refused_over_http(idle: LiveSession, changes: d
     assert refused.status_code == status, refused.text
     assert message in refused.text
     assert idle.get("/api/plans") == []
+
+
+@pytest.mark.parametrize(("changes", "status", "message"), [
+    ({"routing": "top3"}, 422, "routing"),
+    ({"experts": [{"run_id": 1}]}, 422, "experts"),
+    ({"experts": [{"run_id": 1}, {"run_id": 9}]}, 404, "experts: run 9 is not a run"),
+    ({"experts": [{"run_id": 1}, {"run_id": 1}]}, 409, "listed twice"),
+    ({"data": "nowhere"}, 404, "data"),
+    ({"balance": -1}, 422, "balance"),
+])
+def test_invalid_gate_cards_are_refused_over_http(idle: LiveSession, changes: dict[str, Any], status: int,
+                                                  message: str) -> None:
+    gate = {"kind": "gate", "name": "mixture", "run_id": 1, "experts": [{"run_id": 1}, {"run_id": 2}], **changes}
+    refused = idle.http.post("/api/plans", json=gate)
+    assert refused.status_code == status, refused.text
+    assert message in refused.text
+    assert idle.get("/api/plans") == []
+
+
+def test_a_run_that_is_no_mixture_has_no_artifact_and_no_benchmark(idle: LiveSession) -> None:
+    refused = idle.http.get("/api/runs/1/mixture")
+    assert refused.status_code == 409 and "not a mixture" in refused.text
+    assert idle.http.get("/api/runs/77/mixture").status_code == 404
+    bench = idle.http.post("/api/plans", json={"kind": "benchmark", "run_id": 1, "mixture": 1})
+    assert bench.status_code == 409 and "not a mixture" in bench.text

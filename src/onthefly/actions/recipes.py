@@ -117,6 +117,11 @@ def check_merge(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[in
 def check_gate(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[int, Mapping[str, Any]]) -> None:
     """A gate card against the session: its experts exist, each once, with weights of one
     architecture (the live run's module holds each in turn); its data and sets exist."""
+    if card["data"] != "val":
+        nonempty_slice(reader, card["data"], "data", "gate")
+    for name in card["sets"]:
+        if name not in ("val", "test"):
+            nonempty_slice(reader, name, "sets", "gate")
     seen: set[int] = set()
     for expert in card["experts"]:
         if expert["run_id"] not in runs:
@@ -124,11 +129,6 @@ def check_gate(reader: SessionReader, card: Mapping[str, Any], runs: Mapping[int
         if expert["run_id"] in seen:
             raise StateError(f"experts: run {expert['run_id']} is listed twice; an expert is routed to once")
         seen.add(expert["run_id"])
-    if card["data"] != "val":
-        nonempty_slice(reader, card["data"], "data", "gate")
-    for name in card["sets"]:
-        if name not in ("val", "test"):
-            nonempty_slice(reader, name, "sets", "gate")
     found = [(e, parent_checkpoint(reader, e)) for e in card["experts"]]
     opened = {f"run {e['run_id']}": model_weights.FileWeights(model_file(c)) for e, c in found if c is not None}
     try:
