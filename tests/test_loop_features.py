@@ -1,6 +1,6 @@
 """The loop features users expect from Lightning and Hugging Face, in ``Trainer``: custom
 evaluation metrics, validation every N steps, ``amp="bf16"``, the richer hooks with the data they
-need, and early stopping."""
+need, early stopping, ``max_steps``, ``resume_from="last"`` and TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def test_bad_amp_is_refused_when_the_trainer_is_made(amp: str, match: str) -> No
     ({"val_every_steps": 0}, "val_every_steps must be"),
     ({"metrics": {"f 1": macro_recall}}, "metrics must map"),
     ({"metrics": {"f1": 3}}, "metrics must map"),
+    ({"max_steps": 0}, "max_steps must be"),
 ])
 def test_bad_loop_options_are_refused(options: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -221,3 +222,77 @@ def test_model_checkpoint_never_prunes_what_the_session_refers_to() -> None:
 def test_bad_model_checkpoint_options_are_refused(options: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         onthefly.ModelCheckpoint(**options)
+
+
+def weights(trainer: onthefly.Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_max_steps_ends_training_inside_an_epoch_and_a_resume_goes_on_exactly() -> None:
+    keeper = onthefly.ModelCheckpoint(every_epochs=None, every_steps=5)
+    short = make_trainer(max_steps=5, callbacks=[keeper])  # 8 steps an epoch
+    summary = short.fit(3)
+    assert short.run.global_step == 5 and short.run.epoch == 0
+    reader = open_session(summary.session_dir)
+    assert reader.samples(summary.run_id).num_rows == 5 * 32
+    assert [e["step"] for e in reader.events(summary.run_id, kind="eval")] == [5]  # validated where it ended
+    assert next(r for r in reader.runs() if r["id"] == summary.run_id)["status"] == "finished"
+    checkpoint = reader.checkpoints(summary.run_id)[-1]
+    assert checkpoint["step"] == 5
+
+    longer = make_trainer(max_steps=13, resume_from=Path(checkpoint["path"]),
+                          callbacks=[onthefly.ModelCheckpoint(every_epochs=None, every_steps=5)])
+    longer.fit(3)
+    straight = make_trainer(max_steps=13)
+    straight.fit(3)
+    assert longer.run.global_step == straight.run.global_step == 13
+    for key, value in weights(straight).items():
+        assert torch.equal(weights(longer)[key], value), key
+
+
+def test_max_steps_at_an_epochs_last_step_ends_that_epoch_first() -> None:
+    summary = make_trainer(max_steps=16, val_every_steps=100).fit(5)
+    reader = open_session(summary.session_dir)
+    assert [e["epoch"] for e in reader.events(summary.run_id, kind="epoch_summary")] == [0, 1]
+    assert [e["step"] for e in reader.events(summary.run_id, kind="eval")] == [8, 16]
+
+
+def test_resume_from_last_takes_the_newest_checkpoint_of_the_project() -> None:
+    first = make_trainer(run_name="r", callbacks=[onthefly.ModelCheckpoint(every_epochs=1)])
+    first.fit(2)
+    again = make_trainer(run_name="r", resume_from="last", callbacks=[onthefly.ModelCheckpoint(every_epochs=1)])
+    assert again.run.session.dir == first.run.session.dir  # the session goes on
+    again.fit(3)
+    straight = make_trainer(run_name="r")
+    straight.fit(3)
+    for key, value in weights(straight).items():
+        assert torch.equal(weights(again)[key], value), key
+
+
+def test_resume_from_last_with_nothing_to_resume_starts_fresh_and_says_so(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model = toy_model()
+    trainer = onthefly.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               loss_fn=nn.CrossEntropyLoss(), train_loader=DataLoader(toy_data(), batch_size=32),
+                               project="nothing-saved-yet", progress=False, resume_from="last")
+    assert trainer.run.global_step == 0
+    assert "no checkpoint of project 'nothing-saved-yet'" in capsys.readouterr().err
+    trainer.run.close()
+
+
+def test_tensorboard_event_files_hold_the_runs_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = make_trainer(tensorboard_dir=tmp_path / "tb", run_name="with board").fit(2)
+    folder = tmp_path / "tb" / "with_board"
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "val/loss"} <= tags, tags
+    reader = open_session(summary.session_dir)
+    recorded = {(m["step"], m["value"]) for m in reader.metrics(summary.run_id, "train_loss")}
+    written = {(e.step, e.value) for e in events.Scalars("train_loss")}
+    assert {step for step, _ in written} == {step for step, _ in recorded}
+    for step, value in written:
+        assert value == pytest.approx(dict(recorded)[step], rel=1e-6)
+    assert [e.step for e in events.Scalars("val/loss")] == [8, 16]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -97,6 +98,7 @@ class Run:
         train_dataset: Any = None,
         export_dataset: Any = None,
         parent: tuple[int, int | None] | None = None,
+        tensorboard_dir: str | Path | None = None,
     ) -> None:
         _check_names(project, run_name)
         if not isinstance(model, nn.Module):
@@ -127,7 +129,10 @@ class Run:
         self.export_dataset = export_dataset
 
         # Found (an archive is imported) and read before the new session's clean-up runs.
-        source = resume_source(resume_from) if resume_from is not None else None
+        source = resume_source(resume_from, project=project, run_name=run_name) if resume_from is not None else None
+        if resume_from is not None and source is None:  # "last" with nothing to resume: a fresh start, said
+            print(f"onthefly: resume_from='last': no checkpoint of project {project!r} on this machine yet; "
+                  "training starts from the model as given", file=sys.stderr)
         checkpoint = read_checkpoint(source.checkpoint) if source is not None else None
         self._owns_session = session is None
         if session is None and source is not None and source.session_dir is not None:
@@ -193,6 +198,19 @@ class Run:
             except BaseException as exc:
                 self.close(exc)  # the session records why, and is not left looking "running"
                 raise
+        if tensorboard_dir is not None:  # scalars also as TensorBoard event files
+            from .tensorboard import TensorBoardTap
+
+            tap = TensorBoardTap(tensorboard_dir, self.run_id, run_name)
+            self.session.metric_taps.append(tap)
+            self.config["tensorboard_dir"] = str(tap.log_dir)
+            self.session.set_run_config(self.run_id, self.config)
+
+            def untap() -> None:
+                self.session.metric_taps.remove(tap)
+                tap.close()
+
+            self.add_close_callback(untap)
         self.bus.publish("run_created", {"name": run_name, "project": project, "session": str(self.session.dir),
                                          "continued": continued is not None}, **self._where())
 

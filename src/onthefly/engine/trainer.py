@@ -98,6 +98,8 @@ class Trainer:
         export_dataset: Any = None,
         metrics: Mapping[str, Metric] | None = None,
         val_every_steps: int | None = None,
+        max_steps: int | None = None,
+        tensorboard_dir: str | Path | None = None,
         session: SessionStore | None = None,
         parent: tuple[int, int | None] | None = None,
     ) -> None:
@@ -116,6 +118,9 @@ class Trainer:
             raise ConfigError(f"val_every_steps must be a whole number >= 1 or None, got {val_every_steps!r}")
         if val_every_steps is not None and val_loader is None:
             raise ConfigError("val_every_steps needs a val_loader to validate on")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ConfigError(f"max_steps must be a whole number >= 1 or None, got {max_steps!r}")
+        self.max_steps = max_steps
         for name, metric in (metrics or {}).items():
             if not isinstance(name, str) or not name.isidentifier() or not callable(metric):
                 raise ConfigError(f"metrics must map names (identifiers) to functions fn(outputs, targets) -> float; "
@@ -153,10 +158,11 @@ class Trainer:
             scheduler=scheduler, scaler=self.scaler, device=self.device, keep_alive=keep_alive,
             wait_for_run=wait_for_run, resume_from=resume_from, callbacks=callbacks, grad_norm=grad_norm,
             evaluator=evaluator, embed=self._embed, train_dataset=train_loader.dataset,
-            export_dataset=export_dataset, session=session, parent=parent,
+            export_dataset=export_dataset, session=session, parent=parent, tensorboard_dir=tensorboard_dir,
             config={"device": str(self.device), "amp": amp,
                     "amp_dtype": str(self._amp_dtype).removeprefix("torch.") if mode else None,
                     "grad_clip": grad_clip, "val_every_steps": val_every_steps, "metrics": sorted(metrics or {}),
+                    "max_steps": max_steps,
                     "accumulate_grad_batches": accumulate_grad_batches,
                     "optimizer": type(optimizer).__name__, "model": type(model).__name__,
                     "per_sample_loss": self.loss.method},
@@ -309,15 +315,27 @@ class Trainer:
         try:
             run.fire("on_fit_start")
             on_plan_end = (lambda: run.evaluate("test")) if do_test_after and self.test_loader else None
-            for _epoch in run.epochs(max_epochs, on_plan_end=on_plan_end):
+            reached = self.max_steps is not None and run.global_step >= self.max_steps  # resumed at or past it
+            for _epoch in () if reached else run.epochs(max_epochs, on_plan_end=on_plan_end):
                 self.model.train()
                 for batch in run.batches(self.train_loader, ends_epoch=False):
                     at_end = n_batches is not None and run.batch_in_epoch == n_batches
                     boundary = at_end or run.batch_in_epoch % self.accumulate == 0
                     self._train_step(batch, boundary=boundary)
+                    if self.max_steps is not None and boundary and run.global_step >= self.max_steps:
+                        reached = True  # at an epoch's last batch, the epoch ends as usual first
+                        if not at_end:
+                            break
                     if self.val_every_steps is not None and boundary and not at_end \
                             and run.global_step % self.val_every_steps == 0:
                         run.evaluate("val")  # mid-epoch; the epoch's end validates anyway
+                if reached and run.batch_in_epoch != n_batches:
+                    # max_steps inside an epoch: training ends at this step (a checkpoint resumes here)
+                    if self.val_loader is not None:
+                        run.evaluate("val")
+                    if on_plan_end is not None:
+                        on_plan_end()
+                    break
                 if run.stopping:
                     break
                 if not self._zero_grad_next:
@@ -330,6 +348,10 @@ class Trainer:
                     self._step_epoch_scheduler(val)
                 run.end_epoch()  # a checkpoint from here on (on_epoch_end) resumes at the next epoch
                 run.fire("on_epoch_end")
+                if reached:  # max_steps at the epoch's last step
+                    if on_plan_end is not None:
+                        on_plan_end()
+                    break
         except KeyboardInterrupt:
             run.stop()  # Ctrl-C: a clean stop, the session keeps everything so far
         except BaseException as exc:

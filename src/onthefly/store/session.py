@@ -372,6 +372,7 @@ class SessionStore:
     def _start(self, project: str, *, next_ids: Mapping[str, int]) -> None:
         self.project = project
         self._writer = StoreWriter(self.dir, self.db_path)
+        self.metric_taps: list[Callable[[list[tuple[int, str, int, int, float, float]]], None]] = []
         self._writer.on_overflow = self._report_overflow
         # Who hears of dropped records; the engine points it at its event bus. Default: a row.
         self.overflow_listener: Callable[[int], object] | None = None
@@ -456,11 +457,14 @@ class SessionStore:
         )
 
     def metrics(self, rows: list[tuple[int, str, int, int, float, float]]) -> None:
-        """Rows of (run_id, name, step, epoch, time, value)."""
+        """Rows of (run_id, name, step, epoch, time, value); also handed to every ``metric_taps``
+        callable (TensorBoard files), which must only queue them."""
         if rows:
             self._writer.sql(
                 "INSERT INTO metrics (run_id, name, step, epoch, time, value) VALUES (?,?,?,?,?,?)", rows
             )
+            for tap in self.metric_taps:
+                tap(rows)
 
     def samples(self, chunk: SampleChunk) -> None:
         self._writer.samples(chunk)

@@ -1,5 +1,8 @@
-"""What ``resume_from`` names, found: a checkpoint folder, a session archive (its final model), or
-one checkpoint of an archive (``"FILE.otf#<checkpoint id>"``).
+"""What ``resume_from`` names, found: a checkpoint folder, a session archive (its final model),
+one checkpoint of an archive (``"FILE.otf#<checkpoint id>"``), or ``"last"``: the newest checkpoint
+of the newest ended session on this machine of the same project (of a run with the same name when
+there is one), continued in that session; none yet: training starts fresh, as Lightning's
+``ckpt_path="last"`` does.
 
 An archive is imported first (once: an archive whose session is already on this machine reuses
 it), and the run continues *in that session*, so its curves go on where they stopped. A plain
@@ -32,8 +35,15 @@ class ResumeSource:
     next_loss: tuple[int, float] | None  # (step, train loss) recorded for the step after it
 
 
-def resume_source(spec: str | Path) -> ResumeSource:
+LAST = "last"
+
+
+def resume_source(spec: str | Path, *, project: str | None = None, run_name: str | None = None) \
+        -> ResumeSource | None:
+    """The checkpoint ``spec`` names (None only for ``"last"`` with no checkpoint to resume)."""
     text = str(spec)
+    if text == LAST and not Path(text).exists():
+        return _last(project, run_name)
     archive, _, wanted = text.rpartition("#") if "#" in text else (text, "", "")
     if wanted and is_archive(archive):
         try:
@@ -46,6 +56,32 @@ def resume_source(spec: str | Path) -> ResumeSource:
     if is_archive(path):
         return _from_archive(path, None)
     return _from_folder(path)
+
+
+def _last(project: str | None, run_name: str | None) -> ResumeSource | None:
+    root = sessions_root()
+    folders = sorted((p for p in root.iterdir() if (p / DB_FILE).is_file()), reverse=True) if root.is_dir() else []
+    for folder in folders:  # session ids begin with their start time: newest first
+        if is_alive(folder) and not held_here(folder):
+            continue  # still training elsewhere
+        try:
+            conn = connect(folder / DB_FILE, readonly=True)
+            try:
+                row = conn.execute("SELECT project FROM session").fetchone()
+                if row is None or row[0] != project:
+                    continue
+                found = conn.execute(
+                    "SELECT c.id, c.run_id, c.step, c.path FROM checkpoints c JOIN runs r ON r.id = c.run_id "
+                    "ORDER BY (r.name = ?) DESC, c.id DESC LIMIT 1", (run_name,)).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            continue
+        if found is not None:
+            checkpoint_id, run_id, step, path = found
+            return ResumeSource(folder / path, folder, int(checkpoint_id), int(run_id), int(step),
+                                _next_loss(folder, int(run_id), int(step)))
+    return None
 
 
 def _from_archive(archive: Path, checkpoint_id: int | None) -> ResumeSource:
