@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..errors import DataError
 from ..signals.recorder import Indices
 
-__all__ = ["TrackedLoader"]
+__all__ = ["Positions", "SampledIndices", "TrackedLoader"]
 
 
 class _RecordingIterator:
@@ -87,6 +87,87 @@ class _RecordingSampler:
         # iterator calls iter() on its sampler twice while it is created and pulls from the second.
         self.current = _RecordingIterator(self.inner, self.pending, self.skip_next, self.batched)
         return self.current
+
+
+class SampledIndices:
+    """For integrations whose framework owns the loop (Lightning, the Hugging Face Trainer): stands
+    in for the batch sampler of a copy of the framework's train DataLoader and keeps, in order, the
+    dataset indices of every batch it hands out. The DataLoader draws them in the main process -
+    ahead of the batches when workers prefetch - and yields batches in that same order, so the
+    oldest pending entry is the batch being trained: ``current()`` reads it, ``done()`` drops it,
+    ``take()`` does both. ``skip``: batches the next epoch draws but never trains (a resume)."""
+
+    kind = "index"
+
+    def __init__(self, inner: Iterable[Any], batched: bool, dataset: Any) -> None:
+        self.inner = inner
+        self.batched = batched
+        self.dataset = dataset
+        self.pending: deque[np.ndarray] = deque()
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so nothing runs until the first draw: a multi-worker DataLoader calls
+        # iter() twice and draws from the second; only the one in use clears an epoch's leftovers.
+        self.pending.clear()
+        skip, self.skip = self.skip, 0
+        for item in self.inner:
+            if skip:
+                skip -= 1
+            else:  # a copy (samplers may reuse their list); ~2 us for a batch of 64 ints
+                self.pending.append(np.array(item if self.batched else [item], dtype=np.int64).reshape(-1))
+            yield item
+
+    def __getattr__(self, name: str) -> Any:
+        # set_epoch (the frameworks call it every epoch), .sampler and the like reach the real one.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def begin_epoch(self) -> None:
+        """Nothing to do: the DataLoader's own iter() starts the epoch's draws."""
+
+    def current(self, batch: int) -> np.ndarray | None:
+        return self.pending[0] if self.pending else None
+
+    def done(self) -> None:
+        if self.pending:
+            self.pending.popleft()
+
+    def take(self, batch: int) -> np.ndarray | None:
+        found = self.current(batch)
+        self.done()
+        return found
+
+
+class Positions:
+    """An IterableDataset has no sampler: its samples are numbered by position in the epoch
+    (the same interface as ``SampledIndices``)."""
+
+    kind = "position"
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self._next = 0
+        self._batch = 0
+
+    def begin_epoch(self) -> None:
+        self._next = self._batch = 0
+
+    def current(self, batch: int) -> np.ndarray:
+        self._batch = batch
+        return np.arange(self._next, self._next + batch, dtype=np.int64)
+
+    def done(self) -> None:
+        self._next, self._batch = self._next + self._batch, 0
+
+    def take(self, batch: int) -> np.ndarray:
+        found = self.current(batch)
+        self.done()
+        return found
 
 
 class TrackedLoader:

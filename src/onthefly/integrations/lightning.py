@@ -38,8 +38,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..engine.batch import ForwardFn
+from ..engine.loader import Positions, SampledIndices
 from ..engine.run import Run
 from ..errors import ConfigError, DataError
 from ..launch import start_run
@@ -69,64 +69,7 @@ _ENGINE_METRICS = frozenset({"train_loss", "train_loss_epoch", "lr", "throughput
 _TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 
 
-# ---- sample identity: where a batch's dataset indices come from --------------------------------
-class _SampledIndices:
-    """Stands in for a train loader's batch sampler (on our copy of the loader) and keeps, in
-    order, the dataset indices of every batch it hands out. A DataLoader draws them in the main
-    process - ahead of the batches when workers prefetch - and yields batches in that same order
-    (``in_order=True``), so the oldest pending entry is always the batch being trained."""
-
-    kind = "index"
-
-    def __init__(self, inner: Iterable[Any], batched: bool, dataset: Any) -> None:
-        self.inner = inner
-        self.batched = batched
-        self.dataset = dataset
-        self.pending: deque[np.ndarray] = deque()
-
-    def __len__(self) -> int:
-        return len(self.inner)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator, so nothing runs until the first draw: a multi-worker DataLoader calls
-        # iter() twice and draws from the second; only the one in use clears an epoch's leftovers.
-        self.pending.clear()
-        for item in self.inner:
-            # A copy (samplers may reuse their list); ~2 us for a batch of 64 ints.
-            self.pending.append(np.array(item if self.batched else [item], dtype=np.int64).reshape(-1))
-            yield item
-
-    def __getattr__(self, name: str) -> Any:
-        # set_epoch (Lightning calls it every epoch) and the like reach the user's sampler.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def begin_epoch(self) -> None:
-        """Nothing to do: the DataLoader's own iter() starts the epoch's draws."""
-
-    def take(self, batch: int) -> np.ndarray | None:
-        return self.pending.popleft() if self.pending else None
-
-
-class _Positions:
-    """An IterableDataset has no sampler: its samples are numbered by position in the epoch."""
-
-    kind = "position"
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-        self._next = 0
-
-    def begin_epoch(self) -> None:
-        self._next = 0
-
-    def take(self, batch: int) -> np.ndarray:
-        first, self._next = self._next, self._next + batch
-        return np.arange(first, self._next, dtype=np.int64)
-
-
-_Source = _SampledIndices | _Positions
+_Source = SampledIndices | Positions
 
 
 # ---- the callback ---------------------------------------------------------------------------
@@ -239,7 +182,7 @@ class OnTheFlyCallback(pl.Callback):
             self._new_sources.append(None)
             return loader
         if isinstance(loader.dataset, IterableDataset):
-            self._new_sources.append(_Positions(loader.dataset))
+            self._new_sources.append(Positions(loader.dataset))
             return loader
         if loader.num_workers > 0 and getattr(loader, "in_order", True) is False:
             raise DataError(
@@ -248,7 +191,7 @@ class OnTheFlyCallback(pl.Callback):
             )
         batch_sampler = loader.batch_sampler
         batched = batch_sampler is not None
-        source = _SampledIndices(batch_sampler if batch_sampler is not None else loader.sampler, batched,
+        source = SampledIndices(batch_sampler if batch_sampler is not None else loader.sampler, batched,
                                  loader.dataset)
         tracked = copy.copy(loader)  # the user's loader is untouched
         tracked._iterator = None  # never share a persistent-workers iterator with the original

@@ -48,8 +48,7 @@ run is marked failed. Every hook runs on the training thread; other threads only
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -59,6 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..engine.batch import logits_of
+from ..engine.loader import Positions, SampledIndices
 from ..engine.run import Run
 from ..errors import ConfigError, DataError, LossError, StateError
 from ..launch import start_run
@@ -84,75 +84,7 @@ _NO_INDICES = np.empty(0, dtype=np.int64)
 _STAND_INS = {"loss": "train_loss", "learning_rate": "lr"}
 
 
-# ---- sample identity: where a micro-batch's dataset indices come from --------------------------
-class _SampledIndices:
-    """Stands in for the batch sampler of the Trainer's train DataLoader and keeps, in order, the
-    dataset indices of every batch it hands out. ``current()`` is the micro-batch being trained;
-    ``done()`` drops it once the Trainer has finished with it."""
-
-    kind = "index"
-
-    def __init__(self, inner: Iterable[Any], batched: bool, dataset: Any) -> None:
-        self.inner = inner
-        self.batched = batched
-        self.dataset = dataset
-        self.pending: deque[np.ndarray] = deque()
-        self.skip = 0  # batches a resumed epoch draws but never trains (accelerate skips them)
-
-    def __len__(self) -> int:
-        return len(self.inner)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator, so nothing runs until the first draw: a multi-worker DataLoader calls
-        # iter() twice and draws from the second; only the one in use clears an epoch's leftovers.
-        self.pending.clear()
-        skip, self.skip = self.skip, 0
-        for item in self.inner:
-            if skip:
-                skip -= 1
-            else:  # a copy (samplers may reuse their list); ~2 us for a batch of 64 ints
-                self.pending.append(np.array(item if self.batched else [item], dtype=np.int64).reshape(-1))
-            yield item
-
-    def __getattr__(self, name: str) -> Any:
-        # set_epoch (accelerate calls it every epoch), .sampler and the like reach the real one.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def begin_epoch(self) -> None:
-        """Nothing to do: the DataLoader's own iter() starts the epoch's draws."""
-
-    def current(self, batch: int) -> np.ndarray | None:
-        return self.pending[0] if self.pending else None
-
-    def done(self) -> None:
-        if self.pending:
-            self.pending.popleft()
-
-
-class _Positions:
-    """An IterableDataset has no sampler: its samples are numbered by position in the epoch."""
-
-    kind = "position"
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-        self._next = 0
-        self._batch = 0
-
-    def begin_epoch(self) -> None:
-        self._next = self._batch = 0
-
-    def current(self, batch: int) -> np.ndarray:
-        self._batch = batch
-        return np.arange(self._next, self._next + batch, dtype=np.int64)
-
-    def done(self) -> None:
-        self._next, self._batch = self._next + self._batch, 0
-
-
-_Source = _SampledIndices | _Positions
+_Source = SampledIndices | Positions
 
 
 def _track(dataloader: Any) -> tuple[_Source | None, str | None]:
@@ -163,7 +95,7 @@ def _track(dataloader: Any) -> tuple[_Source | None, str | None]:
     if not isinstance(base, DataLoader):
         return None, "the Trainer's train dataloader is not a torch DataLoader, so it has no sampler to read"
     if isinstance(base.dataset, IterableDataset):
-        return _Positions(base.dataset), None
+        return Positions(base.dataset), None
     if type(base) is not DataLoader:  # e.g. torchdata's StatefulDataLoader (use_stateful_dataloader)
         return None, (f"the Trainer's train dataloader is a {type(base).__name__}, whose sampler state "
                       "On The Fly does not wrap; per-sample identity needs a plain DataLoader")
@@ -175,7 +107,7 @@ def _track(dataloader: Any) -> tuple[_Source | None, str | None]:
         )
     batch_sampler = base.batch_sampler
     batched = batch_sampler is not None
-    source = _SampledIndices(batch_sampler if batch_sampler is not None else base.sampler, batched, base.dataset)
+    source = SampledIndices(batch_sampler if batch_sampler is not None else base.sampler, batched, base.dataset)
     # The Trainer built this loader for this train() call and iterates it each epoch; DataLoader
     # forbids setting its sampler after __init__, so it is set past that check.
     object.__setattr__(base, "batch_sampler" if batched else "sampler", source)
@@ -329,7 +261,7 @@ class OnTheFlyCallback(TrainerCallback):
         if state.global_step == 0 or not batches:
             return 0
         per_epoch = max(batches // self._accumulation + int(batches % self._accumulation > 0), 1)  # as the Trainer
-        if isinstance(self._source, _SampledIndices) and not args.ignore_data_skip:
+        if isinstance(self._source, SampledIndices) and not args.ignore_data_skip:
             self._source.skip = (state.global_step % per_epoch) * self._accumulation
         return state.global_step // per_epoch
 
