@@ -269,3 +269,13 @@ def test_a_soft_gate_on_the_generalists_embedding_mixes_probabilities_and_export
     program = mixing.moe_export.load_artifact(mixing.artifact_folder(open_session(trainer.run.session.dir),
                                                                      mixture_id))
     assert torch.equal(program(x), out)
+
+
+def test_experts_with_different_output_shapes_are_refused() -> None:
+    x = torch.randn(5, 8)
+    torch.manual_seed(0)
+    three, four = nn.Linear(8, 3), nn.Linear(8, 4)
+    with pytest.raises(ConfigError, match="outputs differ in shape"):
+        mixing._logits([three, four], x)
+    with pytest.raises(ConfigError, match=r"logits of shape \[batch, classes\]"):
+        mixing._logits([nn.Sequential(nn.Linear(8, 3), nn.Flatten(0))], x)
