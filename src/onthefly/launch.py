@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .actions import autofork as autoforking
-from .actions import cluster
+from .actions import cluster, health
 from .actions import export as exporting
 from .actions import fork as forking
 from .engine.batch import BatchSpec
@@ -109,6 +109,7 @@ def quickstart(
     open_browser: bool = False,
     keep_alive: bool | None = None,
     autofork: str = "suggest",
+    health_every: int | None = None,
     **options: Any,
 ) -> FitSummary:
     """Train ``model`` with On The Fly watching: per-sample loss every epoch, validation every
@@ -117,7 +118,8 @@ def quickstart(
 
     ``autofork`` ("suggest", the default; "approve"; "off"): when the loss tail stops improving
     while the rest does, a fork card is proposed (see :mod:`onthefly.actions.autofork`); it is
-    carried out only with "approve".
+    carried out only with "approve". Health check-ups (:mod:`onthefly.actions.health`) run on
+    request and, with ``health_every=N``, every N steps.
 
     With a dashboard attached when training ends (or ``keep_alive=True``), the session stays up
     and waits for commands (train more, test, stop); otherwise it returns. ``options`` are
@@ -135,6 +137,7 @@ def quickstart(
     # Plan cards (forks) and comparisons: carried out by this run; children served live too.
     forking.attach(trainer, on_child=board.server.add_run if board.server is not None else None)
     autoforking.attach(trainer, mode=autofork)  # type: ignore[arg-type]  # checked there
+    health.attach(trainer, every_steps=health_every)  # check-ups on request, and every health_every steps
     summary = trainer.fit(max_epochs, do_test_after=do_test_after)  # closing the run stops the server
     if options.get("progress", True):
         print(summary, flush=True)

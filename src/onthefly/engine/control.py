@@ -183,6 +183,16 @@ class PreviewPlanCommand(StrictModel):
     plan_id: int = Field(ge=1, le=2**31, description="the proposed merge card")
 
 
+class HealthCheckCommand(StrictModel):
+    """Run a health check-up at the next step boundary (``POST /api/runs/{id}/health``,
+    ``onthefly.actions.health``); its cards are a ``health`` event."""
+
+    kind: Literal["health_check"]
+    areas: Annotated[list[Literal["gradients", "activations", "numerics", "data", "configuration", "throughput"]]
+                     | None, Wording(omitted="every area")] = Field(
+        default=None, min_length=1, max_length=6, description="the areas checked")
+
+
 class CompareArgs(StrictModel):
     """Evaluate runs side by side on sets of samples, paired, against a reference run."""
 
@@ -222,6 +232,7 @@ COMMANDS["export"] = ExportCommand
 COMMANDS["execute_plan"] = ExecutePlanCommand
 COMMANDS["preview_plan"] = PreviewPlanCommand
 COMMANDS["compare"] = CompareCommand
+COMMANDS["health_check"] = HealthCheckCommand
 COMMAND_KINDS: tuple[str, ...] = tuple(COMMANDS)
 
 

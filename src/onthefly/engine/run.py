@@ -265,6 +265,13 @@ class Run:
 
         self.controller.register_action(kind, effect)
 
+    def add_hook(self, hook: str, callback: Callback) -> None:
+        """Call ``callback``'s ``hook`` too (a tool's, such as scheduled health check-ups; not one
+        of the run's callbacks, so checkpoints neither save nor expect its state)."""
+        if hook not in self._hooks:
+            raise ConfigError(f"unknown hook {hook!r}; the hooks: {', '.join(self._hooks)}")
+        self._hooks[hook].append(callback)
+
     def add_close_callback(self, callback: Callable[[], None]) -> None:
         """Called once the run is closed (e.g. to stop its dashboard)."""
         self._on_close.append(callback)

@@ -14,7 +14,7 @@ import secrets
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
 from fastapi.responses import FileResponse
@@ -34,11 +34,17 @@ from ..actions.plans import (
     plan_out,
     require_proposed,
 )
-from ..engine.control import CompareArgs
+from ..engine.control import CompareArgs, HealthCheckCommand
 from ..errors import ConfigError
 from .models import CommandAccepted, ComparisonOut, LineageOut, PlanApproved, PlanOut, Problem
 
 __all__ = ["plan_routes"]
+
+
+class HealthCheckArgs(HealthCheckCommand):
+    """A check-up's areas (all of them by default)."""
+
+    kind: Literal["health_check"] = "health_check"
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "not in this session"}}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "not possible now"}}
@@ -144,6 +150,15 @@ def plan_routes(backend: Any) -> APIRouter:
     async def compare(run_id: int, body: CompareArgs) -> CommandAccepted:
         accepted: CommandAccepted = await asyncio.to_thread(backend.command, run_id, "compare",
                                                             body.model_dump(mode="json"))
+        return accepted
+
+    @router.post("/api/runs/{run_id}/health", response_model=CommandAccepted, status_code=202,
+                 responses={**BAD, **NOT_FOUND, **CONFLICT},
+                 summary="Run a health check-up (gradients, activations, numerics, data, configuration, throughput) "
+                         "at run_id's next step boundary; its cards arrive as a 'health' event")
+    async def health_check(run_id: int, body: HealthCheckArgs) -> CommandAccepted:
+        accepted: CommandAccepted = await asyncio.to_thread(backend.command, run_id, "health_check",
+                                                            body.model_dump(mode="json", exclude={"kind"}))
         return accepted
 
     @router.get("/api/comparisons", response_model=list[ComparisonOut], summary="Every comparison of the session")

@@ -1,0 +1,307 @@
+"""Health check-ups against planted silent bugs: each script below trains fine (no error, the
+loss goes on) yet carries one bug; check-ups every ``EVERY`` steps must flag it with the right
+card within the steps stated, and the clean script must raise nothing above "info". The cards
+are recorded in the session as ``health`` events. Data: scikit-learn's bundled digits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import onthefly
+from onthefly.actions import health
+from onthefly.errors import ConfigError
+from onthefly.store import open_session
+
+EVERY = 5  # a check-up every 5 steps
+
+
+@cache
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
+
+
+def splits(train: int = 1200) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    x, y = digits()
+    return (TensorDataset(x[:train], y[:train]), TensorDataset(x[1200:1500], y[1200:1500]),
+            TensorDataset(x[1500:], y[1500:]))
+
+
+def mlp(dropout: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), *([nn.Dropout(0.2)] if dropout else []), nn.Linear(64, 10))
+
+
+def quick(*, model: nn.Module | None = None, optimizer: Any = None, lr: float = 0.05, train: Any = None,
+          val: Any = None, loader: dict[str, Any] | None = None, callbacks: tuple[onthefly.Callback, ...] = (),
+          steps: int = 30, **options: Any) -> list[dict[str, Any]]:
+    """Train with check-ups every EVERY steps for ``steps`` steps; every check-up's record."""
+    model = model if model is not None else mlp()
+    default_train, default_val, test = splits()
+    trainer = onthefly.Trainer(
+        model=model, optimizer=optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+        loss_fn=options.pop("loss_fn", nn.CrossEntropyLoss()),
+        train_loader=DataLoader(train or default_train, batch_size=32, shuffle=True,
+                                generator=torch.Generator().manual_seed(0), **(loader or {})),
+        val_loader=DataLoader(val or default_val, batch_size=128), test_loader=DataLoader(test, batch_size=128),
+        project="health", progress=False, callbacks=callbacks, max_steps=steps, **options)
+    health.attach(trainer, every_steps=EVERY)
+    trainer.fit(10)
+    return checkups(trainer.run)
+
+
+def checkups(run: onthefly.Run) -> list[dict[str, Any]]:
+    run.session.flush()
+    return [{"step": e["step"], "cards": e["payload"]["cards"]}
+            for e in open_session(run.session.dir).events(run.run_id, kind="health")]
+
+
+def first_flag(records: list[dict[str, Any]], check: str) -> tuple[int | None, dict[str, Any] | None]:
+    for record in records:
+        for found in record["cards"]:
+            if found["check"] == check:
+                return record["step"], found
+    return None, None
+
+
+def assert_flagged(records: list[dict[str, Any]], check: str, within: int, severity: str = "error") -> dict[str, Any]:
+    step, found = first_flag(records, check)
+    flagged = sorted({c["check"] for r in records for c in r["cards"]})
+    assert found is not None, f"{check} never flagged; the check-ups flagged {flagged}"
+    assert step is not None and step <= within, f"{check} first flagged at step {step}, later than {within}"
+    assert found["severity"] == severity, found
+    assert found["fix"] and found["title"]
+    print(f"\n{check}: first flagged at step {step}")  # the README's table (pytest -s)
+    return found
+
+
+# ---- the clean script --------------------------------------------------------------------------------
+def test_a_clean_script_raises_nothing_above_info() -> None:
+    records = quick(steps=40)
+    assert len(records) == 40 // EVERY
+    loud = [(r["step"], c["check"], c["title"]) for r in records for c in r["cards"] if c["severity"] != "info"]
+    assert loud == []
+
+
+# ---- planted bugs, a test each ------------------------------------------------------------------------
+def test_an_optimizer_missing_a_layer() -> None:
+    model = mlp()
+    found = assert_flagged(quick(model=model, optimizer=torch.optim.SGD(model[0].parameters(), lr=0.05)),
+                           "optimizer_missing_params", within=EVERY)
+    assert found["evidence"]["parameters"] == ["2.weight", "2.bias"]
+
+
+class EvalOnEpochStart(onthefly.Callback):
+    """The bug: an evaluation helper leaves the model in eval mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def on_train_batch_end(self, run: onthefly.Run, batch: Any, outputs: Any, loss: Any) -> None:
+        self.model.eval()
+
+
+def test_the_model_left_in_eval_mode_while_training() -> None:
+    model = mlp(dropout=True)
+    found = assert_flagged(quick(model=model, callbacks=(EvalOnEpochStart(model),)), "eval_mode_training", within=EVERY)
+    assert found["evidence"]["affected_modules"] == ["Dropout"]
+
+
+def custom_loop(step: Callable[[nn.Module, torch.optim.Optimizer, Any, int], None], *, steps: int = 30,
+                scaler: Any = None, model: nn.Module | None = None) -> list[dict[str, Any]]:
+    """A loop the user writes (start_run), with check-ups every EVERY steps."""
+    model = model if model is not None else mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    train, val, _ = splits()
+    run = onthefly.start_run(project="health", run_name="loop", model=model, optimizer=optimizer,
+                             loss_fn=nn.CrossEntropyLoss(), val_loader=DataLoader(val, batch_size=128),
+                             dashboard=False, scaler=scaler)
+    health.attach(run, every_steps=EVERY)
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with run:
+        done = 0
+        for _ in run.epochs(5):
+            for i, (x, y) in enumerate(run.batches(loader)):
+                losses = F.cross_entropy(model(x), y, reduction="none")
+                step(model, optimizer, losses, i)
+                run.step(losses.detach(), loss=losses.mean().detach())
+                done += 1
+                if done == steps:
+                    run.stop()
+                    break
+    return checkups(run)
+
+
+def test_zero_grad_missing_accumulates_gradients() -> None:
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, losses: torch.Tensor, i: int) -> None:
+        losses.mean().backward()  # the bug: no optimizer.zero_grad()
+        optimizer.step()
+
+    assert_flagged(custom_loop(step), "gradients_accumulate", within=2 * EVERY)
+
+
+def test_a_learning_rate_100_times_too_high() -> None:
+    found = assert_flagged(quick(lr=5.0), "update_too_large", within=EVERY)
+    assert found["evidence"]["lr"] == 5.0
+
+
+def test_labels_permuted_independently_of_the_inputs() -> None:
+    x, y = digits()
+    shuffled = y[:1200][torch.randperm(1200, generator=torch.Generator().manual_seed(0))]
+    found = assert_flagged(quick(train=TensorDataset(x[:1200], shuffled)), "labels_independent", within=EVERY)
+    assert found["evidence"]["neighbour_agreement"] < 0.2 < 0.9  # digits' real labels agree ~98% of the time
+
+
+def test_the_validation_set_inside_the_training_set() -> None:
+    x, y = digits()
+    found = assert_flagged(quick(val=TensorDataset(x[100:400], y[100:400])), "split_leakage", within=EVERY)
+    assert found["evidence"]["count"] == 300 and found["evidence"]["split"] == "val"
+    assert found["evidence"]["examples"][0] == {"train": 100, "val": 0}
+
+
+def test_a_dead_relu_layer() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(-20.0)  # the bug: an initialisation that kills the layer
+    found = assert_flagged(quick(model=model), "dead_units", within=EVERY)
+    assert found["evidence"]["layers"] == {"1": 1.0}
+
+
+class PoisonAt(onthefly.Callback):
+    """The bug: at step ``k`` a weight becomes NaN (as a bad fused kernel or a corrupt update would)."""
+
+    def __init__(self, model: nn.Module, k: int) -> None:
+        self.model, self.k = model, k
+
+    def on_step_end(self, run: onthefly.Run) -> None:
+        if run.global_step == self.k:
+            with torch.no_grad():
+                self.model[2].weight[0, 0] = float("nan")
+
+
+def test_a_nan_appearing_at_step_k() -> None:
+    model = mlp()
+    try:
+        records = quick(model=model, callbacks=(PoisonAt(model, 12),))
+    except Exception:  # the engine fails the run on a non-finite loss at its next flush
+        pytest.fail("the check-up should flag the NaN before the run fails")
+    step, found = first_flag(records, "nonfinite_weights")
+    assert found is not None and found["severity"] == "error" and "2.weight" in found["evidence"]["tensors"]
+    assert step == 15  # the first check-up after step 12
+
+
+def test_amp_overflow_collapses_the_loss_scale() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, losses: torch.Tensor, i: int) -> None:
+        optimizer.zero_grad()
+        scaler.scale(losses.mean() * 1e35).backward()  # the bug: a loss scaled into float overflow
+        scaler.step(optimizer)
+        scaler.update()
+
+    found = assert_flagged(custom_loop(step, scaler=scaler, steps=30), "loss_scale_collapsed", within=4 * EVERY)
+    assert found["evidence"]["scale"] < 1.0
+
+
+class EmaIntoFrozen(onthefly.Callback):
+    """The bug: an EMA meant for a copy writes into the model's frozen first layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def on_step_end(self, run: onthefly.Run) -> None:
+        with torch.no_grad():
+            self.model[0].weight.mul_(0.999)
+
+
+def test_a_frozen_layer_being_updated() -> None:
+    model = mlp()
+    model[0].requires_grad_(False)
+    found = assert_flagged(quick(model=model, optimizer=torch.optim.SGD(model[2].parameters(), lr=0.05),
+                                 callbacks=(EmaIntoFrozen(model),)), "frozen_changed", within=EVERY)
+    assert found["evidence"]["parameters"] == ["0.weight"]
+
+
+def same_seed(worker_id: int) -> None:
+    np.random.seed(0)  # the bug: every worker the same NumPy stream (augmentations repeat)
+
+
+def test_workers_with_one_seed() -> None:
+    found = assert_flagged(quick(loader={"num_workers": 2, "worker_init_fn": same_seed}, steps=10), "worker_seeds",
+                           within=EVERY, severity="warning")
+    assert found["evidence"]["streams"] == ["numpy"]
+
+
+def test_a_loss_applied_to_probabilities_instead_of_logits() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), nn.Softmax(dim=1))
+    assert_flagged(quick(model=model), "probabilities_to_logit_loss", within=EVERY)
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.aux = nn.Linear(64, 64), nn.Linear(64, 10), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))  # the bug: the aux head is never used
+
+
+def test_parameters_that_never_receive_a_gradient() -> None:
+    found = assert_flagged(quick(model=Branchy()), "no_gradient", within=EVERY, severity="warning")
+    assert found["evidence"]["parameters"] == ["aux.weight", "aux.bias"]
+
+
+def test_a_learning_rate_scheduled_to_zero() -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)  # the bug: a warmup that never rises
+    assert_flagged(quick(model=model, optimizer=optimizer, scheduler=scheduler, scheduler_interval="step"),
+                   "lr_zero", within=EVERY)
+
+
+# ---- the machinery ------------------------------------------------------------------------------------
+def test_a_check_up_on_request_is_recorded_and_leaves_training_untouched() -> None:
+    train, val, _ = splits()
+
+    def run_with(request: bool) -> tuple[onthefly.Trainer, int]:
+        model = mlp()
+        trainer = onthefly.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                   loss_fn=nn.CrossEntropyLoss(),
+                                   train_loader=DataLoader(train, batch_size=32, shuffle=True,
+                                                           generator=torch.Generator().manual_seed(0)),
+                                   val_loader=DataLoader(val, batch_size=128), project="health", progress=False,
+                                   max_steps=20)
+        health.attach(trainer)
+        if request:
+            command = trainer.run.request("health_check", areas=["gradients", "data"])
+        trainer.fit(2)
+        return trainer, command.id if request else 0
+
+    checked, _ = run_with(True)
+    plain, _ = run_with(False)
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(checked.model.state_dict()[key], value), key
+    records = checkups(checked.run)
+    assert len(records) == 1 and {c["area"] for c in records[0]["cards"]} <= {"gradients", "data"}
+
+
+def test_bad_requests_are_refused() -> None:
+    with pytest.raises(ConfigError, match="every_steps"):
+        health.attach(object(), every_steps=0)
+    from onthefly.engine.control import check_command
+
+    with pytest.raises(ConfigError, match="areas"):
+        check_command("health_check", {"areas": ["vibes"]})
