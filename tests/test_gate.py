@@ -227,7 +227,7 @@ def test_an_expert_the_gate_hardly_uses_is_warned_about() -> None:
     assert plan["status"] == "done", plan["error"]
     warnings = plan["result"]["utilisation"]["warnings"]
     assert [w["run_id"] for w in warnings] == [script.notes["specialist"]]
-    assert "stopped using it" in warnings[0]["text"]
+    assert "under the card's min_share of 60%" in warnings[0]["text"]
     assert plan["result"]["verdict"]["dead"] == [script.notes["specialist"]]
     with pytest.raises(StateError, match="not been benchmarked"):
         benchmarking.report_of(open_session(trainer.run.session.dir), plan["runs"][0])

@@ -305,3 +305,81 @@ def test_bad_requests_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="areas"):
         check_command("health_check", {"areas": ["vibes"]})
+
+
+# ---- the determinism check ----------------------------------------------------------------------------
+def determinism(model: nn.Module | None = None, train: Any = None, loader: dict[str, Any] | None = None,
+                steps: int = 8) -> dict[str, Any]:
+    model = model if model is not None else mlp(dropout=True)
+    default_train, val, _ = splits()
+    trainer = onthefly.Trainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                               loss_fn=nn.CrossEntropyLoss(),
+                               train_loader=DataLoader(train or default_train, batch_size=32, shuffle=True,
+                                                       generator=torch.Generator().manual_seed(0), **(loader or {})),
+                               val_loader=DataLoader(val, batch_size=128), project="health", progress=False,
+                               max_steps=steps)
+    health.attach(trainer)
+    trainer.run.request("health_check", areas=["determinism"])
+    trainer.fit(1)
+    (record,) = checkups(trainer.run)
+    (found,) = record["cards"]
+    assert found["check"] == "determinism"
+    return found
+
+
+def test_determinism_is_identical_on_the_cpu_with_dropout_and_adam() -> None:
+    found = determinism()
+    assert found["severity"] == "info" and found["title"].startswith("identical")
+    contract = found["evidence"]["contract"]
+    assert contract["torch"] == torch.__version__ and contract["device"] == "cpu"
+    assert contract["loader_generator"] is True and contract["world_size"] == 1
+    assert found["evidence"]["ops"] > 10
+
+
+class Jitter(nn.Module):
+    """The planted nondeterminism: noise from a generator seeded from the clock."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(time.perf_counter_ns()))
+        return x + 1e-3 * noise
+
+
+def test_a_planted_nondeterministic_op_is_found_and_named() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), Jitter(), nn.Linear(64, 10))
+    found = determinism(model=model)
+    assert found["severity"] == "error"
+    assert found["evidence"]["differs"] == "step"
+    assert found["evidence"]["module"] == "2" and found["evidence"]["first_op"] == "randn"
+    assert "randn in 2" in found["title"]
+
+
+class Augmented(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = digits()
+
+    def __len__(self) -> int:
+        return 1200
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + float(np.random.normal(0, 0.01)), self.y[i]  # augmentation with NumPy's stream
+
+
+def clock_seed(worker_id: int) -> None:
+    import time
+
+    np.random.seed(time.perf_counter_ns() % 2**32)  # the planted bug: a worker seeded from the clock
+
+
+def test_a_worker_seeded_from_the_clock_is_found() -> None:
+    found = determinism(train=Augmented(), loader={"num_workers": 2, "worker_init_fn": clock_seed})
+    assert found["severity"] == "error" and found["evidence"]["differs"] == "data"
+    assert "data loading is not deterministic" in found["title"]
+    assert found["evidence"]["contract"]["worker_init_fn"] == "clock_seed"
+
+
+def test_workers_seeded_by_torch_load_the_same_batch_twice() -> None:
+    found = determinism(train=Augmented(), loader={"num_workers": 2})
+    assert found["severity"] == "info", found

@@ -286,6 +286,21 @@ export class ApiClient {
     return this.get(`/api/comparisons/${id}`);
   }
 
+  /** Where mixture run `runId`'s inference artifact (a tar) is. */
+  mixtureUrl(runId: number): string {
+    return new URL(mixturePath(runId), this.base).toString();
+  }
+
+  /** Mixture run `runId`'s artifact, fetched with the token's header: the server takes the
+   *  page's cookie only for the page, its assets and the session's own downloads, not for this
+   *  one. The file is held in memory (a mixture of small experts is a few MiB); a refusal (409:
+   *  not a mixture, or no artifact) is an ApiError in the server's words. The file's name is the
+   *  server's (its Content-Disposition), else `fallback`. */
+  async mixtureFile(runId: number, fallback = `mixture-run-${runId}.tar`): Promise<{ blob: Blob; filename: string }> {
+    const response = await this.send("GET", mixturePath(runId));
+    return { blob: await response.blob(), filename: attachmentName(response.headers.get("content-disposition"), fallback) };
+  }
+
   /** Where a ready archive downloads from: like `exportFileUrl`, no token, the page's cookie. */
   archiveFileUrl(id: string): string {
     return new URL(`/api/session/archives/${encodeURIComponent(id)}/file`, this.base).toString();
@@ -338,6 +353,28 @@ export class ApiClient {
     }
     return response;
   }
+}
+
+function mixturePath(runId: number): string {
+  return ("/api/runs/{run_id}/mixture" satisfies keyof paths).replace("{run_id}", String(runId));
+}
+
+/** The file name a Content-Disposition header gives (`filename*=UTF-8''…` first, then
+ *  `filename="…"`), without any folder; `fallback` when it gives none. */
+export function attachmentName(header: string | null, fallback: string): string {
+  if (header === null) return fallback;
+  const encoded = /filename\*\s*=\s*(?:UTF-8|utf-8)''([^;]+)/.exec(header)?.[1];
+  let name: string | undefined;
+  if (encoded !== undefined) {
+    try {
+      name = decodeURIComponent(encoded.trim());
+    } catch {
+      name = undefined;
+    }
+  }
+  name ??= /filename\s*=\s*"([^"]*)"/.exec(header)?.[1] ?? /filename\s*=\s*([^;\s]+)/.exec(header)?.[1];
+  const base = name?.split(/[\\/]/).pop()?.trim();
+  return base ? base : fallback;
 }
 
 /** The server's `detail` as one line: a string as is, a pydantic error list as "field: message; ...". */

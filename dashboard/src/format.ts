@@ -85,3 +85,18 @@ export function formatSigned(value: number | null | undefined, digits = 1): stri
 export function formatPoints(points: number | null | undefined): string {
   return points == null || !Number.isFinite(points) ? "—" : `${formatSigned(points)} pt`;
 }
+
+const FLOP_UNITS = ["FLOPs", "kFLOPs", "MFLOPs", "GFLOPs", "TFLOPs", "PFLOPs", "EFLOPs"] as const;
+
+/** FLOPs in SI units with three significant digits: "812 FLOPs", "1.57 MFLOPs", "4.1 GFLOPs". */
+export function formatFlops(flops: number | null | undefined): string {
+  if (flops == null || !Number.isFinite(flops)) return "—";
+  let value = Math.abs(flops);
+  let unit = 0;
+  // Rounded before each step up, so 999.6 reads "1 kFLOPs", not "1000 FLOPs".
+  while (Number(value.toPrecision(3)) >= 1000 && unit < FLOP_UNITS.length - 1) {
+    value /= 1000;
+    unit += 1;
+  }
+  return `${flops < 0 ? "-" : ""}${Number(value.toPrecision(3))} ${FLOP_UNITS[unit]}`;
+}

@@ -1,10 +1,11 @@
 // The lineage: the session's runs as a graph, drawn as inline SVG, layered by parent from left to
 // right (a run's children in the column after it; a merged run, which has an edge from each of
-// its parents, in the column after its deepest parent), each edge labelled with its kind (fork,
-// control, resume, merge) and the parent's step, each run coloured by its status. A click on a
-// run makes it the page's run (its curves, distribution, samples); shift-click, or the ticks
-// beside the graph, pick runs to compare, or to merge ("Merge…"). Read from GET /api/lineage,
-// again when runs appear or change.
+// its parents, in the column after its deepest parent; a mixture likewise, with an edge from each
+// expert), each edge labelled with its kind (fork, control, resume, merge, gate, benchmark) and
+// the parent's step, each run coloured by its status. A click on a run makes it the page's run
+// (its curves, distribution, samples); shift-click, or the ticks beside the graph, pick runs to
+// compare, to merge ("Merge…") or to route among ("Gate…"). Read from GET /api/lineage, again
+// when runs appear or change.
 
 import type { ApiClient, Lineage, LineageEdge, LineageNode } from "./api";
 import { element, setText } from "./dom";
@@ -126,12 +127,14 @@ export function edgeLabel(edge: Pick<LineageEdge, "kind" | "step">): string {
 }
 
 /** How a run came to be, in words: "fork · step 1,200 of baseline (1) (checkpoint 3) · card 1",
- *  or for a merge "merge of a (2), b (3) · card 4"; "no parent" for a root. */
+ *  for a merge "merge of a (2), b (3) · card 4", for a mixture "mixture of a (1), b (2) · card 5";
+ *  "no parent" for a root. */
 export function originText(edges: readonly LineageEdge[], nameOf: (id: number) => string): string {
   if (edges.length === 0) return "no parent";
   const card = (e: LineageEdge) => (e.plan_id === null ? "" : ` · card ${e.plan_id}`);
-  if (edges.length > 1 || edges[0]!.kind === "merge") {
-    return `merge of ${edges.map((e) => nameOf(e.parent)).join(", ")}${card(edges[0]!)}`;
+  if (edges.length > 1 || manyToOne(edges[0]!.kind)) {
+    const what = edges.every((e) => e.kind === "gate") ? "mixture" : "merge";
+    return `${what} of ${edges.map((e) => nameOf(e.parent)).join(", ")}${card(edges[0]!)}`;
   }
   const edge = edges[0]!;
   return `${edgeLabel(edge)} of ${nameOf(edge.parent)}${edge.checkpoint_id === null ? "" : ` (checkpoint ${edge.checkpoint_id})`}${card(edge)}`;
@@ -142,7 +145,15 @@ export const EDGE_KINDS: readonly { kind: string; text: string }[] = [
   { kind: "fork", text: "fork / resume" },
   { kind: "control", text: "matched control" },
   { kind: "merge", text: "merge (one edge from each parent)" },
+  { kind: "gate", text: "gate (one edge from each expert into the mixture)" },
+  { kind: "benchmark", text: "benchmark (the generalist trained on at the mixture's compute)" },
 ];
+
+/** Kinds whose edges come several into one run (a merge's parents, a mixture's experts): their
+ *  labels sit by each parent, where they do not meet. */
+export function manyToOne(kind: string): boolean {
+  return kind === "merge" || kind === "gate";
+}
 
 /** A run picked for comparison, with how it came to be (its edge's kind; null for a root). */
 export interface PickedRun {
@@ -163,6 +174,8 @@ export interface LineageOptions {
   onPick: (runs: PickedRun[]) => void;
   /** "Merge…": a merge card for the picked runs (two or more). */
   onMerge: (runs: PickedRun[]) => void;
+  /** "Gate…": a gate card routing among the picked runs (two or more). */
+  onGate: (runs: PickedRun[]) => void;
   /** The runs were read again (names and statuses for the other panels). */
   onNodes: (nodes: readonly LineageNode[]) => void;
 }
@@ -181,6 +194,7 @@ export class LineageView {
   private reading: Promise<void> | null = null;
   private readAgain = false;
   private readonly mergeButton: HTMLButtonElement;
+  private readonly gateButton: HTMLButtonElement;
 
   constructor(api: ApiClient, store: Store, elements: LineageElements, options: LineageOptions) {
     this.api = api;
@@ -191,12 +205,20 @@ export class LineageView {
     this.mergeButton.type = "button";
     this.mergeButton.title = "Merge the ticked runs into one: opens a merge card (nothing happens until it is approved)";
     this.mergeButton.addEventListener("click", () => this.options.onMerge(this.pickedRuns()));
-    elements.picks.after(this.mergeButton);
+    this.gateButton = element("button", "small lineage-merge", "Gate…");
+    this.gateButton.type = "button";
+    this.gateButton.title = "Route among the ticked runs (the generalist and its specialists) with a trained gate: opens a gate card (nothing happens until it is approved)";
+    this.gateButton.addEventListener("click", () => this.options.onGate(this.pickedRuns()));
+    elements.picks.after(this.mergeButton, " ", this.gateButton);
     this.render();
   }
 
   get nodes(): readonly LineageNode[] {
     return this.lineage.nodes;
+  }
+
+  get edges(): readonly LineageEdge[] {
+    return this.lineage.edges;
   }
 
   /** Read the lineage again; calls while a read is in flight collapse into one more read. */
@@ -269,7 +291,7 @@ export class LineageView {
     const graph = this.elements.graph;
     graph.dataset["nodes"] = String(nodes.length);
     graph.dataset["edges"] = String(edges.length);
-    this.mergeButton.disabled = this.picked.size < 2;
+    this.mergeButton.disabled = this.gateButton.disabled = this.picked.size < 2;
     if (nodes.length === 0) {
       graph.replaceChildren(element("p", "muted", "No runs yet."));
       this.elements.picks.replaceChildren();
@@ -298,7 +320,7 @@ export class LineageView {
     const x2 = child.x;
     const y2 = child.y + nodeHeight / 2;
     const bend = (x2 - x1) / 2;
-    const merge = edge.kind === "merge";
+    const merge = manyToOne(edge.kind);
     const group = svgElement("g", { class: "lineage-edge" });
     group.dataset["testid"] = "lineage-edge";
     group.dataset["kind"] = edge.kind;
@@ -309,7 +331,7 @@ export class LineageView {
     group.setAttribute("aria-label", title.textContent);
     group.append(title, svgElement("path", { d: `M ${x1} ${y1} C ${x1 + bend} ${y1}, ${x2 - bend} ${y2}, ${x2} ${y2}` }));
     // A label sits over the flat end of its curve by the child, where siblings' labels do not
-    // meet; a merge's, by each parent instead (its edges all end at the one merged run).
+    // meet; a merge's or a mixture's, by each parent instead (its edges all end at the one run).
     const label = merge
       ? svgElement("text", { x: x1 + 8, y: y1 - 6, "text-anchor": "start" })
       : svgElement("text", { x: x2 - 8, y: y2 - 6, "text-anchor": "end" });

@@ -126,6 +126,7 @@ function main(): void {
     },
     {
       runs: () => (lineage.nodes.length > 0 ? lineage.nodes : (store.session?.runs ?? [])),
+      edges: () => lineage.edges,
       slices: () => slices.slices,
       run: () => store.run,
       onFinished: () => void lineage.refresh(),
@@ -141,6 +142,7 @@ function main(): void {
       onSelect: (runId) => dashboard.selectRun(runId),
       onPick: (runs) => compare.setPicked(runs),
       onMerge: (runs) => void plans.openMergeDraft(runs),
+      onGate: (runs) => void plans.openGateDraft(runs),
       onNodes: () => plans.runsChanged(),
     },
   );

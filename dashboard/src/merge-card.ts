@@ -252,8 +252,14 @@ const NAME_LENGTH = 64;
  *  run's name may hold, at most 64 of them, and not a name the session already has (" 2", " 3",
  *  … after it). */
 export function mergeName(names: readonly string[], taken: Iterable<string> = []): string {
+  return draftName("merge of", names, taken);
+}
+
+/** "PREFIX a and b": a new run's name from the runs' names (a merge's, a mixture's), as
+ *  `mergeName` says. */
+export function draftName(prefix: string, names: readonly string[], taken: Iterable<string> = []): string {
   const clean = names.map((n) => n.replace(/[^A-Za-z0-9 _.-]+/g, " ").replace(/\s+/g, " ").trim()).filter((n) => n !== "");
-  const base = `merge of ${clean.join(" and ")}`.slice(0, NAME_LENGTH).trim();
+  const base = `${prefix} ${clean.join(" and ")}`.slice(0, NAME_LENGTH).trim();
   const used = new Set(taken);
   if (!used.has(base)) return base;
   for (let i = 2; ; i++) {
@@ -349,7 +355,8 @@ export function readMergeVerdict(result: Record<string, unknown> | null | undefi
   return { met: typeof verdict["met"] === "boolean" ? verdict["met"] : null, worse: readWorse(verdict["worse"]) };
 }
 
-function readWorse(value: unknown): Worse | null {
+/** Why a candidate (a merge, a mixture) is worse than the best of the runs it was made of. */
+export function readWorse(value: unknown): Worse | null {
   if (!isRecord(value) || typeof value["text"] !== "string") return null;
   return {
     run: String(value["run"] ?? ""),

@@ -5,6 +5,8 @@ import type { CardField } from "./card-form";
 import { CARD_FIELDS } from "./card-form";
 import type { ForkCard, ForkCardField, PlanCard, PlanOut } from "./api";
 import { formatCount, formatPoints, formatRate, formatValue } from "./format";
+import { benchmarkPlanText } from "./benchmark-card";
+import { gatePlanText } from "./gate-card";
 import { mergePlanText } from "./merge-card";
 
 /** The run every difference of a fork's verdict is taken against. */
@@ -21,7 +23,9 @@ export function criterionText(card: Pick<ForkCard, "control" | "min_slice_gain_p
 
 /** What a card will do: "tail · from baseline (1) · 2 epochs · lr 0.05 · with control", for a
  *  curation "reweight tail ×2 · on baseline (1)", for a merge "linear of a (2) + b (3) · by
- *  baseline (1)". `runName` names a run. */
+ *  baseline (1)", for a gate "top1 gate over a (1) + b (2) · on val · 300 steps · by a (1)", for a
+ *  benchmark "m (4) vs monolith, merge (linear, ties), generalist · on test · by a (1)".
+ *  `runName` names a run. */
 export function planText(card: PlanCard, runName: (id: number) => string): string {
   switch (card.kind) {
     case "fork":
@@ -33,12 +37,18 @@ export function planText(card: PlanCard, runName: (id: number) => string): strin
     }
     case "merge":
       return mergePlanText(card, runName);
+    case "gate":
+      return gatePlanText(card, runName);
+    case "benchmark":
+      return benchmarkPlanText(card, runName);
   }
 }
 
-/** A card's own name: a fork's specialist, a merge's merged run, else what it does. */
+/** A card's own name: a fork's specialist, a merge's merged run, a gate's mixture, else what it does. */
 export function cardTitle(card: PlanCard): string {
-  return card.kind === "curate" ? `${card.kind} ${card.slice}` : card.name;
+  if (card.kind === "curate") return `${card.kind} ${card.slice}`;
+  if (card.kind === "benchmark") return `benchmark of run ${card.mixture}`;
+  return card.name;
 }
 
 /** A done fork's verdict, read from its result. */

@@ -1,6 +1,6 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
-import { ApiClient, ApiError } from "../src/api";
+import { ApiClient, ApiError, attachmentName } from "../src/api";
 
 /** The requests the client made, answered from `answers` in order. */
 function fakeFetch(...answers: Response[]) {
@@ -81,6 +81,26 @@ describe("ApiClient", () => {
   it("downloads the session's archive and report from URLs that carry no token", () => {
     expect(api.archiveFileUrl("abc")).toBe("http://localhost:18080/api/session/archives/abc/file");
     expect(api.reportUrl()).toBe("http://localhost:18080/api/session/report");
+  });
+
+  it("fetches a mixture's artifact with the token's header, under the server's file name", async () => {
+    expect(api.mixtureUrl(4)).toBe("http://localhost:18080/api/runs/4/mixture");
+    const calls = fakeFetch(new Response("tar bytes", { headers: { "Content-Disposition": 'attachment; filename="demo-mixture-run-4.tar"' } }));
+    const { blob, filename } = await api.mixtureFile(4);
+    expect(calls[0]!.url).toBe("http://localhost:18080/api/runs/4/mixture");
+    expect(calls[0]!.init.headers).toEqual({ Authorization: "Bearer tok en" });
+    expect([await blob.text(), filename]).toEqual(["tar bytes", "demo-mixture-run-4.tar"]);
+    fakeFetch(json({ detail: "run 2 (b) is not a mixture of experts; a gate card makes one" }, 409));
+    await expect(api.mixtureFile(2)).rejects.toMatchObject({ status: 409, message: expect.stringContaining("not a mixture") });
+  });
+
+  it("reads a download's file name from its Content-Disposition", () => {
+    expect(attachmentName('attachment; filename="a b.tar"', "x")).toBe("a b.tar");
+    expect(attachmentName("attachment; filename*=UTF-8''d%C3%A9mo.tar; filename=\"demo.tar\"", "x")).toBe("démo.tar");
+    expect(attachmentName("attachment; filename=plain.tar", "x")).toBe("plain.tar");
+    expect(attachmentName('attachment; filename="../../etc/x.tar"', "x")).toBe("x.tar");
+    expect(attachmentName("attachment", "fallback.tar")).toBe("fallback.tar");
+    expect(attachmentName(null, "fallback.tar")).toBe("fallback.tar");
   });
 
   it("opens the stream with the token in the WebSocket URL (ws, or wss on https)", () => {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 
-import { formatBytes, formatCompact, formatCount, formatDuration, formatPercent, formatRate, formatThroughput, formatValue } from "../src/format";
+import { formatBytes, formatCompact, formatCount, formatDuration, formatFlops, formatPercent, formatRate, formatThroughput, formatValue } from "../src/format";
 
 describe("format", () => {
   it.each([
@@ -44,4 +44,14 @@ describe("format", () => {
     expect([formatDuration(42), formatDuration(185), formatDuration(7440)]).toEqual(["42 s", "3 min 5 s", "2 h 4 min"]);
     expect([formatCompact(950), formatCompact(1250), formatCompact(1_500_000), formatCompact(null)]).toEqual(["950", "1.25K", "1.5M", ""]);
   });
+
+  it.each([
+    [812, "812 FLOPs"],
+    [999.6, "1 kFLOPs"],
+    [1_570_000, "1.57 MFLOPs"],
+    [4.1e9, "4.1 GFLOPs"],
+    [3.2e15, "3.2 PFLOPs"],
+    [-2000, "-2 kFLOPs"],
+    [null, "—"],
+  ])("formatFlops(%s) = %s", (value, text) => expect(formatFlops(value)).toBe(text));
 });

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 
 import type { LineageEdge } from "../src/api";
-import { layoutLineage, originText, type LayoutOptions } from "../src/lineage";
+import { EDGE_KINDS, layoutLineage, manyToOne, originText, type LayoutOptions } from "../src/lineage";
 
 const OPTIONS: LayoutOptions = { nodeWidth: 100, nodeHeight: 30, columnWidth: 200, rowHeight: 50, margin: 10 };
 const node = (id: number, parent_id: number | null = null) => ({ id, parent_id });
@@ -57,5 +57,20 @@ describe("the lineage layout with merges", () => {
     expect(originText([], names)).toBe("no parent");
     expect(originText([{ ...edge(1, 2, "fork", 1200), checkpoint_id: 5 }], names)).toBe("fork · step 1,200 of run1 (1) (checkpoint 5) · card 3");
     expect(originText([edge(2, 4), edge(3, 4)], names)).toBe("merge of run2 (2), run3 (3) · card 3");
+  });
+
+  it("lays a mixture out after its experts, with an edge from each, like a merge", () => {
+    // 1 -> 2 (fork); 4 is the mixture of 1 and 2 (its parent_id the generalist); 5 the benchmark's monolith of 1.
+    const nodes = [node(1), node(2, 1), node(4, 1), node(5, 1)];
+    const edges = [edge(1, 2, "fork"), edge(1, 4, "gate"), edge(2, 4, "gate"), edge(1, 5, "benchmark")];
+    expect(grid(nodes, edges)).toMatchObject({ 1: [0, 0.5], 2: [1, 0], 4: [2, 0], 5: [1, 1] });
+  });
+
+  it("says how a mixture and a monolith came to be, and names their edges in the legend", () => {
+    const names = (id: number) => `run${id} (${id})`;
+    expect(originText([edge(1, 4, "gate"), edge(2, 4, "gate")], names)).toBe("mixture of run1 (1), run2 (2) · card 3");
+    expect(originText([edge(1, 5, "benchmark", 900)], names)).toBe("benchmark · step 900 of run1 (1) · card 3");
+    expect([manyToOne("gate"), manyToOne("merge"), manyToOne("benchmark"), manyToOne("fork")]).toEqual([true, true, false, false]);
+    expect(EDGE_KINDS.map((k) => k.kind)).toEqual(["fork", "control", "merge", "gate", "benchmark"]);
   });
 });

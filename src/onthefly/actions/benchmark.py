@@ -12,8 +12,8 @@ With that budget the baselines, all from the same starting point (the generalist
 named in the mixture's recipe):
 
 1. **monolith**: the generalist trained on, as one model, on all the training data for as many
-   steps as the budget buys (a run of the session, edge kind "benchmark"), with the specialists'
-   learning rate (the first fork card's) and the live run's optimizer class;
+   steps as the budget buys (a run of the session, edge kind "benchmark"), its optimizer state
+   (moments, learning rate) loaded from the generalist's checkpoint, as if it had never stopped;
 2. **merge**: the best of the card's weight merges of the same experts (chosen on validation);
    it costs the experts' training, the same as the mixture minus the gate;
 3. **generalist**: the generalist alone, at its checkpoint.
@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from ..engine.batch import to_device
 from ..errors import ConfigError, StateError
+from ..store.checkpoints import read_checkpoint
 from ..store.reader import SessionReader
 from . import compare as comparing
 from . import flops, merging, model_weights, recipes
@@ -170,8 +172,15 @@ def _monolith(trainer: Any, card: Mapping[str, Any], reader: SessionReader, reci
     run = trainer.run
     seed_all(card["seed"])
     model = load_model(trainer, _weights(start))
-    lr = _specialists_lr(reader, recipe) or trainer.optimizer.param_groups[0]["lr"]
-    optimizer = optimizer_like(trainer.optimizer, list(model.parameters()), {"lr": lr, "weight_decay": None})
+    # The generalist trained on: its optimizer as the checkpoint holds it (moments, learning rate).
+    optimizer = optimizer_like(trainer.optimizer, list(model.parameters()),
+                               {"lr": trainer.optimizer.param_groups[0]["lr"], "weight_decay": None})
+    continued = True
+    try:
+        optimizer.load_state_dict(read_checkpoint(Path(start["path"]))[1]["optimizer"])
+    except (KeyError, ValueError, RuntimeError):
+        continued = False  # a state that does not map: a fresh optimizer of the same class and settings
+    lr = float(optimizer.param_groups[0]["lr"])
     source = trainer.train_loader.original
     batch_size = source.batch_size or 1
     generator = torch.Generator().manual_seed(card["seed"])
@@ -187,7 +196,8 @@ def _monolith(trainer: Any, card: Mapping[str, Any], reader: SessionReader, reci
                     inputs=trainer.spec.inputs, targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn,
                     progress=False, session=run.session, parent=(start["run_id"], start["id"]))
     child.run.config.update({"plan_id": plan_id, "benchmark": {"baseline": "monolith", "mixture": card["mixture"],
-                                                               "steps": steps, "lr": lr}})
+                                                               "steps": steps, "lr": lr,
+                                                               "optimizer_continued": continued}})
     run.session.set_run_config(child.run.run_id, child.run.config)
     run.session.add_edge(child_id=child.run.run_id, parent_id=start["run_id"], kind="benchmark", step=start["step"],
                          checkpoint_id=start["id"], plan_id=plan_id)
@@ -205,16 +215,6 @@ def _free_name(reader: SessionReader, name: str) -> str:
     while candidate in taken:
         candidate, k = f"{name} ({k})", k + 1
     return candidate
-
-
-def _specialists_lr(reader: SessionReader, recipe: Mapping[str, Any]) -> float | None:
-    """The learning rate the first specialist's fork card trained with."""
-    plans = {p["id"]: p for p in reader.plans()}
-    for expert in recipe["experts"][1:]:
-        for edge in reader.lineage()["edges"]:
-            if edge["child"] == expert["run_id"] and edge["kind"] == "fork" and edge["plan_id"] in plans:
-                return float(plans[edge["plan_id"]]["card"]["lr"])
-    return None
 
 
 def _best_merge(trainer: Any, card: Mapping[str, Any], reader: SessionReader, recipe: Mapping[str, Any],

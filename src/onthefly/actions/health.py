@@ -22,7 +22,8 @@ generator; every RNG is restored. What it looks at:
   hold; gradients that accumulate across steps (``zero_grad`` missing); a learning rate that is
   zero, not finite or jumps; a loss that diverges; outputs that are probabilities given to a loss
   that expects logits; loss spikes without gradient clipping;
-* **throughput**: input-bound (waiting for batches) or compute-bound.
+* **throughput**: input-bound (waiting for batches) or compute-bound;
+* **determinism** (on request, ``areas=["determinism"]``): see :mod:`onthefly.actions.determinism`.
 
 Each finding is a card: ``check``, ``area``, ``severity`` ("info", "warning", "error"), ``title``,
 ``evidence`` (numbers, layers, sample ids) and ``fix``. A check-up's cards are recorded in the
@@ -51,9 +52,10 @@ from ..errors import ConfigError
 from ..store.reader import SessionReader
 from .export import isolated_rng
 
-__all__ = ["AREAS", "attach", "checkup"]
+__all__ = ["ALL_AREAS", "AREAS", "attach", "checkup"]
 
-AREAS = ("gradients", "activations", "numerics", "data", "configuration", "throughput")
+AREAS = ("gradients", "activations", "numerics", "data", "configuration", "throughput")  # a check-up's default
+ALL_AREAS = (*AREAS, "determinism")  # the determinism check trains a copy twice: on request
 SEVERITIES = ("info", "warning", "error")
 PROBE_BATCHES = 3
 HASH_LIMIT = 50_000  # samples hashed per split for duplicates
@@ -97,9 +99,9 @@ def checkup(owner: Any, *, areas: list[str] | None = None) -> list[dict[str, Any
     """Run the check-up now (training thread, at a step boundary) for ``owner`` (a Trainer, or a
     Run of start_run); its cards, worst first."""
     wanted = list(areas or AREAS)
-    unknown = [a for a in wanted if a not in AREAS]
+    unknown = [a for a in wanted if a not in ALL_AREAS]
     if unknown:
-        raise ConfigError(f"areas: unknown {unknown}; the areas are {', '.join(AREAS)}")
+        raise ConfigError(f"areas: unknown {unknown}; the areas are {', '.join(ALL_AREAS)}")
     started = time.perf_counter()
     run = getattr(owner, "run", owner)
     cards: list[dict[str, Any]] = []
@@ -107,7 +109,7 @@ def checkup(owner: Any, *, areas: list[str] | None = None) -> list[dict[str, Any
         probe = _Probe(owner)
         checks: dict[str, Callable[[_Probe], list[dict[str, Any]]]] = {
             "gradients": _gradients, "activations": _activations, "numerics": _numerics, "data": _data,
-            "configuration": _configuration, "throughput": _throughput}
+            "configuration": _configuration, "throughput": _throughput, "determinism": _determinism}
         for area in wanted:
             try:
                 cards += checks[area](probe)
@@ -580,6 +582,12 @@ def _outputs(probe: _Probe) -> list[dict[str, Any]]:
                      "remove the final softmax/sigmoid from the model (the loss applies it), or use NLLLoss on "
                      "log-probabilities")]
     return []
+
+
+def _determinism(probe: _Probe) -> list[dict[str, Any]]:
+    from .determinism import check
+
+    return check(probe)
 
 
 # ---- throughput ------------------------------------------------------------------------------------

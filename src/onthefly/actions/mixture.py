@@ -224,9 +224,10 @@ def utilisation(trainer: Any, mixture: Mixture, card: Mapping[str, Any], expert_
     for e, run_id in enumerate(expert_ids):
         low = min(sets[name]["shares"][e] for name in judged)
         if low < card["min_share"]:
+            gone = ": the gate has (almost) stopped using it" if low < 0.05 else ""
             warnings.append({"run_id": run_id, "share": low,
-                             "text": f"expert run {run_id} receives {low * 100:.1f}% of the samples (under "
-                                     f"{card['min_share'] * 100:g}%): the gate has (almost) stopped using it"})
+                             "text": f"expert run {run_id} receives {low * 100:.1f}% of the samples, under the card's "
+                                     f"min_share of {card['min_share'] * 100:g}%{gone}"})
     return {"experts": expert_ids, "sets": sets, "warnings": warnings}
 
 

@@ -188,9 +188,9 @@ class HealthCheckCommand(StrictModel):
     ``onthefly.actions.health``); its cards are a ``health`` event."""
 
     kind: Literal["health_check"]
-    areas: Annotated[list[Literal["gradients", "activations", "numerics", "data", "configuration", "throughput"]]
-                     | None, Wording(omitted="every area")] = Field(
-        default=None, min_length=1, max_length=6, description="the areas checked")
+    areas: Annotated[list[Literal["gradients", "activations", "numerics", "data", "configuration", "throughput",
+                                  "determinism"]] | None, Wording(omitted="every area but determinism")] = Field(
+        default=None, min_length=1, max_length=7, description="the areas checked (determinism trains a copy twice)")
 
 
 class CompareArgs(StrictModel):

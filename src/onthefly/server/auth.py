@@ -25,7 +25,7 @@ COOKIE = "onthefly_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 # GET only: the page, its assets, and the native downloads it starts (which cannot carry a header).
 COOKIE_PATHS = re.compile(r"^(/|/assets/[^?]*|/api/exports/[0-9a-f]{32}/file|/api/session/archives/[0-9a-f]{32}/file"
-                          r"|/api/session/report)$")
+                          r"|/api/session/report|/api/runs/[0-9]+/mixture)$")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
