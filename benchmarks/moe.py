@@ -28,7 +28,6 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Any
 
 import numpy as np
 import torch

@@ -20,7 +20,10 @@ loops. Each run prints its page faults.
                                             [--default-malloc]
 
 ``--dashboard`` attaches the dashboard server and a WebSocket client that streams every update
-while On The Fly trains.
+while On The Fly trains. ``--health`` measures the continuous health checks instead: On The Fly
+with the gradient monitor (``health.attach(trainer, continuous=True)``: every step's gradient norm
+and AMP overflows kept on the device, read every 100 steps) against On The Fly without it, in the
+same sandwich; ``--health-every N`` adds a full check-up every N steps.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def _stream(url: str, stop: threading.Event) -> None:
                 continue
 
 
-def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = False) -> tuple[float, float, int]:
+def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = False, monitor: bool = False,
+             health_every: int | None = None) -> tuple[float, float, int]:
     from onthefly import Trainer
     from onthefly.launch import attach_dashboard
 
@@ -122,6 +126,10 @@ def onthefly(data: TensorDataset, epochs: int, batch: int, dashboard: bool = Fal
     loader = DataLoader(data, batch_size=batch, shuffle=True)
     trainer = Trainer(model=model, optimizer=opt, loss_fn=nn.CrossEntropyLoss(), train_loader=loader,
                       project="bench", run_name="overhead", progress=False, device="cpu")
+    if monitor or health_every:
+        from onthefly.actions import health
+
+        health.attach(trainer, continuous=monitor, every_steps=health_every)
     server, stop, client = None, threading.Event(), None
     if dashboard:
         server = attach_dashboard(trainer.run)
@@ -154,21 +162,31 @@ def main() -> None:
     parser.add_argument("--dashboard", action="store_true", help="with a dashboard client streaming")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc's adaptive thresholds on")
+    parser.add_argument("--health", action="store_true",
+                        help="On The Fly with continuous health checks against On The Fly without them")
+    parser.add_argument("--health-every", type=int, default=None, help="with --health: a check-up every N steps")
     args = parser.parse_args()
     pinned = not args.default_malloc and pin_allocator()
     os.environ.setdefault("ONTHEFLY_HOME", tempfile.mkdtemp(prefix="otf-bench-"))
     if args.threads:
         torch.set_num_threads(args.threads)
     data = make_data(args.samples)
-    plain(data, 1, args.batch)  # warm-up: allocator, kernels, imports
-    onthefly(data, 1, args.batch, args.dashboard)
+
+    def baseline(data: TensorDataset, epochs: int, batch: int) -> tuple[float, float, int]:
+        return onthefly(data, epochs, batch) if args.health else plain(data, epochs, batch)
+
+    def ours_run(data: TensorDataset, epochs: int, batch: int) -> tuple[float, float, int]:
+        return onthefly(data, epochs, batch, args.dashboard, monitor=args.health, health_every=args.health_every)
+
+    baseline(data, 1, args.batch)  # warm-up: allocator, kernels, imports
+    ours_run(data, 1, args.batch)
     gc.collect()
     gc.freeze()  # what was loaded so far is never garbage: keep it out of every later collection
-    before = plain(data, args.epochs, args.batch)
+    before = baseline(data, args.epochs, args.batch)
     wall, cpu, drift = [], [], []
     for i in range(args.repeats):
-        ours = onthefly(data, args.epochs, args.batch, args.dashboard)
-        after = plain(data, args.epochs, args.batch)
+        ours = ours_run(data, args.epochs, args.batch)
+        after = baseline(data, args.epochs, args.batch)
         wall.append(ours[0] / ((before[0] + after[0]) / 2))
         cpu.append(ours[1] / ((before[1] + after[1]) / 2))
         drift.append(after[0] / before[0])
@@ -180,7 +198,8 @@ def main() -> None:
     low, high = median_interval(wall)
     d1, d3 = np.percentile(drift, [25, 75])
     print(f"steps per epoch: {len(DataLoader(data, batch_size=args.batch))}, epochs per run: {args.epochs}, "
-          f"torch threads: {torch.get_num_threads()}{', dashboard client streaming' if args.dashboard else ''}, "
+          f"torch threads: {torch.get_num_threads()}{', dashboard client streaming' if args.dashboard else ''}"
+          f"{', health monitor vs On The Fly without it' if args.health else ''}, "
           f"allocator: {'glibc thresholds pinned' if pinned else 'as it is'}")
     print(f"noise floor, plain / the plain run before it: median {statistics.median(drift):.3f}, "
           f"interquartile range {d1:.3f}-{d3:.3f}")

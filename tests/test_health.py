@@ -383,3 +383,82 @@ def test_a_worker_seeded_from_the_clock_is_found() -> None:
 def test_workers_seeded_by_torch_load_the_same_batch_twice() -> None:
     found = determinism(train=Augmented(), loader={"num_workers": 2})
     assert found["severity"] == "info", found
+
+
+# ---- continuous checks ---------------------------------------------------------------------------------
+def continuous(model: nn.Module, lr: float = 0.05, steps: int = 60, **options: Any) -> tuple[onthefly.Trainer, Any]:
+    train, val, _ = splits()
+    trainer = onthefly.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                               loss_fn=nn.CrossEntropyLoss(),
+                               train_loader=DataLoader(train, batch_size=32, shuffle=True,
+                                                       generator=torch.Generator().manual_seed(0)),
+                               val_loader=DataLoader(val, batch_size=128), project="health", progress=False,
+                               max_steps=steps, **options)
+    health.attach(trainer, continuous=True, report_every=10)
+    trainer.fit(5)
+    trainer.run.session.flush()
+    return trainer, open_session(trainer.run.session.dir)
+
+
+def test_the_continuous_monitor_records_every_steps_gradient_norm_exactly() -> None:
+    trainer, reader = continuous(mlp(), steps=35)
+    series = reader.metrics(trainer.run.run_id, "grad_norm")
+    assert [m["step"] for m in series] == list(range(1, 36))  # every step, the last window at the end too
+    assert all(m["value"] > 0 for m in series)
+    assert checkups(trainer.run) == []  # a clean run: no card
+
+
+class SpikeAt(onthefly.Callback):
+    """The bug: one batch's gradients 1000x too large (a corrupt sample, a loss without a mean)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_before_optimizer_step(self, run: onthefly.Run, optimizer: torch.optim.Optimizer) -> None:
+        if run.global_step + 1 == self.k:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(1000.0)
+
+
+def test_a_gradient_spike_without_clipping_is_flagged_at_the_next_report() -> None:
+    # The spike is injected before the monitor measures (callbacks run before tools' hooks).
+    trainer, _ = continuous(mlp(), lr=1e-4, steps=40, callbacks=[SpikeAt(25)])
+    records = checkups(trainer.run)
+    step, found = first_flag(records, "gradient_spikes")
+    assert found is not None and found["evidence"]["steps"] == [25]
+    assert step == 40  # the window of steps 21-30 is read when the next one (31-40) is sent
+
+
+class SkipsNonFinite(torch.optim.SGD):
+    """An optimizer that skips a step with non-finite gradients (as GradScaler does): the run goes on."""
+
+    def step(self, closure: Any = None) -> Any:
+        if any(not bool(torch.isfinite(p.grad).all()) for g in self.param_groups for p in g["params"]
+               if p.grad is not None):
+            return None
+        return super().step(closure)
+
+
+class NanGradientAt(onthefly.Callback):
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_before_optimizer_step(self, run: onthefly.Run, optimizer: torch.optim.Optimizer) -> None:
+        if run.global_step + 1 == self.k:
+            optimizer.param_groups[0]["params"][0].grad[0, 0] = float("nan")
+
+
+def test_non_finite_gradients_are_flagged_by_the_monitor_though_the_loss_stays_finite() -> None:
+    model = mlp()
+    train, val, _ = splits()
+    trainer = onthefly.Trainer(model=model, optimizer=SkipsNonFinite(model.parameters(), lr=0.05),
+                               loss_fn=nn.CrossEntropyLoss(), train_loader=DataLoader(train, batch_size=32),
+                               val_loader=DataLoader(val, batch_size=128), project="health", progress=False,
+                               max_steps=30, callbacks=[NanGradientAt(7)])
+    health.attach(trainer, continuous=True, report_every=10)
+    trainer.fit(2)
+    step, found = first_flag(checkups(trainer.run), "nonfinite_gradient")
+    assert found is not None and found["severity"] == "error" and found["evidence"]["steps"] == [7]
+    assert step == 20

@@ -110,6 +110,7 @@ def quickstart(
     keep_alive: bool | None = None,
     autofork: str = "suggest",
     health_every: int | None = None,
+    health_continuous: bool = False,
     **options: Any,
 ) -> FitSummary:
     """Train ``model`` with On The Fly watching: per-sample loss every epoch, validation every
@@ -119,7 +120,8 @@ def quickstart(
     ``autofork`` ("suggest", the default; "approve"; "off"): when the loss tail stops improving
     while the rest does, a fork card is proposed (see :mod:`onthefly.actions.autofork`); it is
     carried out only with "approve". Health check-ups (:mod:`onthefly.actions.health`) run on
-    request and, with ``health_every=N``, every N steps.
+    request, with ``health_every=N`` every N steps, and with ``health_continuous=True`` the gradient
+    norm and AMP overflows of every step, on the device.
 
     With a dashboard attached when training ends (or ``keep_alive=True``), the session stays up
     and waits for commands (train more, test, stop); otherwise it returns. ``options`` are
@@ -137,7 +139,8 @@ def quickstart(
     # Plan cards (forks) and comparisons: carried out by this run; children served live too.
     forking.attach(trainer, on_child=board.server.add_run if board.server is not None else None)
     autoforking.attach(trainer, mode=autofork)  # type: ignore[arg-type]  # checked there
-    health.attach(trainer, every_steps=health_every)  # check-ups on request, and every health_every steps
+    # Check-ups on request, every health_every steps, and with health_continuous every step's gradients.
+    health.attach(trainer, every_steps=health_every, continuous=health_continuous)
     summary = trainer.fit(max_epochs, do_test_after=do_test_after)  # closing the run stops the server
     if options.get("progress", True):
         print(summary, flush=True)

@@ -68,13 +68,26 @@ def card(check: str, area: str, severity: str, title: str, fix: str, **evidence:
 
 
 # ---- the API ---------------------------------------------------------------------------------------
-def attach(owner: Any, *, every_steps: int | None = None) -> None:
+def attach(owner: Any, *, every_steps: int | None = None, continuous: bool = False,
+           report_every: int = 100) -> None:
     """Let the run of ``owner`` (a Trainer, or a Run of start_run) carry out ``health_check``
-    commands and, with ``every_steps``, run a check-up every that many steps."""
+    commands; with ``every_steps``, run a check-up every that many steps; with ``continuous``,
+    watch every optimizer step's gradient norm and AMP overflows on the device (``monitor``),
+    reported every ``report_every`` steps."""
     if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int)
                                     or every_steps < 1):
         raise ConfigError(f"every_steps must be a whole number >= 1 or None, got {every_steps!r}")
     run = getattr(owner, "run", owner)
+    if continuous:
+        from .monitor import GradientMonitor
+
+        watcher = GradientMonitor(run, getattr(owner, "model", None) or run._objects.model,
+                                  scaler=getattr(owner, "scaler", None) or run._objects.scaler,
+                                  clipping=bool(getattr(owner, "grad_clip", None)), report_every=report_every)
+        run.add_hook("on_before_optimizer_step", watcher)
+        run.add_hook("on_step_end", watcher)
+        run.add_closing_callback(watcher.flush)
+        run.health_monitor = watcher
     run.health_frozen = _frozen_snapshot(getattr(owner, "model", None) or run._objects.model)
 
     def command(args: dict[str, Any]) -> dict[str, Any]:

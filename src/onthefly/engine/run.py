@@ -167,6 +167,7 @@ class Run:
         self.last_eval: dict[str, dict[str, float]] = {}
         self.started = time.time()
         self._on_close: list[Callable[[], None]] = []
+        self._on_closing: list[Callable[[], None]] = []
         self.controller = CommandController(self._effects(), can=self._can, on_status=self._status_changed,
                                             publish=lambda kind, payload: self.bus.publish(kind, payload,
                                                                                            **self._where()))
@@ -271,6 +272,11 @@ class Run:
         if hook not in self._hooks:
             raise ConfigError(f"unknown hook {hook!r}; the hooks: {', '.join(self._hooks)}")
         self._hooks[hook].append(callback)
+
+    def add_closing_callback(self, callback: Callable[[], None]) -> None:
+        """Called when the run begins to close, while the session still records (a tool's last
+        values: a gradient monitor's window)."""
+        self._on_closing.append(callback)
 
     def add_close_callback(self, callback: Callable[[], None]) -> None:
         """Called once the run is closed (e.g. to stop its dashboard)."""
@@ -704,6 +710,9 @@ class Run:
             return
         self._closed = True
         self.controller.closed = True
+        for closing in self._on_closing:
+            with contextlib.suppress(Exception):
+                closing()
         if error is None and self.global_step > 0 and self._loose_epoch is None:
             # The final model is always in the session (and so in its export): saved unless the
             # newest checkpoint already holds these weights.
