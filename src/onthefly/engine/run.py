@@ -397,11 +397,15 @@ class Run:
             self._first_step = False
         check_step_shapes(per_sample_loss, indices, loss)
         per = per_sample_loss.detach()
-        signals = classification_signals(logits, targets) if self._classification else None
+        if self._classification and (logits.shape[0] != per.shape[0] or targets.shape[0] != per.shape[0]):
+            raise DataError(f"a step gave {per.shape[0]} per-sample losses, {logits.shape[0]} rows of logits and "
+                            f"{targets.shape[0]} targets; they must describe the same samples")
+        # Margin, prediction and confidence are derived at the flush for thousands of rows at once.
         self.recorder.record(self.global_step + 1, indices, per, per.mean() if loss is None else loss,
                              host_lr(self.optimizer.param_groups[0]["lr"] if lr is None else lr),
-                             signals, targets if signals is not None else None,
-                             self._take_grad_norms(per.shape[0], grad_norm_factor))
+                             None, targets if self._classification else None,
+                             self._take_grad_norms(per.shape[0], grad_norm_factor),
+                             logits=logits if self._classification else None)
         self._end_of_step(boundary)
 
     def step_outputs(self, outputs: torch.Tensor, targets: torch.Tensor, per_sample_loss: PerSampleLoss,

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .per_sample import classification_signals
+
 __all__ = ["COLUMNS", "ClassSignals", "Derive", "HostPacket", "Indices", "SampleRecorder", "rows_of"]
 
 # The dataset indices of one batch: an int64 array, or the list of ints a batch sampler gave
@@ -168,6 +170,9 @@ class SampleRecorder:
         self._copied = 0  # rows of this flush in self._step_rows (from row 0 on)
         self._kept: list[_Kept] = []  # record_outputs
         self._rows: list[torch.Tensor] = []  # record
+        # record with logits: (per-sample loss, logits, labels, grad norms), rows derived at the flush
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._deferred_values = 0
         self._losses: list[torch.Tensor] = []
         self._indices: list[Indices | None] = []
         self._sizes: list[int] = []
@@ -220,16 +225,25 @@ class SampleRecorder:
     def record(
         self, step: int, indices: Indices | None, per_sample: torch.Tensor, loss: torch.Tensor,
         lr: float, signals: ClassSignals | None = None, labels: torch.Tensor | None = None,
-        grad_norm: torch.Tensor | None = None,
+        grad_norm: torch.Tensor | None = None, logits: torch.Tensor | None = None,
     ) -> None:
-        """Record one batch whose per-sample values are already computed."""
+        """Record one batch whose per-sample losses are already computed. With ``logits`` (and
+        ``labels``), margin, prediction and confidence are derived at the flush, for thousands of
+        rows at once: this step only keeps references (no kernel)."""
         batch = per_sample.shape[0]
-        classification = signals is not None
+        classification = signals is not None or logits is not None
+        values = 0 if logits is None else logits.numel()
         if self._kept or self._n_rows + batch > MAX_ROWS or len(self._losses) == MAX_STEPS or (
-                classification != self._classification and self._rows):
+                classification != self._classification and (self._rows or self._deferred)) or (
+                self._deferred_values + values > BUFFER_VALUES and self._deferred):
             self.flush()
         self._classification = classification
-        self._rows.append(rows_of(per_sample.detach(), signals, labels, grad_norm))  # one stack kernel
+        if logits is not None and labels is not None:
+            self._deferred.append((_keep(per_sample), _keep(logits), _keep(labels),
+                                   None if grad_norm is None else grad_norm.detach()))
+            self._deferred_values += values
+        else:
+            self._rows.append(rows_of(per_sample.detach(), signals, labels, grad_norm))  # one stack kernel
         self._append(step, indices, batch, loss, lr)
 
     def _append(self, step: int, indices: Indices | None, batch: int, loss: torch.Tensor, lr: float) -> None:
@@ -259,7 +273,7 @@ class SampleRecorder:
         rows = np.empty((0, COLUMNS), dtype=np.float32)
         step_losses = np.empty(0, dtype=np.float32)
         with torch.no_grad():  # on CUDA launched on the device's stream: no host sync
-            parts = self._rows
+            parts = self._rows + _deferred_rows(self._deferred)
             if self._kept:
                 parts = []
                 copied = self._step_rows is not None and self._copied == n
@@ -341,6 +355,28 @@ class SampleRecorder:
             step_losses=pending.step_losses, lrs=np.asarray(pending.lrs, dtype=np.float64),
             samples_per_second=pending.samples_per_second, closes_epoch=pending.closes_epoch,
         )
+
+
+def _deferred_rows(deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]) \
+        -> list[torch.Tensor]:
+    """Rows of steps recorded with logits, in their order: consecutive steps with logits of one
+    shape and dtype are derived together (a handful of kernels for thousands of rows)."""
+    parts: list[torch.Tensor] = []
+    start = 0
+    while start < len(deferred):
+        end = start + 1
+        first = deferred[start][1]
+        while end < len(deferred) and deferred[end][1].shape[1:] == first.shape[1:] \
+                and deferred[end][1].dtype == first.dtype and (deferred[end][3] is None) == (deferred[start][3] is None):
+            end += 1
+        group = deferred[start:end]
+        per = torch.cat([g[0] for g in group]) if len(group) > 1 else group[0][0]
+        logits = torch.cat([g[1] for g in group]) if len(group) > 1 else group[0][1]
+        labels = torch.cat([g[2] for g in group]) if len(group) > 1 else group[0][2]
+        norms = None if group[0][3] is None else torch.cat([g[3] for g in group if g[3] is not None])
+        parts.append(rows_of(per, classification_signals(logits, labels), labels, norms))
+        start = end
+    return parts
 
 
 def _same_shapes(kept: list[_Kept]) -> list[list[_Kept]]:
