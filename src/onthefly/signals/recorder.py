@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,7 +172,7 @@ class SampleRecorder:
         self._kept: list[_Kept] = []  # record_outputs
         self._rows: list[torch.Tensor] = []  # record
         # record with logits: (per-sample loss, logits, labels, grad norms), rows derived at the flush
-        self._deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
         self._deferred_values = 0
         self._losses: list[torch.Tensor] = []
         self._indices: list[Indices | None] = []
@@ -232,14 +233,15 @@ class SampleRecorder:
         rows at once: this step only keeps references (no kernel)."""
         batch = per_sample.shape[0]
         classification = signals is not None or logits is not None
-        values = 0 if logits is None else logits.numel()
+        values = batch if logits is None else logits.numel() + batch
         if self._kept or self._n_rows + batch > MAX_ROWS or len(self._losses) == MAX_STEPS or (
                 classification != self._classification and (self._rows or self._deferred)) or (
-                self._deferred_values + values > BUFFER_VALUES and self._deferred):
+                self._deferred_values + values > BUFFER_VALUES and self._deferred):  # bounded memory
             self.flush()
         self._classification = classification
-        if logits is not None and labels is not None:
-            self._deferred.append((_keep(per_sample), _keep(logits), _keep(labels),
+        if signals is None:  # kept by reference: the rows are made at the flush
+            self._deferred.append((_keep(per_sample), None if logits is None else _keep(logits),
+                                   None if logits is None or labels is None else _keep(labels),
                                    None if grad_norm is None else grad_norm.detach()))
             self._deferred_values += values
         else:
@@ -357,26 +359,34 @@ class SampleRecorder:
         )
 
 
-def _deferred_rows(deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]) \
-        -> list[torch.Tensor]:
-    """Rows of steps recorded with logits, in their order: consecutive steps with logits of one
-    shape and dtype are derived together (a handful of kernels for thousands of rows)."""
+def _deferred_rows(deferred: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                         torch.Tensor | None]]) -> list[torch.Tensor]:
+    """Rows of the steps recorded by reference, in their order: consecutive steps alike (logits of
+    one shape and dtype or none, grad norms or none) are derived together, a handful of kernels
+    for thousands of rows."""
+    def kind(entry: tuple[Any, ...]) -> tuple[Any, ...]:
+        logits = entry[1]
+        return (None if logits is None else (logits.shape[1:], logits.dtype), entry[3] is None)
+
     parts: list[torch.Tensor] = []
     start = 0
     while start < len(deferred):
         end = start + 1
-        first = deferred[start][1]
-        while end < len(deferred) and deferred[end][1].shape[1:] == first.shape[1:] \
-                and deferred[end][1].dtype == first.dtype and (deferred[end][3] is None) == (deferred[start][3] is None):
+        while end < len(deferred) and kind(deferred[end]) == kind(deferred[start]):
             end += 1
         group = deferred[start:end]
-        per = torch.cat([g[0] for g in group]) if len(group) > 1 else group[0][0]
-        logits = torch.cat([g[1] for g in group]) if len(group) > 1 else group[0][1]
-        labels = torch.cat([g[2] for g in group]) if len(group) > 1 else group[0][2]
-        norms = None if group[0][3] is None else torch.cat([g[3] for g in group if g[3] is not None])
-        parts.append(rows_of(per, classification_signals(logits, labels), labels, norms))
+        per, logits, labels, norms = (_joined([g[k] for g in group]) for k in range(4))
+        assert per is not None
+        signals = classification_signals(logits, labels) if logits is not None and labels is not None else None
+        parts.append(rows_of(per, signals, labels, norms))
         start = end
     return parts
+
+
+def _joined(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if values[0] is None:
+        return None
+    return values[0] if len(values) == 1 else torch.cat(values)  # type: ignore[arg-type]
 
 
 def _same_shapes(kept: list[_Kept]) -> list[list[_Kept]]:
