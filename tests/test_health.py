@@ -163,6 +163,17 @@ def test_labels_permuted_independently_of_the_inputs() -> None:
     assert found["evidence"]["neighbour_agreement"] < 0.2 < 0.9  # digits' real labels agree ~98% of the time
 
 
+def test_labels_set_by_a_few_of_many_features_are_not_independent() -> None:
+    # The demo's task: the sign of the sum of 50 of 784 features. Nearest neighbours in input
+    # space agree barely above chance; the held-out linear probe sees the dependence.
+    x = torch.randn(2000, 784, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :50].sum(dim=1) > 0).long()
+    assert health._independent_labels(([x], [y])) == []
+    permuted = y[torch.randperm(2000, generator=torch.Generator().manual_seed(1))]
+    (found,) = health._independent_labels(([x], [permuted]))
+    assert found["check"] == "labels_independent" and found["evidence"]["linear_probe"] < 0.55
+
+
 def test_the_validation_set_inside_the_training_set() -> None:
     x, y = digits()
     found = assert_flagged(quick(val=TensorDataset(x[100:400], y[100:400])), "split_leakage", within=EVERY)

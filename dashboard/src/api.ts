@@ -100,6 +100,9 @@ export type LineageNode = Schemas["LineageNode"];
 export type LineageEdge = Schemas["LineageEdge"];
 export type CompareArgs = Body<"/api/runs/{run_id}/comparisons", "post">;
 export type ComparisonOut = Answer<"/api/comparisons/{comparison_id}">;
+export type HealthCheckArgs = Body<"/api/runs/{run_id}/health", "post">;
+/** An area a health check-up can look at. */
+export type HealthArea = NonNullable<HealthCheckArgs["areas"]>[number];
 
 /** Query parameters; undefined ones are left out (the server's default applies). */
 type Params = Record<string, string | number | boolean | undefined>;
@@ -276,6 +279,13 @@ export class ApiClient {
    *  comparison's id) comes as a `command_applied` event (and a `comparison` event). */
   compare(runId: number, args: CompareArgs): Promise<Answer<"/api/runs/{run_id}/comparisons", "post">> {
     return this.request("POST", `/api/runs/${runId}/comparisons`, undefined, args);
+  }
+
+  /** Ask run `runId` for a health check-up (of `areas`; null: every area but determinism): a
+   *  command, carried out at its next step boundary; its cards come as a `health` event. */
+  healthCheck(runId: number, areas: HealthArea[] | null): Promise<Answer<"/api/runs/{run_id}/health", "post">> {
+    const body: HealthCheckArgs = areas === null ? { kind: "health_check" } : { kind: "health_check", areas };
+    return this.request("POST", `/api/runs/${runId}/health`, undefined, body);
   }
 
   comparisons(): Promise<Answer<"/api/comparisons">> {

@@ -2,7 +2,8 @@
 // stream. Each event goes to the views that show it; a status or command event re-reads the run
 // (and so which commands are possible); the end of an epoch refreshes the distribution (and with it
 // the per-sample table); a command's outcome reaches whoever waits for it; plan and run events
-// (from any run) refresh the plan cards and the lineage.
+// (from any run) refresh the plan cards and the lineage; health check-ups (of any run: the panel
+// shows the page's run's) go to the health panel, from the log and from the stream.
 
 import type { ApiClient, RunInfo } from "./api";
 import type { StepChart, StepRange } from "./charts";
@@ -10,6 +11,8 @@ import type { ClusterView } from "./clusters";
 import { columnsOf, type Columns } from "./columns";
 import type { CompareView } from "./compare";
 import type { DistributionView } from "./distribution";
+import { checkupOf, type Checkup } from "./health";
+import type { HealthPanel } from "./health-panel";
 import { kindName, parseEvents, type ProgressEvent } from "./event-types";
 import { STATE_CHANGING, logEntry, testResult } from "./events";
 import type { LineageView } from "./lineage";
@@ -46,6 +49,7 @@ export interface Views {
   plans: PlanPanel;
   lineage: LineageView;
   compare: CompareView;
+  health: HealthPanel;
 }
 
 export class Dashboard {
@@ -169,6 +173,7 @@ export class Dashboard {
     let after = afterSeq;
     const entries: LogEntry[] = [];
     const tests: TestResult[] = [];
+    const checkups: Checkup[] = [];
     for (let page = 0; page < MAX_EVENT_PAGES; page++) {
       const { events: raw, last_seq } = await this.api.events(after, limit);
       for (const event of parseEvents(raw)) {
@@ -177,6 +182,8 @@ export class Dashboard {
         this.outcomes.receive(event); // after a gap in the stream, an outcome may be here only
         const result = this.runId === null || event.run_id === this.runId ? testResult(event) : null;
         if (result !== null) tests.push(result);
+        const checkup = event.kind === "health" ? checkupOf(event) : null;
+        if (checkup !== null) checkups.push(checkup);
       }
       const newest = raw.length > 0 ? raw[raw.length - 1]!.seq : after;
       if (raw.length < limit) {
@@ -187,6 +194,7 @@ export class Dashboard {
     }
     this.store.addLog(entries);
     this.store.addTests(tests);
+    this.views?.health.add(checkups);
     return after;
   }
 
@@ -203,10 +211,13 @@ export class Dashboard {
     let plansChanged = false;
     let lineageChanged = false;
     const comparisons: number[] = [];
+    const checkups: Checkup[] = [];
     for (const event of delivery.events) {
       const entry = logEntry(event);
       if (entry !== null) entries.push(entry);
       this.outcomes.receive(event);
+      const checkup = event.kind === "health" ? checkupOf(event) : null;
+      if (checkup !== null) checkups.push(checkup);
       if (PLAN_EVENTS.has(kindName(event))) plansChanged = true;
       if (LINEAGE_EVENTS.has(kindName(event))) lineageChanged = true;
       if (event.kind === "comparison" && event.payload.comparison_id !== null) comparisons.push(event.payload.comparison_id);
@@ -254,6 +265,7 @@ export class Dashboard {
     if (plansChanged) void views.plans.refresh();
     if (lineageChanged) void views.lineage.refresh();
     for (const id of comparisons) views.compare.onComparison(id);
+    views.health.add(checkups);
   }
 
   private onProgress(event: ProgressEvent, charts: Charts): void {

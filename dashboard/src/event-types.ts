@@ -5,11 +5,13 @@
 // Where each kind is published: engine/run.py (run_created, waiting, status, epoch_started,
 // eval, epoch_summary of an evaluation, checkpoint, resumed_from_checkpoint, resume_fast_forward,
 // samples_dropped, store_overflow, error, run_finished), engine/transfer.py (progress and the
-// training epoch_summary), engine/controller.py (command_applied, command_rejected). The
-// envelope (seq, kind, run_id, step, epoch, time) is the OpenAPI document's EventOut. A kind this
+// training epoch_summary), engine/controller.py (command_applied, command_rejected),
+// actions/health.py (health: a check-up's cards, read by health.ts). The envelope (seq, kind,
+// run_id, step, epoch, time) is the OpenAPI document's EventOut. A kind this
 // page does not know yet arrives as `{ kind: "other", name }`, so a newer server never breaks it.
 
 import type { ApiEvent } from "./api";
+import { readCards, type HealthCard } from "./health";
 
 interface Envelope {
   seq: number;
@@ -62,6 +64,8 @@ export type PlanStartedEvent = Event<"plan_started", { plan_id: number | null }>
 export type PlanFinishedEvent = Event<"plan_finished", { plan_id: number | null; status: string | null; error: string | null; runs: number[] }>;
 /** A comparison's table is stored: GET /api/comparisons/{comparison_id}. */
 export type ComparisonEvent = Event<"comparison", { comparison_id: number | null; runs: number[]; sets: string[] }>;
+/** A health check-up: its cards (worst first), the areas it looked at, how long it took. */
+export type HealthEvent = Event<"health", { cards: HealthCard[]; areas: string[]; seconds: number | null }>;
 /** A kind this page does not know: `name` is the server's kind. */
 export type OtherEvent = Envelope & { kind: "other"; name: string; payload: Record<string, unknown> };
 
@@ -87,6 +91,7 @@ export type ServerEvent =
   | PlanStartedEvent
   | PlanFinishedEvent
   | ComparisonEvent
+  | HealthEvent
   | OtherEvent;
 
 export type EventKind = ServerEvent["kind"];
@@ -132,6 +137,7 @@ const DECODERS: { [K in KnownKind]: (payload: Payload) => PayloadOf<K> } = {
   plan_started: (p) => ({ plan_id: number(p, "plan_id") }),
   plan_finished: (p) => ({ plan_id: number(p, "plan_id"), status: text(p, "status"), error: text(p, "error"), runs: numbers(p["runs"]) }),
   comparison: (p) => ({ comparison_id: number(p, "comparison_id"), runs: numbers(p["runs"]), sets: texts(p["sets"]) }),
+  health: (p) => ({ cards: readCards(p["cards"]), areas: texts(p["areas"]), seconds: number(p, "seconds") }),
 };
 
 /** An event as the page uses it, from the server's JSON; null when even its envelope is not an

@@ -3,6 +3,7 @@
 
 import { kindName, type EventKind, type ServerEvent } from "./event-types";
 import { formatCount, formatDuration, formatPercent, formatValue } from "./format";
+import { areasText, countsText, severityCounts, worstSeverity } from "./health";
 import type { LogEntry, TestResult } from "./state";
 
 /** Kinds after which the run's state (and so the commands possible) may have changed. */
@@ -85,6 +86,11 @@ function describe(event: ServerEvent): [string, LogEntry["tone"]] | null {
     }
     case "comparison":
       return [`comparison ${event.payload.comparison_id ?? "?"} of runs ${event.payload.runs.join(", ")} on ${event.payload.sets.join(", ")}`, "good"];
+    case "health": {
+      const worst = worstSeverity(event.payload.cards);
+      const tone = worst === "error" ? "bad" : worst === "warning" ? "warn" : "good";
+      return [`health check-up (${areasText(event.payload.areas)}): ${countsText(severityCounts(event.payload.cards))}`, tone];
+    }
     case "progress":
     case "epoch_started":
       return null;

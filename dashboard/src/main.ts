@@ -12,6 +12,7 @@ import { DistributionView } from "./distribution";
 import { byId, byTestId, setText } from "./dom";
 import { formatCompact, formatCount, formatPercent, formatRate } from "./format";
 import { Header } from "./header";
+import { HealthPanel } from "./health-panel";
 import { SampleHistoryView } from "./history";
 import { LineageView } from "./lineage";
 import { PlanPanel } from "./plans";
@@ -201,6 +202,15 @@ function main(): void {
     table: byTestId<HTMLTableElement>("cluster-table"),
   });
 
+  const health = new HealthPanel(api, store, dashboard.outcomes, {
+    check: byId("button-health-check"),
+    determinism: byId("button-determinism"),
+    caption: byTestId("health-caption"),
+    cards: byTestId("health-cards"),
+    history: byTestId<HTMLTableElement>("health-history"),
+    determinismView: byTestId("determinism"),
+  });
+
   const header = new Header();
   const message = byTestId("message");
   const testResults = byTestId<HTMLTableElement>("test-results");
@@ -215,6 +225,7 @@ function main(): void {
     if (changed.has("run")) {
       controls.update(store.run);
       clusters.update(store.run);
+      health.update(store.run);
       lineage.setCurrent(store.run?.id ?? null);
     }
     if (changed.has("connection")) header.renderConnection(store.connection);
@@ -233,7 +244,7 @@ function main(): void {
     }
   });
 
-  dashboard.start({ charts, distribution, clusters, slices, plans, lineage, compare }).catch((error: unknown) => {
+  dashboard.start({ charts, distribution, clusters, slices, plans, lineage, compare, health }).catch((error: unknown) => {
     store.setConnection("stopped");
     const reason = error instanceof Error ? error.message : String(error);
     store.showMessage(

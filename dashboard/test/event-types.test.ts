@@ -41,6 +41,16 @@ describe("parseEvent", () => {
     expect(compared?.kind === "comparison" && compared.payload).toEqual({ comparison_id: 1, runs: [1, 2], sets: ["val"] });
   });
 
+  it("types a health check-up's cards, areas and duration", () => {
+    const cards = [{ check: "throughput", area: "throughput", severity: "info", title: "compute-bound", evidence: { workers: 0 }, fix: "none" }, "junk"];
+    const health = parseEvent(rawEvent(6, "health", { cards, areas: ["determinism", 3], seconds: "slow" }));
+    expect(health?.kind === "health" && health.payload).toEqual({
+      cards: [{ check: "throughput", area: "throughput", severity: "info", title: "compute-bound", evidence: { workers: 0 }, fix: "none" }],
+      areas: ["determinism"],
+      seconds: null,
+    });
+  });
+
   it("keeps an unknown kind as 'other', with its name and payload", () => {
     const parsed = parseEvent(rawEvent(3, "export_ready", { id: "abc" }));
     expect(parsed).toMatchObject({ kind: "other", name: "export_ready", payload: { id: "abc" } });

@@ -19,6 +19,9 @@ describe("logEntry", () => {
     ["plan_finished", { plan_id: 2, status: "done", runs: [2, 3] }, "plan card 2 done: runs 2, 3", "good"],
     ["plan_finished", { plan_id: 2, status: "failed", error: "slice 'tail' is empty" }, "plan card 2 failed: slice 'tail' is empty", "bad"],
     ["comparison", { comparison_id: 1, runs: [1, 2], sets: ["tail", "val"] }, "comparison 1 of runs 1, 2 on tail, val", "good"],
+    ["health", { cards: [{ check: "throughput", area: "throughput", severity: "info", title: "compute-bound" }], areas: ["determinism"] }, "health check-up (determinism): 1 info", "good"],
+    ["health", { cards: [{ check: "lr_jump", severity: "warning", title: "jump" }, { check: "dead_units", severity: "error", title: "dead" }], areas: ["data"] }, "health check-up (data): 1 error · 1 warning", "bad"],
+    ["health", { cards: [{ check: "lr_jump", severity: "warning", title: "jump" }], areas: [] }, "health check-up (—): 1 warning", "warn"],
     ["some_new_kind", {}, "some new kind", "info"],
   ])("describes %s", (kind, payload, text, tone) => {
     const entry = logEntry(event(3, kind, payload));
