@@ -119,14 +119,14 @@ else:
 
 import torch
 results = {{}}
-for key, inputs in torch.load({str(tmp_path / "inputs.pt")!r}).items():
+for key, inputs in torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True).items():
     exec({manifest["load"]!r})
     results[key] = outputs
 torch.save(results, {str(tmp_path / "outputs.pt")!r})
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    outputs = torch.load(tmp_path / "outputs.pt")
+    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
     for key, x in inputs.items():
         assert outputs[key].shape == (x.shape[0], 5)
         assert torch.equal(outputs[key], infer(model, x))

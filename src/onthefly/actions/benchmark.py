@@ -54,7 +54,7 @@ LATENCY_BATCH = 256
 
 def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], None] | None) -> dict[str, Any]:
     from . import mixture as mixing
-    from .merge import load_model
+    from .merge import model_at
 
     run, card = trainer.run, plan["card"]
     if card["run_id"] != run.run_id:
@@ -67,7 +67,7 @@ def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], Non
     with isolated_rng():
         mixture = trainer.forks.get(card["mixture"]) or mixing.rebuild(trainer, record)
         start = reader.checkpoint(recipe["experts"][0]["checkpoint_id"])
-        generalist = load_model(trainer, _weights(start))
+        generalist = model_at(trainer, start)
         batch = next(iter(DataLoader(trainer.train_loader.original.dataset,
                                      batch_size=trainer.train_loader.original.batch_size or 1,
                                      collate_fn=trainer.train_loader.original.collate_fn)))
@@ -114,12 +114,6 @@ def report_of(reader: SessionReader, run_id: int) -> dict[str, Any]:
 
 
 # ---- compute -------------------------------------------------------------------------------------
-def _weights(record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    with model_weights.FileWeights(recipes.model_file(record)) as weights:
-        folded = model_weights.fold_adapters(weights)
-        return {key: folded.get(key) for key in folded.keys()}
-
-
 def _costs(trainer: Any, reader: SessionReader, recipe: Mapping[str, Any], model: nn.Module, batch: Any) \
         -> dict[str, Any]:
     """What the mixture cost beyond its generalist: item by item, in FLOPs."""
@@ -167,11 +161,11 @@ def _monolith(trainer: Any, card: Mapping[str, Any], reader: SessionReader, reci
               start: Mapping[str, Any], steps: int, plan_id: int, on_child: Callable[[Any], None] | None) \
         -> tuple[int, nn.Module]:
     from ..engine.trainer import Trainer
-    from .merge import load_model
+    from .merge import model_at
 
     run = trainer.run
     seed_all(card["seed"])
-    model = load_model(trainer, _weights(start))
+    model = model_at(trainer, start)
     # The generalist trained on: its optimizer as the checkpoint holds it (moments, learning rate).
     optimizer = optimizer_like(trainer.optimizer, list(model.parameters()),
                                {"lr": trainer.optimizer.param_groups[0]["lr"], "weight_decay": None})
@@ -231,7 +225,7 @@ def _best_merge(trainer: Any, card: Mapping[str, Any], reader: SessionReader, re
     try:
         parents = [model_weights.fold_adapters(w) for w in opened]
         common = recipes.common_base(reader, records)  # the fork point the task vectors are taken from
-        base = model_weights.TensorWeights(_weights(common if common is not None else start))
+        base = model_weights.TensorWeights(recipes.checkpoint_tensors(common if common is not None else start))
         ones = [1.0] * len(parents)
         for method in card["merges"]:
             if method == "linear":

@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
-from . import model_weights, recipes
 from .children import Draws, optimizer_like, seed_all
 
 __all__ = ["distill"]
@@ -34,13 +33,12 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
             on_child: Callable[[Any], None] | None, plan_id: int | None) -> tuple[nn.Module, Any]:
     """Train the student run; returns its model and its Run."""
     from ..engine.trainer import Trainer
-    from .merge import add_edges, checkpoint_for, data_indices, load_model
+    from .merge import add_edges, checkpoint_for, data_indices, model_at
 
     run = trainer.run
     teachers = []
     for _, record in resolved:
-        with model_weights.FileWeights(recipes.model_file(record)) as weights:
-            teacher = load_model(trainer, model_weights.fold_adapters(weights)).eval()
+        teacher = model_at(trainer, record).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         teachers.append(teacher)
@@ -48,8 +46,7 @@ def distill(trainer: Any, card: Mapping[str, Any], resolved: list[tuple[dict[str
     start = next((record for parent, record in resolved if parent["run_id"] == student_run), None) \
         or checkpoint_for(trainer, {"run_id": student_run, "checkpoint_id": None})  # a run that is no teacher
     seed_all(card["seed"])
-    with model_weights.FileWeights(recipes.model_file(start)) as weights:
-        student = load_model(trainer, model_weights.fold_adapters(weights))
+    student = model_at(trainer, start)
     soft = _SoftTargets(teachers, card["temperature"])
     student.register_forward_hook(soft, with_kwargs=True)
     loss_fn = _DistillLoss(student, soft, card["temperature"], card["alpha"])

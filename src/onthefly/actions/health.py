@@ -144,12 +144,6 @@ def _frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- what the checks share --------------------------------------------------------------------------
-class _Inputs(nn.Module):
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.seen = (args, kwargs)
-        return torch.zeros(1)
-
-
 class _Probe:
     """The run's objects, a few training batches, and (made when first asked) a copy of the
     model and optimizer that the checks may train."""
@@ -223,9 +217,7 @@ class _Probe:
                             collate_fn=self.loader.collate_fn)
         xs, ys = [], []
         for batch in loader:
-            probe = _Inputs()
-            _, y = self.spec.forward(probe, batch)
-            args, kwargs = probe.seen
+            args, kwargs, y = self.spec.arguments(batch)
             xs.append(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
             ys.append(y)
         return xs, ys

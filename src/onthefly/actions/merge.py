@@ -44,7 +44,7 @@ from .export import isolated_rng
 from .plans import TASK_VECTOR_METHODS
 
 __all__ = ["add_edges", "checkpoint_for", "data_indices", "estimate_fisher", "execute", "judge_worse", "keepable",
-           "load_model", "preview", "preview_failed",
+           "load_model", "model_at", "preview", "preview_failed",
            "request_preview", "update_bn"]
 
 
@@ -179,6 +179,11 @@ def load_model(trainer: Any, tensors: Mapping[str, torch.Tensor] | model_weights
     return model.to(trainer.device)
 
 
+def model_at(trainer: Any, checkpoint: Mapping[str, Any]) -> nn.Module:
+    """A copy of the live run's module holding ``checkpoint``'s weights (adapters folded)."""
+    return load_model(trainer, recipes.checkpoint_tensors(checkpoint))
+
+
 # ---- the candidate ------------------------------------------------------------------------------
 def _candidate(trainer: Any, card: Mapping[str, Any], resolved: Resolved, *,
                on_child: Callable[[Any], None] | None = None, plan_id: int | None = None) \
@@ -256,8 +261,7 @@ def _greedy_soup(trainer: Any, card: Mapping[str, Any], resolved: Resolved) -> t
     data = data_indices(trainer, card)
     scores = []
     for parent, record in resolved:
-        with model_weights.FileWeights(recipes.model_file(record)) as weights:
-            model = load_model(trainer, model_weights.fold_adapters(weights))
+        model = model_at(trainer, record)
         scores.append((_val_score(trainer, model), parent, record))
     scores.sort(key=lambda s: -s[0])  # a stable sort: ties keep the card's order
     soup: Resolved = [(scores[0][1], scores[0][2])]
@@ -385,8 +389,7 @@ def _compare(trainer: Any, card: Mapping[str, Any], model: nn.Module, resolved: 
     sets = evaluation_sets(trainer, reader, card["sets"])
     entrants: dict[str, nn.Module] = {"merge": model}
     for parent, record in resolved:
-        with model_weights.FileWeights(recipes.model_file(record)) as weights:
-            entrants[_label(parent, resolved)] = load_model(trainer, model_weights.fold_adapters(weights))
+        entrants[_label(parent, resolved)] = model_at(trainer, record)
     results = {label: {name: _evaluate(trainer, m, *where) for name, where in sets.items()}
                for label, m in entrants.items()}
     table = comparing.compare(results, "merge", seed=card["seed"])

@@ -35,7 +35,7 @@ from ..errors import ConfigError, NotFoundError, StateError
 from ..store.checkpoints import read_checkpoint
 from ..store.reader import SessionReader
 from . import compare as comparing
-from . import flops, model_weights, moe_export, recipes
+from . import flops, moe_export
 from .children import evaluate, evaluation_sets
 from .export import isolated_rng
 from .gating import Gate, Mixture, split_last_linear, train_gate
@@ -49,7 +49,7 @@ MAX_SLICES = 24  # utilisation is shown per saved slice, for this many at most
 # ---- carrying a card out (training thread) -------------------------------------------------------
 def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], None] | None) -> dict[str, Any]:
     """Carry out an approved gate card: train the gate, make the mixture run and its artifact."""
-    from .merge import checkpoint_for, load_model
+    from .merge import checkpoint_for, model_at
 
     card = plan["card"]
     if card["run_id"] != trainer.run.run_id:
@@ -57,7 +57,7 @@ def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], Non
     started = time.perf_counter()
     with isolated_rng():  # the live run's random streams are exactly as they were afterwards
         resolved = [(dict(e), checkpoint_for(trainer, e, "gate")) for e in card["experts"]]
-        experts = [_frozen(load_model(trainer, _weights(record))) for _, record in resolved]
+        experts = [_frozen(model_at(trainer, record)) for _, record in resolved]
         dataset, indices = _held_out(trainer, card)
         inputs, targets = _collect(trainer, dataset, indices)
         torch.manual_seed(card["seed"])
@@ -81,12 +81,6 @@ def execute(trainer: Any, plan: Mapping[str, Any], on_child: Callable[[Any], Non
             "artifact": artifact}
 
 
-def _weights(record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    with model_weights.FileWeights(recipes.model_file(record)) as weights:
-        folded = model_weights.fold_adapters(weights)
-        return {key: folded.get(key) for key in folded.keys()}
-
-
 def _frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -104,14 +98,6 @@ def _held_out(trainer: Any, card: Mapping[str, Any]) -> tuple[Any, np.ndarray | 
                                                              dtype=np.int64)
 
 
-class _Inputs(nn.Module):
-    """Stands in for the model in the engine's forward, to see what the model is called with."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.seen = (args, kwargs)
-        return torch.zeros(1)
-
-
 def _loader(trainer: Any, dataset: Any, indices: np.ndarray | None) -> DataLoader:
     source = trainer.train_loader.original
     return DataLoader(dataset if indices is None else Subset(dataset, indices.tolist()),
@@ -120,9 +106,7 @@ def _loader(trainer: Any, dataset: Any, indices: np.ndarray | None) -> DataLoade
 
 def model_inputs(trainer: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The one input tensor the model is called with, and the targets, of a batch."""
-    probe = _Inputs()
-    _, targets = trainer.spec.forward(probe, batch)
-    args, kwargs = probe.seen
+    args, kwargs, targets = trainer.spec.arguments(batch)
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         raise ConfigError("experts: a mixture routes models called with one input tensor (model(x)); this model is "
                           f"called with {len(args)} positional and {len(kwargs)} keyword arguments")
@@ -234,13 +218,13 @@ def utilisation(trainer: Any, mixture: Mixture, card: Mapping[str, Any], expert_
 # ---- comparing -----------------------------------------------------------------------------------
 def _compare(trainer: Any, card: Mapping[str, Any], mixture: Mixture, resolved: list[tuple[dict[str, Any], Any]],
              ) -> dict[str, Any]:
-    from .merge import judge_worse, load_model
+    from .merge import judge_worse, model_at
 
     reader = SessionReader(trainer.run.session.dir)
     sets = evaluation_sets(trainer, reader, card["sets"])
     entrants: dict[str, nn.Module] = {"mixture": mixture}
     for expert, record in resolved:
-        entrants[str(expert["run_id"])] = load_model(trainer, _weights(record))
+        entrants[str(expert["run_id"])] = model_at(trainer, record)
     results = {label: {name: evaluate(trainer, m, *w) for name, w in sets.items()} for label, m in entrants.items()}
     table = comparing.compare(results, "mixture", seed=card["seed"])
     names = {r["id"]: r["name"] for r in reader.runs()}
@@ -326,11 +310,11 @@ def export_moe(session: str | Path | SessionReader, run_id: int, out: str | Path
 def rebuild(trainer: Any, record: Mapping[str, Any]) -> Mixture:
     """Mixture run ``record`` made again from its files: the experts' checkpoints (the recipe's)
     in copies of the live run's module, the gate's weights from the run's checkpoint."""
-    from .merge import load_model
+    from .merge import model_at
 
     recipe = record["config"]["gate"]
     reader = SessionReader(trainer.run.session.dir)
-    experts = [_frozen(load_model(trainer, _weights(reader.checkpoint(e["checkpoint_id"]))))
+    experts = [_frozen(model_at(trainer, reader.checkpoint(e["checkpoint_id"])))
                for e in recipe["experts"]]
     checkpoints = reader.checkpoints(record["id"])
     if not checkpoints:

@@ -24,7 +24,7 @@ from ..store.reader import SessionReader
 from . import model_weights
 from .plans import TASK_VECTOR_METHODS, checkpoint_of, nonempty_slice
 
-__all__ = ["ancestors", "check_benchmark", "check_gate", "check_merge", "common_base", "model_file", "origin", "parent_checkpoint"]
+__all__ = ["ancestors", "check_benchmark", "check_gate", "check_merge", "checkpoint_tensors", "common_base", "model_file", "origin", "parent_checkpoint"]
 
 TRAJECTORY_EDGES = ("fork", "control", "resume")  # a child that continues one parent's weights
 
@@ -40,6 +40,13 @@ def parent_checkpoint(reader: SessionReader, parent: Mapping[str, Any]) -> dict[
 
 def model_file(checkpoint: Mapping[str, Any]) -> Path:
     return Path(checkpoint["path"]) / MODEL_FILE
+
+
+def checkpoint_tensors(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model weights as a state dict, low-rank adapters folded into their layers."""
+    with model_weights.FileWeights(model_file(checkpoint)) as weights:
+        folded = model_weights.fold_adapters(weights)
+        return {key: folded.get(key) for key in folded.keys()}
 
 
 def origin(reader: SessionReader, run_id: int) -> tuple[int, int] | None:

@@ -98,6 +98,13 @@ class BatchSpec:
             "forward_fn=lambda model, batch: (model(...), targets)."
         )
 
+    def arguments(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+        """What the model is called with for ``batch`` (positional and keyword arguments) and the
+        targets, without running the model."""
+        stand_in = _Arguments()
+        _, targets = self.forward(stand_in, batch)
+        return stand_in.seen[0], stand_in.seen[1], targets
+
     def _forward_dict(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
         by_name = self.inputs is None and any(key in batch for key in _BY_NAME_KEYS)
         inputs = self.inputs if self.inputs is not None or by_name else _first_key(batch, _INPUT_KEYS, "inputs")
@@ -125,6 +132,14 @@ class BatchSpec:
         if isinstance(inputs, (list, tuple)):
             return model(*(_field(batch, i) for i in inputs)), y
         return model(_field(batch, inputs)), y
+
+
+class _Arguments(nn.Module):
+    """Stands in for the model to see what it is called with."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.seen = (args, kwargs)
+        return torch.zeros(1)
 
 
 def _first_key(batch: Mapping[str, Any], names: tuple[str, ...], what: str) -> str:
