@@ -17,7 +17,9 @@ step boundary, touching nothing of the run:
    deterministic-algorithm flags, ``CUBLAS_WORKSPACE_CONFIG``, the world size, the loader's seeding
    - with advice for what is not set for it.
 
-The card ("determinism") says "identical" or names the first difference.
+The card ("determinism") says "identical" or names the first difference. A second card
+("replay") trains the steps since the last checkpoint again and compares every tensor with the
+live run (:mod:`onthefly.actions.replay`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,35 @@ def _same(a: Any, b: Any) -> tuple[bool, str | None]:
 
 
 def check(probe: Any) -> list[dict[str, Any]]:
+    return [*_one_step(probe), _replayed(probe)]
+
+
+def _replayed(probe: Any) -> dict[str, Any]:
+    """The K-step replay's card (:mod:`onthefly.actions.replay`), for a run the Trainer drives."""
+    from .health import card
+    from .replay import replay
+
+    trainer = probe.trainer
+    if trainer is None:
+        return card("replay", "determinism", "info", "the steps since the last checkpoint are replayed for runs the "
+                    "Trainer (or quickstart) drives only", "your own loop's step is code On The Fly cannot call "
+                    "again; the one-step check above still applies", replayed=0)
+
+    def hashed(objects: Any, batch: Any, boundary: bool, forward: Any) -> list[tuple[str, str, str]]:
+        where: list[str] = []
+        handles = _where_hooks(objects.model, where)
+        try:
+            with _OpHashes(where) as hashes:
+                trainer.compute_step(objects, batch, boundary, forward)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return hashes.records
+
+    return replay(trainer, hashed)
+
+
+def _one_step(probe: Any) -> list[dict[str, Any]]:
     from .health import card
 
     indices = probe.indices[: probe.loader.batch_size or 1]

@@ -149,7 +149,8 @@ class _Probe:
     model and optimizer that the checks may train."""
 
     def __init__(self, owner: Any) -> None:
-        if hasattr(owner, "spec") and hasattr(owner, "run"):  # a Trainer (quickstart)
+        self.trainer = owner if hasattr(owner, "spec") and hasattr(owner, "run") else None
+        if self.trainer is not None:  # a Trainer (quickstart)
             self.run = owner.run
             self.model, self.optimizer, self.device = owner.model, owner.optimizer, owner.device
             self.spec, self.per_sample_loss = owner.spec, owner.loss

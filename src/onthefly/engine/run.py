@@ -191,6 +191,9 @@ class Run:
         self._reported_drops = 0
         self._closed = False
         self._checkpoint_at: tuple[int, int] | None = None  # (step, id) of the newest checkpoint saved
+        # The newest checkpoint this run saved or resumed from, and its step (the determinism check
+        # replays from it).
+        self.last_checkpoint: tuple[int, Path] | None = None
         if checkpoint is not None:
             assert source is not None
             try:
@@ -583,6 +586,7 @@ class Run:
             folder=Path(path) if path is not None else None,
         )
         self._checkpoint_at = (self.global_step, checkpoint_id)
+        self.last_checkpoint = (self.global_step, folder)
         self.bus.publish("checkpoint", {"path": str(folder), "reason": reason, "checkpoint_id": checkpoint_id},
                          **self._where())
         self.fire("on_save_checkpoint", folder)
@@ -635,6 +639,7 @@ class Run:
             self.sink.resume_epoch(progress.epoch, ExactSum(saved["bins"].numpy(), saved["count"],
                                                             saved["nonfinite"]))
         self.resume.restore(state, progress)
+        self.last_checkpoint = (progress.global_step, Path(source.checkpoint))
         if source.checkpoint_id is not None and source.session_dir is not None:
             self._checkpoint_at = (progress.global_step, source.checkpoint_id)  # its own session holds it
         self.bus.publish("resumed_from_checkpoint", {"path": str(source.checkpoint), "checkpoint_id": source.checkpoint_id,

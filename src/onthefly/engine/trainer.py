@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,39 @@ from .loader import TrackedLoader
 from .progress import ProgressDisplay
 from .run import Run, host_lr
 
-__all__ = ["FitSummary", "Trainer"]
+__all__ = ["REPLAY_WINDOW", "FitSummary", "ReplayedBatch", "StepObjects", "Trainer"]
+
+# How many of the latest batches the determinism check can train again (host references to their
+# dataset indices are kept; nothing else).
+REPLAY_WINDOW = 512
+
+Forward = Callable[[nn.Module, Any], tuple[Any, Any, torch.Tensor, "torch.Tensor | None"]]
+
+
+@dataclass
+class StepObjects:
+    """What a training step changes: the model, its optimizer, scheduler and scaler, and whether
+    the next step opens an accumulation window (zeroes the gradients first)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    zero_grad_next: bool = True
+
+
+@dataclass(frozen=True)
+class ReplayedBatch:
+    """One trained batch as the determinism check's replay needs it: where it lay in its epoch
+    (``batch_in_epoch`` counts it), its dataset indices, and how its loss was computed
+    (``deferred``: the loss function's own reduction; ``per_sample``: the mean of per-sample
+    losses; ``curated``: weighed by curation), and the loss it gave."""
+
+    epoch: int
+    batch_in_epoch: int
+    indices: Any
+    kind: str
+    loss: torch.Tensor | None  # the loss the run computed (detached, on the device: never read per step)
 
 
 @dataclass
@@ -169,7 +202,9 @@ class Trainer:
         )
         self._checked_first_step = False
         self._deferred = False  # decided at the first step (see _small_rows)
-        self._zero_grad_next = True
+        self.live = StepObjects(self.model, optimizer, scheduler, self.scaler)
+        # The batches trained since (at most) REPLAY_WINDOW batches ago, for the determinism check.
+        self.replayable: deque[ReplayedBatch] = deque(maxlen=REPLAY_WINDOW)
         # Live data curation (onthefly.actions.curate): a weight per training sample, on the
         # device, applied to each sample's loss; None until a curation card first applies.
         self.sample_weights: torch.Tensor | None = None
@@ -181,17 +216,34 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._amp_dtype)
 
-    def _forward_and_loss(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
-        outputs, targets = self.spec.forward(self.model, batch)
+    def _forward_and_loss(self, model: nn.Module, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
+        outputs, targets = self.spec.forward(model, batch)
         if self._deferred:
             return outputs, targets, self.loss.loss_fn(outputs, targets), None
+        return self._per_sample_forward(outputs, targets)
+
+    def forward_for(self, kind: str) -> Forward:
+        """The forward pass and loss a batch recorded as ``kind`` (see ``ReplayedBatch``) was
+        trained with, for training it again."""
+        if kind not in ("deferred", "per_sample"):
+            raise ValueError(f"a {kind} batch cannot be trained again")
+
+        def forward(model: nn.Module, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
+            outputs, targets = self.spec.forward(model, batch)
+            if kind == "deferred":
+                return outputs, targets, self.loss.loss_fn(outputs, targets), None
+            return self._per_sample_forward(outputs, targets)
+
+        return forward
+
+    def _per_sample_forward(self, outputs: Any, targets: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
         loss, per_sample = self.loss(outputs, targets, batch_size_of(outputs, targets))
         return outputs, targets, loss, per_sample
 
-    def _first_forward(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
+    def _first_forward(self, model: nn.Module, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
         """The first step, with errors turned into messages that name the shapes involved."""
         try:
-            outputs, targets = self.spec.forward(self.model, batch)
+            outputs, targets = self.spec.forward(model, batch)
         except OnTheFlyError:
             raise
         except Exception as exc:
@@ -232,11 +284,11 @@ class Trainer:
                                                       "from_step": step}, run_id=self.run.run_id, step=step - 1,
                                  epoch=self.run.epoch)
 
-    def _curated_forward(self, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
+    def _curated_forward(self, model: nn.Module, batch: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None]:
         """The forward pass with each sample's loss weighed by its curation weight. The batch's
         indices go to the device without a wait."""
         assert self.sample_weights is not None and self.run._indices is not None
-        outputs, targets = self.spec.forward(self.model, batch)
+        outputs, targets = self.spec.forward(model, batch)
         index = torch.as_tensor(np.asarray(self.run._indices, dtype=np.int64)).to(self.device, non_blocking=True)
         loss, per_sample = self.loss.weighted(outputs, targets, batch_size_of(outputs, targets),
                                               self.sample_weights[index])
@@ -246,27 +298,14 @@ class Trainer:
         if self._curations:
             self._apply_curations()
         lr = host_lr(self.optimizer.param_groups[0]["lr"])  # the rate this step uses, before a scheduler step
-        if self._zero_grad_next:
-            # At the start of an accumulation window, right before the forward pass, as in the
-            # canonical loop: freeing gradients just after optimizer.step() instead measured ~15 %
-            # slower on CPU (the allocator then re-faults their memory every step).
-            self.optimizer.zero_grad(set_to_none=True)
-            self._zero_grad_next = False
-        batch = to_device(batch, self.device, self.non_blocking)
         forward = self._forward_and_loss if self._checked_first_step else self._first_forward
+        kind = "deferred" if self._deferred else "per_sample"
         if self.sample_weights is not None and self._checked_first_step and self.run._indices is not None:
-            forward = self._curated_forward  # curated: every sample's loss, weighed
-        with self._autocast():
-            outputs, targets, loss, per_sample = forward(batch)
-        scaled = loss / self.accumulate if self.accumulate > 1 else loss
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
-        # Before the optimizer step: GradScaler.update() changes the scale in place.
-        factor = self._grad_norm_factor(outputs, targets) if self.run.grad_norms is not None else None
-        if boundary:
-            self._optimizer_step()
+            forward, kind = self._curated_forward, "curated"  # curated: every sample's loss, weighed
+        outputs, targets, loss, per_sample, factor = self.compute_step(self.live, batch, boundary, forward, live=True)
+        # What the determinism check's replay needs to train this batch again (host references only).
+        self.replayable.append(ReplayedBatch(self.run.epoch, self.run.batch_in_epoch, self.run._indices, kind,
+                                             loss.detach()))
         if per_sample is None:  # the fast path: per-sample values derived at the next flush
             self.run.step_outputs(outputs, targets, self.loss, loss=loss, boundary=boundary, lr=lr,
                                   grad_norm_factor=factor)
@@ -276,25 +315,54 @@ class Trainer:
         if self.run.fires("on_train_batch_end"):
             self.run.fire("on_train_batch_end", batch, outputs, loss)
 
-    def _optimizer_step(self) -> None:
-        """The end of an accumulation window: unscale, clip, step, step a per-step scheduler."""
-        if self.grad_clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            # Returns the norm as a device tensor; we do not read it (that would sync).
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self.run.fires("on_before_optimizer_step"):
-            if self.scaler is not None and self.grad_clip is None:
-                self.scaler.unscale_(self.optimizer)  # the hook sees the true gradients
-            self.run.fire("on_before_optimizer_step", self.optimizer)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+    def compute_step(self, objects: StepObjects, batch: Any, boundary: bool, forward: Forward, *,
+                     live: bool = False) -> tuple[Any, Any, torch.Tensor, torch.Tensor | None, Any]:
+        """One training step on ``objects`` (the run's own, or the determinism check's copies):
+        zero the gradients at a window's start, move the batch, forward and loss, backward, and at
+        a ``boundary`` the optimizer step. Only the live step reads the gradient-norm factor and
+        calls the user's ``on_before_optimizer_step`` hooks. Returns (outputs, targets, loss,
+        per-sample loss or None, gradient-norm factor or None)."""
+        if objects.zero_grad_next:
+            # At the start of an accumulation window, right before the forward pass, as in the
+            # canonical loop: freeing gradients just after optimizer.step() instead measured ~15 %
+            # slower on CPU (the allocator then re-faults their memory every step).
+            objects.optimizer.zero_grad(set_to_none=True)
+            objects.zero_grad_next = False
+        batch = to_device(batch, self.device, self.non_blocking)
+        with self._autocast():
+            outputs, targets, loss, per_sample = forward(objects.model, batch)
+        scaled = loss / self.accumulate if self.accumulate > 1 else loss
+        if objects.scaler is not None:
+            objects.scaler.scale(scaled).backward()
         else:
-            self.optimizer.step()
-        self._zero_grad_next = True
-        if self.scheduler is not None and self.scheduler_interval == "step":
-            self.scheduler.step()
+            scaled.backward()
+        # Before the optimizer step: GradScaler.update() changes the scale in place.
+        factor = self._grad_norm_factor(outputs, targets) if live and self.run.grad_norms is not None else None
+        if boundary:
+            self._optimizer_step(objects, live=live)
+        return outputs, targets, loss, per_sample, factor
+
+    def _optimizer_step(self, objects: StepObjects, *, live: bool = True) -> None:
+        """The end of an accumulation window: unscale, clip, step, step a per-step scheduler."""
+        scaler = objects.scaler
+        if self.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(objects.optimizer)
+            # Returns the norm as a device tensor; we do not read it (that would sync).
+            torch.nn.utils.clip_grad_norm_(objects.model.parameters(), self.grad_clip)
+        if self.run.fires("on_before_optimizer_step"):
+            if scaler is not None and self.grad_clip is None:
+                scaler.unscale_(objects.optimizer)  # the hook sees the true gradients
+            if live:
+                self.run.fire("on_before_optimizer_step", objects.optimizer)
+        if scaler is not None:
+            scaler.step(objects.optimizer)
+            scaler.update()
+        else:
+            objects.optimizer.step()
+        objects.zero_grad_next = True
+        if objects.scheduler is not None and self.scheduler_interval == "step":
+            objects.scheduler.step()
 
     def _grad_norm_factor(self, outputs: Any, targets: Any) -> float | torch.Tensor:
         """What the backpropagated loss was multiplied by, relative to the sum of per-sample losses."""
@@ -338,10 +406,10 @@ class Trainer:
                     break
                 if run.stopping:
                     break
-                if not self._zero_grad_next:
+                if not self.live.zero_grad_next:
                     # An unsized loader ended inside an accumulation window: its gradients step
                     # now, as at the end of a sized epoch, never leaking into the next epoch.
-                    self._optimizer_step()
+                    self._optimizer_step(self.live)
                     run.step_boundary()
                 val = run.evaluate("val") if self.val_loader is not None else None
                 if self.scheduler is not None and self.scheduler_interval == "epoch":
