@@ -79,15 +79,18 @@ def test_health_check_ups_and_determinism_from_the_panel(demo: Demo, page: Page)
     wait_until(lambda: len(checkups(demo)) == 2, "the determinism check is in the event log", timeout=30)
     payload = checkups(demo)[1]["payload"]
     assert payload["areas"] == ["determinism"]
-    (card,) = payload["cards"]
-    assert card["check"] == "determinism" and card["title"].startswith("identical"), card["title"]
+    (card,) = [c for c in payload["cards"] if c["check"] == "determinism"]
+    (replayed,) = [c for c in payload["cards"] if c["check"] == "replay"]
+    assert card["title"].startswith("identical"), card["title"]
+    assert len(payload["cards"]) == 2 and "no checkpoint yet" in replayed["title"]  # the demo saves none
     shown = panel.locator('[data-testid="health-card"][data-check="determinism"]')
-    expect(cards).to_have_count(1)
+    expect(cards).to_have_count(2)
     expect(shown).to_have_attribute("data-severity", "info")
     expect(shown).to_contain_text("identical")
     result = panel.get_by_test_id("determinism")
     expect(result).to_have_attribute("data-identical", "true")
     expect(result.locator(".determinism-verdict")).to_have_text(card["title"])
+    expect(result.get_by_test_id("determinism-replay")).to_have_text(replayed["title"])
     contract = result.get_by_test_id("determinism-contract")
     expect(contract.locator("tbody tr")).to_have_count(len(card["evidence"]["contract"]))
     expect(contract.locator('tr[data-key="torch"] td')).to_have_text(card["evidence"]["contract"]["torch"])
@@ -101,7 +104,7 @@ def test_health_check_ups_and_determinism_from_the_panel(demo: Demo, page: Page)
     expect(cards).to_have_count(len(recorded["payload"]["cards"]))
     expect(panel.get_by_test_id("health-caption")).to_contain_text("an earlier check-up")
     history.first.click()
-    expect(cards).to_have_count(1)
+    expect(cards).to_have_count(2)
     expect(history.first).to_have_attribute("aria-current", "true")
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -255,7 +255,7 @@ export class HealthPanel {
         element(
           "p",
           "muted small-text",
-          "No determinism check yet: “Check determinism” loads the last batch twice and replays one training step twice on a copy of the model, and says whether they come out bit for bit the same.",
+          "No determinism check yet: “Check determinism” loads the last batch twice and replays one training step twice on a copy of the model, replays the steps since the last checkpoint, and says whether they come out bit for bit the same.",
         ),
       );
       return;
@@ -267,6 +267,15 @@ export class HealthPanel {
     const step = result.checkup.step === null ? "" : ` at step ${formatCount(result.checkup.step)}`;
     const parts: HTMLElement[] = [title, verdict, element("p", "muted small-text", `From the check-up${step} · ${formatClock(result.checkup.time)} · ${result.card.fix}`)];
     if (result.details.length > 0) parts.push(evidenceList(result.details));
+    if (result.replay !== null) {
+      const replay = element("p", "replay-verdict", result.replay.card.title);
+      replay.dataset["testid"] = "determinism-replay";
+      replay.dataset["severity"] = result.replay.card.severity;
+      replay.dataset["identical"] = String(result.replay.card.title.startsWith("identical"));
+      parts.push(element("h4", "", "Replay since the last checkpoint"), replay,
+        element("p", "muted small-text", result.replay.card.fix));
+      if (result.replay.details.length > 0) parts.push(evidenceList(result.replay.details));
+    }
     const contract = element("table", "determinism-contract");
     contract.dataset["testid"] = "determinism-contract";
     const head = contract.createTHead().insertRow();

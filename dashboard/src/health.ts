@@ -241,7 +241,12 @@ export interface DeterminismResult {
   /** Where it differs (differs, first_op, module, op_index, ops, parameters), or the counts of an
    *  identical replay; in words. */
   details: [string, string][];
+  /** The replay of the steps since the last checkpoint (its own "replay" card), when one came. */
+  replay: { card: HealthCard; details: [string, string][] } | null;
 }
+
+/** The check of the K-step replay from the last checkpoint (a card beside the determinism card). */
+export const REPLAY = "replay";
 
 /** Keys of the determinism card shown as its own table and list, not among its evidence. */
 export const DETERMINISM_OWN_KEYS = ["contract", "advice"] as const;
@@ -252,10 +257,13 @@ export function determinismOf(checkup: Checkup): DeterminismResult | null {
   if (card === undefined) return null;
   const contract = isRecord(card.evidence["contract"]) ? card.evidence["contract"] : {};
   const advice = card.evidence["advice"];
+  const replayed = checkup.cards.find((c) => c.check === REPLAY);
+  const replay = replayed === undefined ? null : { card: replayed, details: evidenceEntries(replayed.evidence) };
   return {
     checkup,
     card,
-    identical: card.evidence["differs"] === undefined && card.severity !== "error",
+    replay,
+    identical: card.evidence["differs"] === undefined && card.severity !== "error" && replayed?.severity !== "error",
     // Versions and flags are short; a value is never cut here (the table is the point).
     contract: Object.entries(contract).map(([key, value]) => [key, formatEvidence(value, { chars: 400 })]),
     advice: Array.isArray(advice) ? advice.filter((a): a is string => typeof a === "string") : [],

@@ -237,6 +237,21 @@ describe("determinism", () => {
     ]);
   });
 
+  it("reads the replay since the last checkpoint beside it; a differing replay is not identical", () => {
+    const same = card("replay", "info", { checkpoint_step: 38, replayed: 13, batches: 13 });
+    const result = determinismOf(checkup(9, [identical, same], ["determinism"]));
+    expect(result?.replay?.card.check).toBe("replay");
+    expect(result?.replay?.details).toEqual([
+      ["checkpoint_step", "38"],
+      ["replayed", "13"],
+      ["batches", "13"],
+    ]);
+    expect(result?.identical).toBe(true);
+    const differs = card("replay", "error", { checkpoint_step: 38, step: 39, first_tensor: "model.0.weight" });
+    expect(determinismOf(checkup(10, [identical, differs], ["determinism"]))?.identical).toBe(false);
+    expect(determinismOf(checkup(11, [identical], ["determinism"]))?.replay).toBeNull();
+  });
+
   it("is null for a check-up that did not check it", () => {
     expect(determinismOf(checkup(1, [card("throughput", "info")]))).toBeNull();
   });
