@@ -22,9 +22,11 @@ from .actions import export as exporting
 from .actions import fork as forking
 from .engine.batch import BatchSpec
 from .engine.device import model_device
+from .engine.distributed import is_wrapped, unwrapped, world
 from .engine.evaluate import Evaluator
 from .engine.run import Run
 from .engine.trainer import FitSummary, Trainer
+from .errors import ConfigError
 from .signals.per_sample import LossFn, PerSampleLoss
 
 __all__ = ["attach_dashboard", "quickstart", "start_run"]
@@ -159,6 +161,15 @@ def start_run(
     With ``loss_fn`` and a ``val_loader``/``test_loader``, ``run.evaluate("val")`` and the "test"
     command work as in ``quickstart`` (``inputs``/``targets``/``forward_fn`` say how a batch
     feeds the model). Other ``options`` are :class:`~onthefly.Run`'s."""
+    where = world()
+    if where is not None and not is_wrapped(model):
+        raise ConfigError(
+            "under torchrun, a loop of your own trains the model through DistributedDataParallel: wrap it before "
+            "start_run - model = torch.nn.parallel.DistributedDataParallel(model) (the process group is started; "
+            "pass device_ids=[local_rank] on CUDA) - and call model(x) on the wrapper in the loop. quickstart wraps "
+            "it for you. Each loader given to run.batches() gets a DistributedSampler unless it has one.")
+    if is_wrapped(model):
+        model = unwrapped(model)  # saved, evaluated and checked as the user's module; trained through the wrapper
     evaluator = None
     if loss_fn is not None:
         device = options.get("device") or model_device(model)

@@ -136,6 +136,8 @@ def _window(trainer: Trainer, start_step: int, folder: Any) -> tuple[
     nothing: tuple[list[ReplayedBatch], None, None, None] = ([], None, None, None)
     if run.global_step == start_step:
         return f"no step since the checkpoint at step {start_step}", *nothing
+    if trainer.world is not None:
+        return "under torchrun a step's gradients come from every rank (the replay trains one process)", *nothing
     if trainer.train_loader.iterable:
         return "the dataset is an IterableDataset (its order cannot be drawn again from a saved state)", *nothing
     run.session.flush()  # the store's writer thread writes the checkpoint's files

@@ -64,6 +64,8 @@ class CommandController:
         self.status = RunStatus.CREATED
         self.stopping = False
         self.closed = False
+        # Under torchrun: sync(take) -> the commands every rank applies (engine.distributed).
+        self.sync: Callable[[Callable[[], list[Command]]], list[Command]] | None = None
 
     # ---- any thread ------------------------------------------------------------------------
     def request(self, kind: str, **args: Any) -> Command:
@@ -125,18 +127,24 @@ class CommandController:
         else:
             self._publish("command_applied", payload)
 
+    def _take(self, wait: bool) -> list[Command]:
+        """The commands to apply now: the queue's (waiting for one with ``wait``), or under
+        torchrun the ones rank 0 took from its queue, the same on every rank (``sync``)."""
+        take = self.queue.wait if wait else self.queue.drain
+        return take() if self.sync is None else self.sync(take)
+
     def apply_pending(self) -> None:
         """Apply queued commands; while paused, wait here for more."""
-        for command in self.queue.drain():
+        for command in self._take(wait=False):
             self.apply(command)
         while self.status == RunStatus.PAUSED and not self.stopping:
-            for command in self.queue.wait():
+            for command in self._take(wait=True):
                 self.apply(command)
 
     def wait_for_run(self) -> bool:
         """In CREATED, wait for a "run" command (or "stop"). True when training may start."""
         while not self.stopping and self.status == RunStatus.CREATED:
-            for command in self.queue.wait():
+            for command in self._take(wait=True):
                 self.apply(command)
         return not self.stopping
 
@@ -144,7 +152,7 @@ class CommandController:
         """Planned training is done: wait for commands. True when more epochs were asked for."""
         self.set_status(RunStatus.IDLE)
         while not self.stopping:
-            for command in self.queue.wait():
+            for command in self._take(wait=True):
                 self.apply(command)
             if more_to_train() and not self.stopping:
                 self.set_status(RunStatus.RUNNING)

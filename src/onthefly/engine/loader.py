@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import DataError
 from ..signals.recorder import Indices
+from .distributed import real_samples
 
 __all__ = ["Positions", "SampledIndices", "TrackedLoader"]
 
 
 class _RecordingIterator:
-    def __init__(self, inner: Iterable[Any], pending: deque[Indices], skip: int, batched: bool) -> None:
+    def __init__(self, inner: Iterable[Any], pending: deque[Indices], skip: int, batched: bool,
+                 limit: int | None = None) -> None:
         self._inner = iter(inner)
         self._pending = pending
         self._skip = skip
@@ -32,6 +34,10 @@ class _RecordingIterator:
         self._primed: Any = None
         self._started = False
         self._exhausted = False
+        # Samples of the epoch after which indices are recorded as -1 (a DistributedSampler's
+        # padding: trained, never recorded); None: every one is recorded.
+        self._limit = limit
+        self._drawn = 0
 
     def prime(self) -> None:
         """Pull the first index list now (the sampler draws its seed at that moment)."""
@@ -44,7 +50,8 @@ class _RecordingIterator:
     def _pull(self) -> Any:
         self._started = True
         while self._skip:
-            next(self._inner)  # indices of batches already trained on before a resume
+            skipped = next(self._inner)  # indices of batches already trained on before a resume
+            self._drawn += len(skipped) if self._batched else 1
             self._skip -= 1
         return next(self._inner)
 
@@ -59,6 +66,14 @@ class _RecordingIterator:
         else:
             item = self._pull()
         ids = item if self._batched else [item]
+        if self._limit is not None:
+            own = max(0, min(len(ids), self._limit - self._drawn))
+            self._drawn += len(ids)
+            if own < len(ids):
+                marked = np.asarray(ids, dtype=np.int64).copy()
+                marked[own:] = -1
+                self._pending.append(marked)
+                return item
         # A list of ints (what a BatchSampler yields) is kept - copied, in case a sampler reuses
         # its list - and converted to an array on the engine's transfer thread, not here on every
         # step; anything else (tensors, arrays) is converted now, so that no torch operation runs
@@ -76,6 +91,7 @@ class _RecordingSampler:
         self.batched = batched
         self.pending: deque[Indices] = deque()
         self.skip_next = 0
+        self.limit: int | None = None  # see _RecordingIterator
         self.current: _RecordingIterator | None = None
 
     def __len__(self) -> int:
@@ -85,7 +101,7 @@ class _RecordingSampler:
         self.pending.clear()
         # skip_next is cleared by TrackedLoader.begin, not here: a multi-worker DataLoader
         # iterator calls iter() on its sampler twice while it is created and pulls from the second.
-        self.current = _RecordingIterator(self.inner, self.pending, self.skip_next, self.batched)
+        self.current = _RecordingIterator(self.inner, self.pending, self.skip_next, self.batched, self.limit)
         return self.current
 
 
@@ -253,6 +269,7 @@ class TrackedLoader:
                 next(iterator)
             return ((batch, None) for batch in iterator)
         self._recorder.skip_next = skip
+        self._recorder.limit = real_samples(self.original)
         try:
             iterator = iter(self.loader)
         finally:

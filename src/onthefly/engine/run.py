@@ -56,6 +56,7 @@ from .checks import check_first_step, check_step_shapes, non_finite_error
 from .control import Command, CommandQueue, RunStatus
 from .controller import CommandController, Effect
 from .device import model_device
+from .distributed import distributed_loader, set_epoch, world
 from .evaluate import Evaluator, SampleRows
 from .events import Event, EventBus
 from .loader import TrackedLoader
@@ -70,6 +71,9 @@ __all__ = ["Embed", "Run", "host_lr"]
 # 1.032 and 1.043 in benchmarks/step_overhead.py where 1.0 s read 1.012 and 1.021; 0.25 s had
 # measured ~0.5 % more background CPU than 0.5 s. One update a second keeps the dashboard live.
 FLUSH_SECONDS = 1.0
+
+# A checkpoint as read: the model's tensors and the rest of its state.
+Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 # embed(indices, layer) -> (layer, features): the model's view of training samples, for clustering.
 Embed = Callable[[np.ndarray, "str | None"], "tuple[str, np.ndarray]"]
@@ -128,36 +132,14 @@ class Run:
         # map-style twin of an IterableDataset); None: the training dataset.
         self.export_dataset = export_dataset
 
-        # Found (an archive is imported) and read before the new session's clean-up runs.
-        source = resume_source(resume_from, project=project, run_name=run_name) if resume_from is not None else None
-        if resume_from is not None and source is None:  # "last" with nothing to resume: a fresh start, said
-            print(f"onthefly: resume_from='last': no checkpoint of project {project!r} on this machine yet; "
-                  "training starts from the model as given", file=sys.stderr)
-        checkpoint = read_checkpoint(source.checkpoint) if source is not None else None
-        self._owns_session = session is None
-        if session is None and source is not None and source.session_dir is not None:
-            session = SessionStore.reopen(source.session_dir)  # an archive's session: its curves go on
-        self.session = session or SessionStore(project, keep=[source.checkpoint] if source is not None else [])
-        self.bus = EventBus(seq_source=self.session.next_seq)
-        self.bus.subscribe(self._persist)
-        self.session.overflow_listener = lambda dropped: self.bus.publish(
-            "store_overflow", {"dropped_records": dropped, "reason": "store queue full (disk too slow)"},
-            **self._where())
-        # Per-sample gradient norms (optional): hooks on the model's Linear layers, none when off.
-        self.grad_norms = GradNormTracker(model) if grad_norm else None
-        self.config = {**(config or {}), "grad_norm": self.grad_norms.method if self.grad_norms else None}
-        continued = self._continued_run(source)
-        if continued is not None:  # the checkpoint is where its run stopped: the same run goes on
-            self.run_id = continued
-            self.name = run_name = str((self.session.run_record(continued) or {}).get("name", run_name))
-            self.session.set_run_config(continued, self.config)
+        # Under torchrun: rank 0 owns the session; every other rank records into its own inside it.
+        self.world = world()
+        self.grad_norms: GradNormTracker | None = None
+        if self.world is not None and self.world.rank > 0:
+            source, checkpoint, continued = self._open_rank_session(project, run_name, resume_from, config, grad_norm)
         else:
-            in_session = source is not None and source.session_dir is not None
-            if parent is None and in_session:  # resumed from an earlier checkpoint of its session
-                parent = (source.run_id, source.checkpoint_id)  # type: ignore[union-attr,assignment]
-            self.run_id = self.session.new_run(run_name, config=self.config,
-                                               parent_id=parent[0] if parent else None,
-                                               parent_checkpoint_id=parent[1] if parent else None)
+            source, checkpoint, continued = self._open_session(project, run_name, resume_from, session, config,
+                                                               grad_norm, parent)
 
         self.global_step = 0
         self.epoch = 0
@@ -171,6 +153,8 @@ class Run:
         self.controller = CommandController(self._effects(), can=self._can, on_status=self._status_changed,
                                             publish=lambda kind, payload: self.bus.publish(kind, payload,
                                                                                            **self._where()))
+        if self.world is not None:
+            self.controller.sync = self.world.commands  # one small broadcast per step boundary
         self.sink = TransferSink(self.session, self.bus, lambda: self.batch_in_epoch)
         self.recorder = SampleRecorder(self.device, self.sink)
         self.resume = ResumePoint()
@@ -217,6 +201,88 @@ class Run:
             self.add_close_callback(untap)
         self.bus.publish("run_created", {"name": run_name, "project": project, "session": str(self.session.dir),
                                          "continued": continued is not None}, **self._where())
+
+    # ---- the session -----------------------------------------------------------------------------
+    def _open_session(self, project: str, run_name: str, resume_from: str | Path | None, session: SessionStore | None,
+                      config: Mapping[str, Any] | None, grad_norm: bool, parent: tuple[int, int | None] | None,
+                      ) -> tuple[ResumeSource | None, Checkpoint | None, int | None]:
+        """The session (a new one, the given one, or the one a checkpoint continues) and the run in it."""
+        # Found (an archive is imported) and read before the new session's clean-up runs.
+        source = resume_source(resume_from, project=project, run_name=run_name) if resume_from is not None else None
+        if resume_from is not None and source is None:  # "last" with nothing to resume: a fresh start, said
+            print(f"onthefly: resume_from='last': no checkpoint of project {project!r} on this machine yet; "
+                  "training starts from the model as given", file=sys.stderr)
+        checkpoint = read_checkpoint(source.checkpoint) if source is not None else None
+        self._owns_session = session is None
+        if session is None and source is not None and source.session_dir is not None:
+            session = SessionStore.reopen(source.session_dir)  # an archive's session: its curves go on
+        self.session = session or SessionStore(project, keep=[source.checkpoint] if source is not None else [])
+        self._listen()
+        self._track_grad_norms(grad_norm, config)
+        continued = self._continued_run(source)
+        if continued is not None:  # the checkpoint is where its run stopped: the same run goes on
+            self.run_id = continued
+            self.name = run_name = str((self.session.run_record(continued) or {}).get("name", run_name))
+            self.session.set_run_config(continued, self.config)
+        else:
+            in_session = source is not None and source.session_dir is not None
+            if parent is None and in_session:  # resumed from an earlier checkpoint of its session
+                parent = (source.run_id, source.checkpoint_id)  # type: ignore[union-attr,assignment]
+            self.run_id = self.session.new_run(run_name, config=self.config,
+                                               parent_id=parent[0] if parent else None,
+                                               parent_checkpoint_id=parent[1] if parent else None)
+        if self.world is not None:  # the other ranks follow: this session, this run, this checkpoint
+            step = int(checkpoint[1]["progress"]["global_step"]) if checkpoint is not None else None
+            origin = source.session_dir if source is not None and source.session_dir is not None else self.session.dir
+            self.world.share({"session": str(self.session.dir), "run_id": self.run_id, "name": self.name,
+                              "step": step, "origin": str(origin), "continued": continued is not None})
+        return source, checkpoint, continued
+
+    def _open_rank_session(self, project: str, run_name: str, resume_from: str | Path | None,
+                           config: Mapping[str, Any] | None, grad_norm: bool,
+                           ) -> tuple[ResumeSource | None, Checkpoint | None, int | None]:
+        """Rank R > 0: its session inside rank 0's (``ranks/rank-R``), the run rank 0 trains,
+        and its own checkpoint at the step rank 0 resumes from."""
+        assert self.world is not None
+        shared = self.world.share()
+        rank = self.world.rank
+        folder = Path(shared["session"]) / "ranks" / f"rank-{rank}"
+        source: ResumeSource | None = None
+        checkpoint: Checkpoint | None = None
+        if shared["step"] is not None:
+            mine = Path(shared["origin"]) / "ranks" / f"rank-{rank}" / "checkpoints"
+            found = sorted(mine.glob(f"run-*/*-step-{shared['step']:09d}"))
+            if not found:
+                raise StateError(
+                    f"rank {rank} has no checkpoint at step {shared['step']} in {mine}: every rank saves its own "
+                    "(its RNG and sampler state); resume with the number of ranks the run was saved with")
+            source = ResumeSource(checkpoint=found[-1], session_dir=None, checkpoint_id=None,
+                                  run_id=shared["run_id"], step=shared["step"], next_loss=None)
+            checkpoint = read_checkpoint(found[-1])
+        self._owns_session = True
+        self.session = SessionStore.reopen(folder) if SessionStore.exists(folder) else \
+            SessionStore.for_rank(folder, project)
+        self._listen()
+        self._track_grad_norms(grad_norm, config)
+        self.run_id = int(shared["run_id"])
+        self.name = str(shared["name"])
+        if self.session.run_record(self.run_id) is None:
+            self.session.new_run(self.name, config=self.config, run_id=self.run_id)
+        return source, checkpoint, self.run_id if shared["continued"] else None
+
+    def _listen(self) -> None:
+        self.bus = EventBus(seq_source=self.session.next_seq)
+        self.bus.subscribe(self._persist)
+        self.session.overflow_listener = lambda dropped: self.bus.publish(
+            "store_overflow", {"dropped_records": dropped, "reason": "store queue full (disk too slow)"},
+            **self._where())
+
+    def _track_grad_norms(self, grad_norm: bool, config: Mapping[str, Any] | None) -> None:
+        # Per-sample gradient norms (optional): hooks on the model's Linear layers, none when off.
+        self.grad_norms = GradNormTracker(self.model) if grad_norm else None
+        self.config = {**(config or {}), "grad_norm": self.grad_norms.method if self.grad_norms else None}
+        if self.world is not None:
+            self.config["world_size"] = self.world.size
 
     # ---- what any thread may read or ask -----------------------------------------------------
     @property
@@ -338,8 +404,10 @@ class Run:
         if isinstance(loader, TrackedLoader):
             tracked = loader
         else:
-            tracked = self._trackers.get(id(loader)) or TrackedLoader(loader)
+            tracked = self._trackers.get(id(loader)) or TrackedLoader(
+                loader if self.world is None else distributed_loader(loader, self.world))
             self._trackers[id(loader)] = tracked
+        set_epoch(tracked.original, self.epoch)  # a DistributedSampler's order follows the epoch
         resuming = self.resume.skip
         iterator = self.resume.begin(tracked)  # draws the epoch's order (again, when resuming)
         self.resume.skip = 0
@@ -370,9 +438,22 @@ class Run:
                     return
         finally:
             self._in_batches = False
-        self.recorder.end_epoch()
+        self._end_recorded_epoch()
         if ends_epoch:
             self.end_epoch()
+
+    def _end_recorded_epoch(self) -> None:
+        """The epoch's rows are complete: under torchrun, once every rank has written its own."""
+        if self.world is None:
+            self.recorder.end_epoch()
+            return
+        if self.world.rank > 0:
+            self.recorder.end_epoch()
+            self.recorder.wait_idle()
+            self.session.flush()
+        self.world.sum([0.0])  # rank 0 closes the epoch after every other rank wrote its rows
+        if self.world.rank == 0:
+            self.recorder.end_epoch()
 
     def end_epoch(self) -> None:
         """Say that the epoch's end (validation, scheduler step) is done, for a loop that iterated
@@ -447,7 +528,7 @@ class Run:
             self._last_flush = now
             self.recorder.flush()
             self._check_health()
-        if self.commands.pending:  # a lock-free check
+        if self.commands.pending or self.world is not None:  # a lock-free check; every step under torchrun
             self.controller.apply_pending()
         for callback in self._hooks["on_step_end"]:
             callback.on_step_end(self)
@@ -555,7 +636,14 @@ class Run:
         for an epoch still open). Waits until the epoch's rows have reached the host (the
         transfer thread's work, not the disk's); call it at an epoch end, not every step."""
         self.recorder.wait_idle()
-        return self.sink.epoch_loss(epoch)
+        if self.world is None:
+            return self.sink.epoch_loss(epoch)
+        # Every rank's share of the epoch: the same mean on every rank (their schedulers agree).
+        epoch = self.sink.latest_epoch() if epoch is None else epoch
+        mean = self.sink.epoch_loss(epoch) if epoch is not None else None
+        count = self.sink.epoch_count(epoch) if epoch is not None and mean is not None else 0
+        total, n = self.world.sum([mean * count if mean is not None and count else 0.0, float(count)])
+        return total / n if n else None
 
     def log_metric(self, name: str, value: float, *, step: int | None = None) -> None:
         """Log a scalar of your own (host value) at ``step`` (default: the current step)."""
@@ -577,13 +665,15 @@ class Run:
             **objects,
             **self.resume.state(self._tracked, progress),
             "progress": progress.as_dict(),
+            "world_size": self.world.size if self.world is not None else 1,
             "epoch_loss_sum": {"bins": torch.from_numpy(total.bins.copy()), "count": total.count,
                                "nonfinite": total.nonfinite},
         }
         checkpoint_id, folder = self.session.checkpoint(
             self.run_id, step=self.global_step, epoch=progress.epoch, batch_in_epoch=progress.batch_in_epoch,
             model_tensors=model_tensors, state=state, reason=reason,
-            folder=Path(path) if path is not None else None,
+            # Every rank saves its own (its RNG and sampler state); the others in their sessions.
+            folder=Path(path) if path is not None and (self.world is None or self.world.rank == 0) else None,
         )
         self._checkpoint_at = (self.global_step, checkpoint_id)
         self.last_checkpoint = (self.global_step, folder)
@@ -628,6 +718,13 @@ class Run:
         return Progress(self.epoch, self.batch_in_epoch, self.global_step, self.target_epochs, samples)
 
     def _restore(self, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: ResumeSource) -> None:
+        ranks, size = int(state.get("world_size", 1)), self.world.size if self.world is not None else 1
+        if ranks != size:
+            raise StateError(
+                f"the checkpoint {source.checkpoint} was saved by {ranks} rank(s) and this run has {size}: every "
+                "rank's RNG and sampler share are in it, and they cannot be split again exactly. Resume with "
+                f"torchrun --nproc-per-node {ranks} (or start a new run from its weights: "
+                "model.load_state_dict(safetensors.torch.load_file(folder / 'model.safetensors')))")
         self._objects.load(model_tensors, state, source.checkpoint)
         progress = Progress(**state["progress"])
         self.epoch = progress.epoch

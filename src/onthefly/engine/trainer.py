@@ -29,6 +29,7 @@ from ..store.session import SessionStore
 from .batch import BatchSpec, Field, Fields, ForwardFn, batch_size_of, describe, to_device
 from .callbacks import Callback
 from .device import amp_mode, autocast_dtype, pick_device
+from .distributed import distributed_loader, is_wrapped, unwrapped, world
 from .embed import embeddings
 from .evaluate import Evaluator, Metric
 from .loader import TrackedLoader
@@ -160,6 +161,12 @@ class Trainer:
                                   f"got {name!r}: {metric!r}")
         self.loss = PerSampleLoss(loss_fn)
         self.spec = BatchSpec(inputs, targets, forward_fn)
+        # Under torchrun: each rank its share of every epoch, its own GPU, the model in DDP.
+        self.world = world()
+        if self.world is not None:
+            train_loader = distributed_loader(train_loader, self.world)
+            if device is None and torch.cuda.is_available():
+                device = f"cuda:{self.world.local_rank}"
         # Fail at registration: every loader is checked now, not at the end of the first epoch.
         self.train_loader = TrackedLoader(train_loader, name="train_loader")
         for name, loader in (("val_loader", val_loader), ("test_loader", test_loader)):
@@ -168,7 +175,15 @@ class Trainer:
         self.val_loader = val_loader
         self.test_loader = test_loader
         self.device = pick_device(device)
-        self.model = model.to(self.device)
+        # self.model: the user's module (saved, evaluated, copied); the step trains through
+        # its DistributedDataParallel wrapper under torchrun (the user's own wrapper, or ours).
+        wrapper = model if is_wrapped(model) else None
+        self.model = unwrapped(model).to(self.device)
+        if wrapper is None and self.world is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapper = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                              if self.device.type == "cuda" else None)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
@@ -183,8 +198,11 @@ class Trainer:
         self.non_blocking = train_loader.pin_memory and self.device.type == "cuda"
         self.show_progress = progress
         # Validation and test; with val_samples, every validation's per-sample values too.
+        # Validation and test run whole on every rank (the same figures everywhere); rank 0 records them.
+        rank_zero = self.world is None or self.world.rank == 0
         evaluator = Evaluator(self.model, self.loss, self.spec, self.device, {"val": val_loader, "test": test_loader},
-                              autocast=self._autocast, record=frozenset({"val"} if val_samples else ()),
+                              autocast=self._autocast,
+                              record=frozenset({"val"} if val_samples and rank_zero else ()),
                               metrics=metrics)
         self.run = Run(
             project=project, run_name=run_name, model=self.model, optimizer=optimizer,
@@ -202,7 +220,7 @@ class Trainer:
         )
         self._checked_first_step = False
         self._deferred = False  # decided at the first step (see _small_rows)
-        self.live = StepObjects(self.model, optimizer, scheduler, self.scaler)
+        self.live = StepObjects(wrapper if wrapper is not None else self.model, optimizer, scheduler, self.scaler)
         # The batches trained since (at most) REPLAY_WINDOW batches ago, for the determinism check.
         self.replayable: deque[ReplayedBatch] = deque(maxlen=REPLAY_WINDOW)
         # Live data curation (onthefly.actions.curate): a weight per training sample, on the

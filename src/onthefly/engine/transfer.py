@@ -70,6 +70,7 @@ class TransferSink:
         # in the middle of its epoch).
         self._epoch_sums: dict[int, ExactSum] = {}
         self._epoch_means: dict[int, float] = {}
+        self._epoch_counts: dict[int, int] = {}
         # A uniform sample of the epoch in progress's per-sample losses: live, approximate views.
         self._live: tuple[int, Reservoir] | None = None
         self.nonfinite: tuple[int, int] | None = None  # (step, samples) of the first NaN/inf loss
@@ -98,12 +99,17 @@ class TransferSink:
             self._close_epoch(packet)
 
     def _rows(self, packet: HostPacket) -> None:
-        rows = packet.rows
-        self._session.samples(sample_chunk(packet.run_id, packet.split, packet.epoch, packet.row_steps,
-                                           packet.indices, rows, packet.classification))
+        rows, indices, steps = packet.rows, packet.indices, packet.row_steps
+        if indices.min() < 0:  # a DistributedSampler's padding (index -1): trained, not recorded
+            keep = indices >= 0
+            rows, indices, steps = rows[keep], indices[keep], steps[keep]
+            if not len(indices):
+                return
+        self._session.samples(sample_chunk(packet.run_id, packet.split, packet.epoch, steps,
+                                           indices, rows, packet.classification))
         bad = ~np.isfinite(rows[:, LOSS])
         if bad.any() and self.nonfinite is None:
-            self.nonfinite = (int(packet.row_steps[bad][0]), int(bad.sum()))
+            self.nonfinite = (int(steps[bad][0]), int(bad.sum()))
         if packet.split == "train":
             if self._live is None or self._live[0] != packet.epoch:
                 self._live = (packet.epoch, Reservoir())
@@ -140,6 +146,7 @@ class TransferSink:
         if total is not None and count:
             mean = total.mean()
             self._epoch_means[packet.epoch] = mean
+            self._epoch_counts[packet.epoch] = count
             step = int(self.latest.get("step", 0))
             self._session.metrics([(packet.run_id, "train_loss_epoch", step, packet.epoch, packet.flushed_at, mean)])
             # Announced once the epoch's table is committed: a page that reads it on this event
@@ -166,6 +173,16 @@ class TransferSink:
         if total is not None and total.count:
             return total.mean()
         return self._epoch_means.get(epoch)
+
+    def epoch_count(self, epoch: int) -> int:
+        """How many per-sample losses ``epoch``'s mean is over (so far, if still open)."""
+        total = self._epoch_sums.get(epoch)
+        return total.count if total is not None and total.count else self._epoch_counts.get(epoch, 0)
+
+    def latest_epoch(self) -> int | None:
+        """The newest epoch with losses (open or closed)."""
+        epochs = [*self._epoch_means, *(e for e, total in self._epoch_sums.items() if total.count)]
+        return max(epochs) if epochs else None
 
     def sum_so_far(self, epoch: int) -> ExactSum:
         """The exact sum of the open ``epoch``'s losses so far (a checkpoint carries it)."""

@@ -212,11 +212,19 @@ def write_table(path: Path, table: pa.Table, *, index_filter: bool = False) -> N
 
 
 def part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Path]:
-    runs = [session_dir / "samples" / f"run-{run_id}"] if run_id is not None else sorted(
-        (session_dir / "samples").glob("run-*")
-    )
-    for run_dir in runs:
-        yield from sorted((run_dir / split).glob("epoch-*.parquet"))
+    """A run's parts (every run's with ``run_id=None``), of every rank of a torchrun job (the other
+    ranks' in ``ranks/rank-R/samples``), by epoch."""
+    def of(root: Path) -> Iterator[Path]:
+        runs = [root / "samples" / f"run-{run_id}"] if run_id is not None else sorted((root / "samples").glob("run-*"))
+        for run_dir in runs:
+            yield from sorted((run_dir / split).glob("epoch-*.parquet"))
+
+    ranks = sorted((session_dir / "ranks").glob("rank-*"))
+    if not ranks:
+        yield from of(session_dir)
+        return
+    parts = [p for root in [session_dir, *ranks] for p in of(root)]
+    yield from sorted(parts, key=lambda p: (p.parent.parent.name, epoch_of(p), str(p)))
 
 
 def epoch_of(part: Path) -> int:

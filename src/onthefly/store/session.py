@@ -294,18 +294,7 @@ class SessionStore:
             session_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
             folder = root / session_id
             folder.mkdir()
-            self._take(folder)
-            conn = connect(self.db_path)
-            create_schema(conn)
-            conn.execute(
-                "INSERT INTO session (id, project, created, pid, host, version, schema_version, status)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (session_id, project, time.time(), os.getpid(), socket.gethostname(), __version__,
-                 SCHEMA_VERSION, "running"),
-            )
-            conn.commit()
-            conn.close()
-            (folder / ENVIRONMENT_FILE).write_text(json.dumps(_environment(), indent=1))
+            self._create(folder, project)
             _save_source(folder)
         except OSError as exc:
             raise StoreError(
@@ -318,6 +307,38 @@ class SessionStore:
                   f"{', '.join(r.id for r in self.removed)}. Sessions are working storage: "
                   "`onthefly export` saves one; ONTHEFLY_KEEP_SESSIONS=N keeps the N most recent.",
                   file=sys.stderr)
+
+    def _create(self, folder: Path, project: str) -> None:
+        self._take(folder)
+        conn = connect(self.db_path)
+        create_schema(conn)
+        conn.execute(
+            "INSERT INTO session (id, project, created, pid, host, version, schema_version, status)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (folder.name, project, time.time(), os.getpid(), socket.gethostname(), __version__,
+             SCHEMA_VERSION, "running"),
+        )
+        conn.commit()
+        conn.close()
+        (folder / ENVIRONMENT_FILE).write_text(json.dumps(_environment(), indent=1))
+
+    @classmethod
+    def for_rank(cls, folder: Path, project: str) -> SessionStore:
+        """A new session in ``folder`` for one rank of a torchrun job (``ranks/rank-R`` inside rank
+        0's session): its per-sample rows, events and checkpoints. No clean-up of other sessions."""
+        self = cls.__new__(cls)
+        self.removed = []
+        try:
+            folder.mkdir(parents=True)
+            self._create(folder, project)
+        except OSError as exc:
+            raise StoreError(f"cannot create the rank's session in {folder}: {exc}") from exc
+        self._start(project, next_ids={})
+        return self
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        return (Path(folder) / DB_FILE).is_file()
 
     @classmethod
     def reopen(cls, folder: Path, *, mark_running: bool = True) -> SessionStore:
@@ -390,10 +411,14 @@ class SessionStore:
     # ---- runs -----------------------------------------------------------------------
     def new_run(
         self, name: str, *, config: Mapping[str, Any] | None = None, parent_id: int | None = None,
-        parent_checkpoint_id: int | None = None,
+        parent_checkpoint_id: int | None = None, run_id: int | None = None,
     ) -> int:
+        """A new run (with the next id, or ``run_id``: a rank's record of rank 0's run)."""
         with self._ids_lock:
-            run_id, self._next_run = self._next_run, self._next_run + 1
+            if run_id is None:
+                run_id, self._next_run = self._next_run, self._next_run + 1
+            else:
+                self._next_run = max(self._next_run, run_id + 1)
         self._writer.sql(
             "INSERT INTO runs (id, name, project, parent_id, parent_checkpoint_id, status, created, config)"
             " VALUES (?,?,?,?,?,?,?,?)",

@@ -1,0 +1,198 @@
+"""``torchrun``: one session for every rank, the same commands at the same step on every rank.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is started unless
+the script started it (gloo on the CPU, nccl on CUDA), and a second, gloo group carries On The
+Fly's own messages on the CPU, so that no message waits for the device:
+
+* **the session**: rank 0 owns it and serves the dashboard; every other rank records into a
+  session of its own inside it (``ranks/rank-R``): its per-sample rows (global dataset indices,
+  so every sample of an epoch is recorded once across ranks, by the rank that trained it), its
+  events and its checkpoints (its RNG and sampler state). The session's readers take the rows
+  of every rank.
+* **commands**: rank 0 receives them; at every step boundary it broadcasts one word, the length
+  of the commands it took (0: none), and when there are some, their JSON. Every rank applies
+  them at that boundary: the same step everywhere. That one small collective per step is all On
+  The Fly adds; while paused, the ranks wait in that same broadcast (the group's timeout is long:
+  a pause is not a hang, and a rank that dies breaks the others' wait at once).
+* **epoch ends**: every rank writes its rows before rank 0 closes the epoch (one collective per
+  epoch), and the epoch's mean loss is reduced over the ranks, so that ``ReduceLROnPlateau`` and
+  the summary see the same value on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from ..errors import ConfigError
+from .control import Command
+
+__all__ = ["World", "distributed_loader", "is_wrapped", "real_samples", "set_epoch", "unwrapped", "world"]
+
+# How long a rank waits in On The Fly's broadcast (a pause, a dashboard left open at the end).
+CONTROL_TIMEOUT = timedelta(days=7)
+
+_WORLD: World | None = None
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    backend: str
+    control: Any  # the gloo process group of On The Fly's messages
+
+    # ---- messages ------------------------------------------------------------------------------
+    def share(self, value: Any = None) -> Any:
+        """Rank 0's ``value`` (JSON) on every rank."""
+        data = json.dumps(value).encode() if self.rank == 0 else b""
+        return json.loads(self._bytes(data).decode())
+
+    def _bytes(self, data: bytes) -> bytes:
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.control)
+        return self._payload(data, int(size.item()))
+
+    def _payload(self, data: bytes, size: int) -> bytes:
+        if size == 0:
+            return b""
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 \
+            else torch.empty(size, dtype=torch.uint8)
+        dist.broadcast(buffer, 0, group=self.control)
+        return buffer.numpy().tobytes()
+
+    def commands(self, take: Callable[[], list[Command]]) -> list[Command]:
+        """The commands to apply now, the same on every rank: rank 0 takes them with ``take``
+        (its queue) and sends them; the others receive them. One broadcast when there are none."""
+        data = b""
+        if self.rank == 0:
+            taken = take()
+            if taken:
+                data = json.dumps([{"id": c.id, "kind": c.kind, "args": c.args, "issued": c.issued}
+                                   for c in taken]).encode()
+        received = self._bytes(data)
+        if not received:
+            return []
+        return [Command(c["id"], c["kind"], c["args"], c["issued"]) for c in json.loads(received)]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks (float64, the same bits on every rank)."""
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, group=self.control)
+        return tensor.tolist()
+
+    def weights_agree(self, model: nn.Module) -> tuple[bool, list[str]]:
+        """Every rank's parameters and buffers hashed and compared; (agree, the hash per rank)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            data = tensor.detach().cpu().contiguous()
+            if data.dtype in (torch.bfloat16, torch.float16):
+                data = data.float()
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+        gathered = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(gathered, mine, group=self.control)
+        hashes = [bytes(g.tolist()).hex() for g in gathered]
+        return len(set(hashes)) == 1, hashes
+
+
+def world() -> World | None:
+    """This process's place under ``torchrun`` (the process group started if needed), or None
+    for a single process."""
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or not dist.is_available():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank, str(dist.get_backend()), control)
+    return _WORLD
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """A model already in DistributedDataParallel or FSDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return True
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a build without FSDP
+        return False
+    return isinstance(model, FullyShardedDataParallel) or type(model).__name__.startswith("FSDP")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP / FSDP wrapper (the model itself when not wrapped)."""
+    inner = getattr(model, "module", None) if is_wrapped(model) else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def distributed_loader(loader: DataLoader, where: World) -> DataLoader:
+    """``loader`` with a DistributedSampler (each rank its share of every epoch), unless it has
+    one or batches by a sampler of its own; shuffled when the loader shuffled, with the seed of
+    its generator (the same on every rank: the shares never overlap)."""
+    if isinstance(loader.sampler, DistributedSampler) or isinstance(getattr(loader.batch_sampler, "sampler", None),
+                                                                  DistributedSampler):
+        return loader
+    if loader.batch_size is None or not _default_batching(loader):
+        raise ConfigError(
+            "under torchrun each rank needs its share of the data: this loader batches with a batch_sampler of "
+            "its own; give it a DistributedSampler (torch.utils.data.DistributedSampler) yourself")
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    seed = loader.generator.initial_seed() if loader.generator is not None else 0
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        loader.dataset, num_replicas=where.size, rank=where.rank, shuffle=shuffle, seed=seed,
+        drop_last=loader.drop_last)
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
+        persistent_workers=loader.persistent_workers)
+
+
+def _default_batching(loader: DataLoader) -> bool:
+    from torch.utils.data import BatchSampler
+
+    return type(loader.batch_sampler) is BatchSampler and type(loader.sampler).__name__ in (
+        "RandomSampler", "SequentialSampler")
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """A DistributedSampler's shuffle follows the epoch: told before the epoch's order is drawn."""
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
+
+def real_samples(loader: DataLoader) -> int | None:
+    """How many of this rank's samples per epoch are its own, when its DistributedSampler pads
+    the epoch (repeating the first samples so every rank has as many): the rest are trained, not
+    recorded, so that each sample of an epoch has one row. None: no padding."""
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            n = len(sampler.dataset)  # type: ignore[arg-type]
+            own = len(range(sampler.rank, n, sampler.num_replicas))
+            return own if own < sampler.num_samples else None
+    return None

@@ -1,0 +1,68 @@
+"""A training script run under torchrun by tests/test_ddp.py: quickstart on scikit-learn's digits,
+unchanged from a single-process script, plus what a test asks for through the environment:
+
+* DDP_COMMANDS: JSON {"step": [command, {args}], ...} requested on rank 0 after that step;
+* DDP_EPOCHS, DDP_RESUME ("last" or a checkpoint folder), DDP_CHECKPOINT_AT (a step),
+  DDP_CRASH_RANK / DDP_CRASH_STEP (that rank raises after that step), DDP_COUNT (a file each rank
+  writes its count of On The Fly's collectives per step into), DDP_SEED."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import onthefly
+
+RANK = int(os.environ["RANK"])
+
+
+class Plan(onthefly.Callback):
+    def __init__(self) -> None:
+        self.commands = {int(k): v for k, v in json.loads(os.environ.get("DDP_COMMANDS", "{}")).items()}
+        self.checkpoint_at = int(os.environ.get("DDP_CHECKPOINT_AT", "0"))
+        self.crash = (int(os.environ.get("DDP_CRASH_RANK", "-1")), int(os.environ.get("DDP_CRASH_STEP", "0")))
+
+    def on_step_end(self, run: onthefly.Run) -> None:
+        step = run.global_step
+        if RANK == 0 and step in self.commands:
+            kind, args = self.commands[step]
+            run.request(kind, **args)
+        if step == self.checkpoint_at:
+            run.save_checkpoint()
+        if RANK == self.crash[0] and step == self.crash[1]:
+            raise RuntimeError(f"planted crash on rank {RANK} at step {step}")
+
+
+def main() -> int:
+    torch.manual_seed(int(os.environ.get("DDP_SEED", "0")))
+    data = load_digits()
+    x = torch.tensor(data.data[:1001] / 16.0, dtype=torch.float32)  # 1001: the shares are uneven
+    y = torch.tensor(data.target[:1001], dtype=torch.long)
+    val = TensorDataset(torch.tensor(data.data[1200:1400] / 16.0, dtype=torch.float32),
+                        torch.tensor(data.target[1200:1400], dtype=torch.long))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    summary = onthefly.quickstart(
+        project="ddp", run_name="ddp", model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+        train_loader=DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
+                                generator=torch.Generator().manual_seed(0)),
+        val_loader=DataLoader(val, batch_size=100), max_epochs=int(os.environ.get("DDP_EPOCHS", "2")),
+        dashboard=RANK == 0 and os.environ.get("DDP_DASHBOARD") == "1", progress=False, callbacks=[Plan()],
+        resume_from=os.environ.get("DDP_RESUME") or None, autofork="off")
+    weights = {k: v.tolist() for k, v in model.state_dict().items()}
+    out = os.environ.get("DDP_OUT")
+    if out:
+        with open(f"{out}.rank{RANK}.json", "w") as f:
+            json.dump({"summary": {"status": summary.status, "steps": summary.steps, "train_loss": summary.train_loss,
+                                   "session": str(summary.session_dir)}, "weights": weights}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
