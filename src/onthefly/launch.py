@@ -89,9 +89,12 @@ class _Dashboard:
 
 
 def _resume_from_env(options: dict[str, Any]) -> None:
-    """`onthefly run SCRIPT --resume FILE.otf` says where to resume through ONTHEFLY_RESUME_FROM."""
+    """`onthefly run SCRIPT --resume FILE.otf` says where to resume through ONTHEFLY_RESUME_FROM; a job
+    torchrun restarts resumes from its last checkpoint."""
     if options.get("resume_from") is None and os.environ.get("ONTHEFLY_RESUME_FROM"):
         options["resume_from"] = os.environ["ONTHEFLY_RESUME_FROM"]
+    if options.get("resume_from") is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        options["resume_from"] = "last"  # torchrun restarted the job (--max-restarts): on from its last checkpoint
 
 
 def quickstart(

@@ -1,9 +1,11 @@
 """A training script run under torchrun by tests/test_ddp.py: quickstart on scikit-learn's digits,
 unchanged from a single-process script, plus what a test asks for through the environment:
 
-* DDP_COMMANDS: JSON {"step": [command, {args}], ...} requested on rank 0 after that step;
+* DDP_COMMANDS: JSON {"step": [command, {args}], ...} requested on rank 0 after that step ("pause"
+  is answered by a "resume" from another thread once the run is paused);
 * DDP_EPOCHS, DDP_RESUME ("last" or a checkpoint folder), DDP_CHECKPOINT_AT (a step),
-  DDP_CRASH_RANK / DDP_CRASH_STEP (that rank raises after that step), DDP_COUNT (a file each rank
+  DDP_CRASH_RANK / DDP_CRASH_STEP (that rank raises after that step), DDP_NUDGE_STEP (rank 1 alone
+  changes a weight after that step), DDP_COUNT (a file each rank
   writes its count of On The Fly's collectives per step into), DDP_SEED."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 
 import torch
 from sklearn.datasets import load_digits
@@ -20,6 +23,29 @@ from torch.utils.data import DataLoader, TensorDataset
 import onthefly
 
 RANK = int(os.environ["RANK"])
+COLLECTIVES = [0]  # calls of torch.distributed's Python collectives (On The Fly's; DDP's own run in C++)
+
+
+def count_collectives() -> None:
+    import torch.distributed as dist
+
+    for name in ("broadcast", "all_reduce", "all_gather", "broadcast_object_list", "all_gather_object", "barrier",
+                 "reduce", "gather", "scatter"):
+        original = getattr(dist, name)
+
+        def counted(*args: object, _original: object = original, **kwargs: object) -> object:
+            COLLECTIVES[0] += 1
+            return _original(*args, **kwargs)  # type: ignore[operator]
+
+        setattr(dist, name, counted)
+
+
+def resume_once_paused(run: onthefly.Run) -> None:
+    import time
+
+    while run.status != "paused":  # the pause takes effect at the next step boundary
+        time.sleep(0.01)
+    run.request("resume")
 
 
 class Plan(onthefly.Callback):
@@ -27,19 +53,36 @@ class Plan(onthefly.Callback):
         self.commands = {int(k): v for k, v in json.loads(os.environ.get("DDP_COMMANDS", "{}")).items()}
         self.checkpoint_at = int(os.environ.get("DDP_CHECKPOINT_AT", "0"))
         self.crash = (int(os.environ.get("DDP_CRASH_RANK", "-1")), int(os.environ.get("DDP_CRASH_STEP", "0")))
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            self.crash = (-1, 0)  # the planted crash happens once, before torchrun's restart
+        self.counts: list[int] | None = [] if os.environ.get("DDP_COUNT") else None
+
+    def on_fit_end(self, run: onthefly.Run) -> None:
+        if self.counts is not None:
+            with open(f"{os.environ['DDP_COUNT']}.rank{RANK}.json", "w") as f:
+                json.dump(self.counts, f)
 
     def on_step_end(self, run: onthefly.Run) -> None:
         step = run.global_step
         if RANK == 0 and step in self.commands:
             kind, args = self.commands[step]
             run.request(kind, **args)
+            if kind == "pause":
+                threading.Thread(target=resume_once_paused, args=(run,), daemon=True).start()
+        if self.counts is not None:
+            self.counts.append(COLLECTIVES[0])
         if step == self.checkpoint_at:
             run.save_checkpoint()
+        if RANK == 1 and step == int(os.environ.get("DDP_NUDGE_STEP", "0")):
+            with torch.no_grad():  # the planted bug: rank 1 alone changes a weight
+                next(iter(run._objects.model.parameters()))[0, 1] += 1e-3
         if RANK == self.crash[0] and step == self.crash[1]:
             raise RuntimeError(f"planted crash on rank {RANK} at step {step}")
 
 
 def main() -> int:
+    if os.environ.get("DDP_COUNT"):
+        count_collectives()
     torch.manual_seed(int(os.environ.get("DDP_SEED", "0")))
     data = load_digits()
     x = torch.tensor(data.data[:1001] / 16.0, dtype=torch.float32)  # 1001: the shares are uneven

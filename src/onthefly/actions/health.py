@@ -364,6 +364,15 @@ def _numerics(probe: _Probe) -> list[dict[str, Any]]:
         cards.append(card("nonfinite_weights", "numerics", "error", f"non-finite values in {len(bad)} weight(s)",
                           "resume from the last checkpoint before it happened with a lower learning rate or gradient "
                           "clipping; find the step with the loss curve", tensors=bad[:20]))
+    where = probe.run.world
+    if where is not None:  # under torchrun: the same weights on every rank (DDP keeps them so, if nothing else writes)
+        agree, hashes = where.weights_agree(probe.model)
+        if not agree:
+            cards.append(card("ranks_differ", "numerics", "error",
+                              f"the ranks' weights differ ({len(set(hashes))} different hashes over {len(hashes)} ranks)",
+                              "something changes the weights on one rank only (a rank-dependent branch in the model or a "
+                              "callback, a parameter outside DDP): resume every rank from the last checkpoint",
+                              hashes=hashes))
     scaler = probe.scaler
     if scaler is not None and scaler.is_enabled():
         scale = float(scaler.get_scale())

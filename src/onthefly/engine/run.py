@@ -737,6 +737,12 @@ class Run:
                                                             saved["nonfinite"]))
         self.resume.restore(state, progress)
         self.last_checkpoint = (progress.global_step, Path(source.checkpoint))
+        if self.world is not None:  # every rank resumed from its own checkpoint: the same weights?
+            agree, hashes = self.world.weights_agree(self.model)
+            if not agree:
+                raise StateError(f"the ranks resumed with different weights (hashes {hashes}): their checkpoints at "
+                                 f"step {progress.global_step} do not belong together")
+            self.bus.publish("ranks_in_sync", {"ranks": self.world.size, "hash": hashes[0]}, **self._where())
         if source.checkpoint_id is not None and source.session_dir is not None:
             self._checkpoint_at = (progress.global_step, source.checkpoint_id)  # its own session holds it
         self.bus.publish("resumed_from_checkpoint", {"path": str(source.checkpoint), "checkpoint_id": source.checkpoint_id,

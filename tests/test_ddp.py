@@ -1,0 +1,201 @@
+"""torchrun: 2-rank gloo jobs on the CPU running tests/ddp/train.py (quickstart, unchanged from a
+single-process script) and tests/ddp/custom.py (a loop of its own). Each job takes ~10 s."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import onthefly
+
+HERE = Path(__file__).parent / "ddp"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+STEPS_PER_EPOCH = 16  # 1001 samples over 2 ranks: 501 each (one repeated by the sampler's padding), batches of 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(tmp: Path, script: str = "train.py", *, nodes: int = 1, args: tuple[str, ...] = (),
+             check: bool = True, **env: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` on 2 ranks; env values are given as DDP_<NAME> (JSON for non-strings)."""
+    environ = {**os.environ, "ONTHEFLY_HOME": str(tmp / "home"), "DDP_OUT": str(tmp / "out"),
+               "OMP_NUM_THREADS": "1", "ONTHEFLY_DASHBOARD": "0"}
+    environ.update({f"DDP_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in env.items()})
+    if nodes == 1:
+        commands = [[*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args, str(HERE / script)]]
+    else:  # two "nodes" on localhost, one rank each, meeting at a rendezvous endpoint
+        endpoint = f"127.0.0.1:{free_port()}"
+        commands = [[*TORCHRUN, "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1", "--rdzv-backend",
+                     "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "onthefly-test", *args, str(HERE / script)]
+                    for n in range(2)]
+    processes = [subprocess.Popen(c, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in commands]
+    outputs = [p.communicate(timeout=240)[0] for p in processes]
+    result = subprocess.CompletedProcess(commands[0], max(p.returncode for p in processes), "\n".join(outputs))
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:]
+    return result
+
+
+def outputs(tmp: Path) -> list[dict[str, Any]]:
+    return [json.loads((tmp / f"out.rank{r}.json").read_text()) for r in range(2)]
+
+
+def sessions(tmp: Path) -> tuple[Any, Any]:
+    (folder,) = (tmp / "home" / "sessions").iterdir()
+    return onthefly.open_session(folder), onthefly.open_session(folder / "ranks" / "rank-1")
+
+
+def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(tmp_path: Path) -> None:
+    result = torchrun(tmp_path, epochs="2")
+    first, second = outputs(tmp_path)
+    assert first["summary"]["steps"] == second["summary"]["steps"] == 2 * STEPS_PER_EPOCH
+    assert first["summary"]["train_loss"] == second["summary"]["train_loss"]  # the epoch mean over both ranks
+    assert first["weights"] == second["weights"]
+    main, rank1 = sessions(tmp_path)
+    rows = main.samples(1).to_pandas()
+    for epoch in (0, 1):
+        indices = rows[rows.epoch == epoch]["index"]
+        assert len(indices) == 1001 and indices.nunique() == 1001  # once each, by the rank that trained it
+    assert main.complete_epochs(1) == [0, 1]
+    config = main.runs()[0]["config"]
+    assert (json.loads(config) if isinstance(config, str) else config)["world_size"] == 2
+    assert rank1.samples(1).num_rows > 0 and rank1.samples(1).num_rows < 1001 * 2  # its own share, in its folder
+    assert "Traceback" not in result.stdout
+
+
+def test_only_rank_zero_serves_the_dashboard(tmp_path: Path) -> None:
+    result = torchrun(tmp_path, epochs="1", dashboard="1")
+    lines = [line for line in result.stdout.splitlines() if "On The Fly dashboard: http://127.0.0.1:" in line]
+    assert len(lines) == 1, result.stdout[-3000:]
+
+
+COMMANDS = {"5": ["set_lr", {"lr": 0.01}], "8": ["pause", {}], "12": ["checkpoint", {}],
+            "20": ["train_more", {"epochs": 1}], "40": ["stop", {}]}
+
+
+def test_commands_apply_at_the_same_step_on_every_rank_with_one_collective_a_step(tmp_path: Path) -> None:
+    torchrun(tmp_path, commands=COMMANDS, count=str(tmp_path / "count"))
+    main, rank1 = sessions(tmp_path)
+
+    def applied(reader: Any) -> list[tuple[str, int]]:
+        return [(e["payload"]["command"], e["step"]) for e in reader.events(1, kind="command_applied")]
+
+    expected = [("set_lr", 6), ("pause", 9), ("resume", 9), ("checkpoint", 13), ("train_more", 21), ("stop", 41)]
+    assert applied(main) == applied(rank1) == expected
+    statuses = [e["payload"]["status"] for e in rank1.events(1, kind="status")]
+    assert statuses[:3] == ["running", "paused", "running"] and statuses[-1] == "stopped"
+    first, second = outputs(tmp_path)
+    assert first["summary"]["status"] == second["summary"]["status"] == "stopped"
+    assert first["summary"]["steps"] == 41 and first["weights"] == second["weights"]
+    # The collective budget: On The Fly's Python collectives between one step's end and the next.
+    counts = [json.loads((tmp_path / f"count.rank{r}.json").read_text()) for r in range(2)]
+    assert counts[0] == counts[1]
+    # counts[j]: the total after step j + 1; the collectives of step j + 2 are counts[j + 1] - counts[j].
+    per_step = {j + 2: now - before for j, (before, now) in enumerate(zip(counts[0][:-1], counts[0][1:], strict=True))}
+    around_commands = {step for _, step in expected} | {step + 1 for _, step in expected}
+    epoch_starts = {e * STEPS_PER_EPOCH + 1 for e in range(1, 4)}
+    quiet = {s: n for s, n in per_step.items() if s not in around_commands | epoch_starts}
+    assert len(quiet) > 20 and set(quiet.values()) == {1}, per_step
+
+
+def test_a_health_check_up_finds_ranks_whose_weights_differ(tmp_path: Path) -> None:
+    torchrun(tmp_path, epochs="1", nudge_step="6", commands={"3": ["health_check", {}], "8": ["health_check", {}]})
+    for reader in sessions(tmp_path):
+        before, after = reader.events(1, kind="health")
+        assert "ranks_differ" not in {c["check"] for c in before["payload"]["cards"]}
+        (found,) = [c for c in after["payload"]["cards"] if c["check"] == "ranks_differ"]
+        assert found["severity"] == "error" and len(set(found["evidence"]["hashes"])) == 2
+
+
+def test_a_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path: Path) -> None:
+    torchrun(tmp_path / "whole", epochs="2")
+    torchrun(tmp_path / "parts", epochs="2", commands={"24": ["stop", {}]})  # stops at step 25, mid-epoch
+    torchrun(tmp_path / "parts", epochs="2", resume="last")
+    whole, parts = outputs(tmp_path / "whole"), outputs(tmp_path / "parts")
+    assert parts[0]["summary"]["steps"] == 2 * STEPS_PER_EPOCH
+    assert parts[0]["weights"] == parts[1]["weights"] == whole[0]["weights"]
+    main, rank1 = sessions(tmp_path / "parts")
+    (synced,) = main.events(kind="ranks_in_sync")  # checked after the resume
+    assert synced["payload"]["ranks"] == 2 and synced["step"] == 25
+    assert [e["step"] for e in rank1.events(kind="resumed_from_checkpoint")] == [25]
+
+
+def test_a_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
+    torchrun(tmp_path, epochs="1", commands={"10": ["stop", {}]})
+    environ = {**os.environ, "ONTHEFLY_HOME": str(tmp_path / "home"), "RANK": "0", "WORLD_SIZE": "1",
+               "DDP_RESUME": "last", "ONTHEFLY_DASHBOARD": "0"}
+    single = subprocess.run([sys.executable, str(HERE / "train.py")], env=environ, capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode != 0
+    assert "saved by 2 rank(s) and this run has 1" in single.stderr and "--nproc-per-node 2" in single.stderr
+
+
+def test_a_crashing_rank_ends_the_job_within_seconds_naming_it(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = torchrun(tmp_path, check=False, crash_rank="1", crash_step="5", epochs="3")
+    took = time.monotonic() - started
+    assert result.returncode != 0
+    assert "planted crash on rank 1 at step 5" in result.stdout
+    assert "local_rank: 1" in result.stdout or "rank: 1" in result.stdout
+    assert took < 60, f"the job took {took:.0f} s to end after a rank crashed"
+
+
+def test_a_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    torchrun(tmp_path / "whole", epochs="2")
+    restarted = torchrun(tmp_path / "crash", epochs="2", checkpoint_at="18", crash_rank="1", crash_step="21",
+                         args=("--max-restarts", "1"))
+    assert "planted crash on rank 1 at step 21" in restarted.stdout
+    assert outputs(tmp_path / "crash")[0]["weights"] == outputs(tmp_path / "whole")[0]["weights"]
+    main, _ = sessions(tmp_path / "crash")
+    resumed = main.events(kind="resumed_from_checkpoint")
+    assert [e["step"] for e in resumed] == [18]
+
+
+def test_two_nodes_on_localhost_train_like_one(tmp_path: Path) -> None:
+    torchrun(tmp_path / "one", epochs="1")
+    torchrun(tmp_path / "two", nodes=2, epochs="1")
+    assert outputs(tmp_path / "two")[0]["weights"] == outputs(tmp_path / "one")[0]["weights"]
+    main, _ = sessions(tmp_path / "two")
+    assert main.samples(1).to_pandas()["index"].nunique() == 1001
+
+
+def test_a_loop_of_its_own_with_its_ddp_model_records_every_sample_once(tmp_path: Path) -> None:
+    torchrun(tmp_path, "custom.py")
+    main, _ = sessions(tmp_path)
+    rows = main.samples(1).to_pandas()
+    assert [len(rows[rows.epoch == e]) for e in (0, 1)] == [600, 600]
+    assert rows.groupby("epoch")["index"].nunique().tolist() == [600, 600]
+
+
+def test_a_loop_of_its_own_with_an_unwrapped_model_is_told_to_wrap_it(tmp_path: Path) -> None:
+    result = torchrun(tmp_path, "custom.py", check=False, unwrapped="1")
+    assert result.returncode != 0
+    assert "DistributedDataParallel(model)" in result.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="a torch build without torch.distributed")
+def test_the_shares_of_a_padded_epoch_are_recorded_once() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from onthefly.engine.distributed import real_samples
+
+    class Loader:  # what real_samples reads of a DataLoader
+        def __init__(self, rank: int) -> None:
+            self.sampler = DistributedSampler(range(1001), num_replicas=2, rank=rank, shuffle=False)
+            self.batch_sampler = None
+
+    assert [real_samples(Loader(r)) for r in range(2)] == [None, 500]  # rank 1's 501st sample is padding
