@@ -94,13 +94,14 @@ def test_commands_apply_at_the_same_step_on_every_rank_with_one_collective_a_ste
     def applied(reader: Any) -> list[tuple[str, int]]:
         return [(e["payload"]["command"], e["step"]) for e in reader.events(1, kind="command_applied")]
 
-    expected = [("set_lr", 6), ("pause", 9), ("resume", 9), ("checkpoint", 13), ("train_more", 21), ("stop", 41)]
+    # Requested after step S on rank 0, taken at its boundary, applied at the next one (S + 2) everywhere.
+    expected = [("set_lr", 7), ("pause", 10), ("resume", 10), ("checkpoint", 14), ("train_more", 22), ("stop", 42)]
     assert applied(main) == applied(rank1) == expected
     statuses = [e["payload"]["status"] for e in rank1.events(1, kind="status")]
     assert statuses[:3] == ["running", "paused", "running"] and statuses[-1] == "stopped"
     first, second = outputs(tmp_path)
     assert first["summary"]["status"] == second["summary"]["status"] == "stopped"
-    assert first["summary"]["steps"] == 41 and first["weights"] == second["weights"]
+    assert first["summary"]["steps"] == 42 and first["weights"] == second["weights"]
     # The collective budget: On The Fly's Python collectives between one step's end and the next.
     counts = [json.loads((tmp_path / f"count.rank{r}.json").read_text()) for r in range(2)]
     assert counts[0] == counts[1]
@@ -123,15 +124,15 @@ def test_a_health_check_up_finds_ranks_whose_weights_differ(tmp_path: Path) -> N
 
 def test_a_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path: Path) -> None:
     torchrun(tmp_path / "whole", epochs="2")
-    torchrun(tmp_path / "parts", epochs="2", commands={"24": ["stop", {}]})  # stops at step 25, mid-epoch
+    torchrun(tmp_path / "parts", epochs="2", commands={"24": ["stop", {}]})  # stops at step 26, mid-epoch
     torchrun(tmp_path / "parts", epochs="2", resume="last")
     whole, parts = outputs(tmp_path / "whole"), outputs(tmp_path / "parts")
     assert parts[0]["summary"]["steps"] == 2 * STEPS_PER_EPOCH
     assert parts[0]["weights"] == parts[1]["weights"] == whole[0]["weights"]
     main, rank1 = sessions(tmp_path / "parts")
     (synced,) = main.events(kind="ranks_in_sync")  # checked after the resume
-    assert synced["payload"]["ranks"] == 2 and synced["step"] == 25
-    assert [e["step"] for e in rank1.events(kind="resumed_from_checkpoint")] == [25]
+    assert synced["payload"]["ranks"] == 2 and synced["step"] == 26
+    assert [e["step"] for e in rank1.events(kind="resumed_from_checkpoint")] == [26]
 
 
 def test_a_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:

@@ -64,8 +64,8 @@ class CommandController:
         self.status = RunStatus.CREATED
         self.stopping = False
         self.closed = False
-        # Under torchrun: sync(take) -> the commands every rank applies (engine.distributed).
-        self.sync: Callable[[Callable[[], list[Command]]], list[Command]] | None = None
+        # Under torchrun: sync(take, wait) -> the commands every rank applies (engine.distributed).
+        self.sync: Callable[[Callable[[], list[Command]], bool], list[Command]] | None = None
 
     # ---- any thread ------------------------------------------------------------------------
     def request(self, kind: str, **args: Any) -> Command:
@@ -131,7 +131,7 @@ class CommandController:
         """The commands to apply now: the queue's (waiting for one with ``wait``), or under
         torchrun the ones rank 0 took from its queue, the same on every rank (``sync``)."""
         take = self.queue.wait if wait else self.queue.drain
-        return take() if self.sync is None else self.sync(take)
+        return take() if self.sync is None else self.sync(take, wait)
 
     def apply_pending(self) -> None:
         """Apply queued commands; while paused, wait here for more."""

@@ -10,10 +10,11 @@ Fly's own messages on the CPU, so that no message waits for the device:
   events and its checkpoints (its RNG and sampler state). The session's readers take the rows
   of every rank.
 * **commands**: rank 0 receives them; at every step boundary it broadcasts one word, the length
-  of the commands it took (0: none), and when there are some, their JSON. Every rank applies
-  them at that boundary: the same step everywhere. That one small collective per step is all On
-  The Fly adds; while paused, the ranks wait in that same broadcast (the group's timeout is long:
-  a pause is not a hang, and a rank that dies breaks the others' wait at once).
+  of the commands it took (0: none), without waiting for it to arrive, and when there are some,
+  their JSON at the next boundary, where every rank applies them: the same step everywhere. That
+  one small collective per step, its latency hidden behind the next step, is all On The Fly
+  adds; while paused, the ranks wait in a broadcast (the group's timeout is long: a pause is not
+  a hang, and a rank that dies breaks the others' wait at once).
 * **epoch ends**: every rank writes its rows before rank 0 closes the epoch (one collective per
   epoch), and the epoch's mean loss is reduced over the ranks, so that ``ReduceLROnPlateau`` and
   the summary see the same value on every rank.
@@ -52,6 +53,8 @@ class World:
     local_rank: int
     backend: str
     control: Any  # the gloo process group of On The Fly's messages
+    # The command word sent at the last step boundary, not yet received: (work, word, payload).
+    _in_flight: tuple[Any, torch.Tensor, bytes] | None = None
 
     # ---- messages ------------------------------------------------------------------------------
     def share(self, value: Any = None) -> Any:
@@ -72,19 +75,42 @@ class World:
         dist.broadcast(buffer, 0, group=self.control)
         return buffer.numpy().tobytes()
 
-    def commands(self, take: Callable[[], list[Command]]) -> list[Command]:
-        """The commands to apply now, the same on every rank: rank 0 takes them with ``take``
-        (its queue) and sends them; the others receive them. One broadcast when there are none."""
-        data = b""
-        if self.rank == 0:
-            taken = take()
-            if taken:
-                data = json.dumps([{"id": c.id, "kind": c.kind, "args": c.args, "issued": c.issued}
-                                   for c in taken]).encode()
-        received = self._bytes(data)
-        if not received:
+    def commands(self, take: Callable[[], list[Command]], wait: bool = False) -> list[Command]:
+        """The commands every rank applies now, the same on every rank; rank 0 takes them from
+        its queue with ``take``. Without ``wait`` (a step boundary) the exchange is pipelined: the
+        word rank 0 sent at the previous boundary (how many bytes of commands follow, 0: none) is
+        received now - long arrived, so nothing waits - and the commands it announced are applied
+        now, on every rank; then the next word is sent without waiting. A command so takes effect
+        at the boundary after the one where rank 0 took it: a (command, next step) pair. With
+        ``wait`` (paused, idle), the word in flight is received first, then rank 0 waits for
+        commands and sends them."""
+        held = self._receive_pending()
+        if held or wait:
+            if held:
+                return held
+            return self._exchange(take() if self.rank == 0 else [])
+        self._post(take() if self.rank == 0 else [])
+        return []
+
+    def finish(self) -> None:
+        """The word in flight received (its commands dropped: the run is ending)."""
+        self._receive_pending()
+
+    def _post(self, commands: list[Command]) -> None:
+        data = _encode(commands) if self.rank == 0 else b""
+        word = torch.tensor([len(data)], dtype=torch.int64)
+        self._in_flight = (dist.broadcast(word, 0, group=self.control, async_op=True), word, data)
+
+    def _receive_pending(self) -> list[Command]:
+        if self._in_flight is None:
             return []
-        return [Command(c["id"], c["kind"], c["args"], c["issued"]) for c in json.loads(received)]
+        work, word, data = self._in_flight
+        self._in_flight = None
+        work.wait()
+        return _decode(self._payload(data, int(word.item())))
+
+    def _exchange(self, commands: list[Command]) -> list[Command]:
+        return _decode(self._bytes(_encode(commands) if self.rank == 0 else b""))
 
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks (float64, the same bits on every rank)."""
@@ -106,6 +132,16 @@ class World:
         dist.all_gather(gathered, mine, group=self.control)
         hashes = [bytes(g.tolist()).hex() for g in gathered]
         return len(set(hashes)) == 1, hashes
+
+
+def _encode(commands: list[Command]) -> bytes:
+    if not commands:
+        return b""
+    return json.dumps([{"id": c.id, "kind": c.kind, "args": c.args, "issued": c.issued} for c in commands]).encode()
+
+
+def _decode(data: bytes) -> list[Command]:
+    return [Command(c["id"], c["kind"], c["args"], c["issued"]) for c in json.loads(data)] if data else []
 
 
 def world() -> World | None:

@@ -822,6 +822,9 @@ class Run:
             return
         self._closed = True
         self.controller.closed = True
+        if self.world is not None and error is None:
+            with contextlib.suppress(Exception):
+                self.world.finish()  # the command word of the last step, received on every rank
         for closing in self._on_closing:
             with contextlib.suppress(Exception):
                 closing()
