@@ -98,7 +98,14 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
     trainer.forks = getattr(trainer, "forks", {})  # run id -> the child's model, kept for comparisons
     trainer.merge_previews = getattr(trainer, "merge_previews", {})  # plan id -> the previewed candidate
 
+    def single_process(what: str) -> None:
+        if run.world is not None:
+            raise StateError(f"{what} trains child runs in one process; under torchrun (world size "
+                             f"{run.world.size}) it is not carried out yet: save a checkpoint, export the session "
+                             "(onthefly export) and carry the card out from a single-process run resumed from it")
+
     def execute(args: dict[str, Any]) -> dict[str, Any]:
+        single_process("a plan card")
         plan_id = int(args["plan_id"])
         reader = SessionReader(run.session.dir)
         plan = reader.plan(plan_id)
@@ -148,6 +155,7 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
         return {"comparison": comparison_id}
 
     def preview(args: dict[str, Any]) -> dict[str, Any]:
+        single_process("a merge preview")
         plan = SessionReader(run.session.dir).plan(int(args["plan_id"]))
         require_proposed(plan, "previewed")
         status = run.controller.status
