@@ -13,6 +13,7 @@ epoch, median over epochs and rounds; printed: both, and their ratio (target <= 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -64,7 +65,7 @@ def plain(dataset: TensorDataset, epochs: int, device: torch.device) -> list[flo
         if device.type == "cuda":
             torch.cuda.synchronize()
         ends.append(time.perf_counter())
-    return [b - a for a, b in zip(ends[1:-1], ends[2:], strict=True)]  # epochs after the first
+    return [b - a for a, b in itertools.pairwise(ends[1:])]  # epochs after the first
 
 
 def onthefly_run(dataset: TensorDataset, epochs: int, device: torch.device) -> list[float]:
@@ -86,7 +87,7 @@ def onthefly_run(dataset: TensorDataset, epochs: int, device: torch.device) -> l
                                loss_fn=nn.CrossEntropyLoss(), train_loader=loader(dataset), project="bench-ddp",
                                run_name="otf", progress=False, callbacks=[Clock()], device=device)
     trainer.fit(epochs)
-    return [b - a for a, b in zip(ends[1:-1], ends[2:], strict=True)]
+    return [b - a for a, b in itertools.pairwise(ends[1:])]
 
 
 def worker(rounds: int, epochs: int) -> None:
