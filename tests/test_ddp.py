@@ -75,6 +75,13 @@ def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(tmp_path: P
     assert (json.loads(config) if isinstance(config, str) else config)["world_size"] == 2
     assert rank1.samples(1).num_rows > 0 and rank1.samples(1).num_rows < 1001 * 2  # its own share, in its folder
     assert "Traceback" not in result.stdout
+    # Exported and imported elsewhere: every rank's rows and checkpoints go with it.
+    from onthefly.store.archive import export_session, import_session
+
+    export_session(main.dir, tmp_path / "job.otf")
+    copy = onthefly.open_session(import_session(tmp_path / "job.otf", home=tmp_path / "elsewhere"))
+    assert copy.samples(1).to_pandas().groupby("epoch")["index"].nunique().tolist() == [1001, 1001]
+    assert any((copy.dir / "ranks" / "rank-1" / "checkpoints").rglob("state.pt"))
 
 
 def test_only_rank_zero_serves_the_dashboard(tmp_path: Path) -> None:

@@ -81,6 +81,10 @@ class ExportResult:
     final_checkpoint: dict[str, Any] | None  # the final model's registry row (None: no checkpoint)
 
 
+# Inside a torchrun job's session: the other ranks' sessions (their rows, events, checkpoints).
+RANKS_DIR = "ranks"
+
+
 def is_archive(path: str | Path) -> bool:
     """True for a file that names itself an On The Fly archive (``.otf``) or is a tar."""
     p = Path(path)
@@ -104,6 +108,15 @@ def export_session(session: str | Path | SessionReader, out: str | Path) -> Expo
         snapshot = scratch / DB_FILE
         _snapshot_db(reader.db_path, snapshot)
         members, final, tested = _members(reader.dir, snapshot)
+        for rank in sorted((reader.dir / RANKS_DIR).glob("rank-*")):  # a torchrun job's other ranks
+            if not (rank / DB_FILE).is_file():
+                continue
+            rank_snapshot = scratch / RANKS_DIR / rank.name / DB_FILE
+            rank_snapshot.parent.mkdir(parents=True)
+            _snapshot_db(rank / DB_FILE, rank_snapshot)
+            inner, _, _ = _members(rank, rank_snapshot)
+            members.update({f"{ROOT}/{RANKS_DIR}/{rank.name}/{name.removeprefix(ROOT + '/')}": source
+                            for name, source in inner.items()})
         sizes = {name: src.stat().st_size for name, src in members.items()}
         info = SessionReader(scratch).info()
         entries = {name: {"size": sizes[name], "sha256": "0" * 64} for name in members}
@@ -535,7 +548,6 @@ def _extract(archive: Path, target: Path) -> dict[str, Any]:
 
 def _check_session(folder: Path, manifest: dict[str, Any], archive: Path) -> None:
     """The contents are what they claim: a sound database of this session, tensors-only checkpoints."""
-    import torch.serialization
 
     db = folder / DB_FILE
     try:
@@ -552,6 +564,26 @@ def _check_session(folder: Path, manifest: dict[str, Any], archive: Path) -> Non
         raise _bad(archive, f"its database fails SQLite's integrity check ({check})")
     if row is None or row[0] != manifest["session"]["id"]:
         raise _bad(archive, "its database belongs to another session than the manifest names")
+    _check_checkpoints(folder, paths, archive)
+    for rank in sorted((folder / RANKS_DIR).glob("rank-*")):  # a torchrun job's other ranks
+        try:
+            conn = sqlite3.connect(f"file:{rank / DB_FILE}?mode=ro", uri=True)
+            try:
+                check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+                ranked = [r[0] for r in conn.execute("SELECT path FROM checkpoints")]
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise _bad(archive, f"the database of {RANKS_DIR}/{rank.name} cannot be read ({exc})") from exc
+        if check != "ok":
+            raise _bad(archive, f"the database of {RANKS_DIR}/{rank.name} fails SQLite's integrity check ({check})")
+        _check_checkpoints(rank, ranked, archive)
+
+
+def _check_checkpoints(folder: Path, paths: list[str], archive: Path) -> None:
+    """Every registered checkpoint inside ``folder``, its state file tensors-only."""
+    import torch.serialization
+
     for rel in paths:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise _bad(archive, f"its checkpoint registry points outside the session ({rel!r})")
