@@ -25,12 +25,17 @@ CLAIMED_PRECISION = 0.90
 CLAIMED_RECALL = 0.90
 
 
-def stats_table(aum: np.ndarray, label: np.ndarray, pred: np.ndarray, epochs: int = 10) -> pa.Table:
-    """A stats table with every column ``add_flags`` reads; the others are plausible filler."""
+def stats_table(aum: np.ndarray, label: np.ndarray, pred: np.ndarray, epochs: int = 10,
+                confidence: np.ndarray | None = None, margin: np.ndarray | None = None) -> pa.Table:
+    """A stats table with every column ``add_flags`` reads; the others are plausible filler. By
+    default the margin at the epoch is the AUM, and the label's probability is what a margin gives
+    when the prediction takes the rest."""
     n = aum.size
     rng = np.random.default_rng(0)
+    margin = aum if margin is None else margin
+    confidence = 1 / (1 + np.exp(-margin)) if confidence is None else confidence
     columns = {"index": np.arange(n), "label": label, "pred": pred, "correct": pred == label,
-               "loss": rng.exponential(size=n), "margin": aum, "confidence": np.full(n, 0.5),
+               "loss": rng.exponential(size=n), "margin": margin, "confidence": confidence,
                "grad_norm": np.full(n, np.nan), "epochs": np.full(n, epochs, dtype=np.int32), "aum": aum,
                "forgetting": np.zeros(n, dtype=np.int32), "confidence_mean": np.full(n, 0.5),
                "variability": np.zeros(n)}
@@ -109,6 +114,36 @@ def test_systematic_confusions_are_taken_first() -> None:
     flagged = flags(stats_table(aum, label, pred))
     assert flagged[in_pattern] and not flagged[alone]
     assert flagged[swapped].mean() > 0.95
+
+
+def test_a_flat_low_mode_is_flagged_as_far_as_confident_learning_counts() -> None:
+    """Wrong labels spread over a broad low mode with a dip inside it: the valley cut stops at the
+    dip, and the count confident learning reads from the epoch's probabilities takes the rest."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    label = rng.integers(0, 10, size=n)
+    aum = rng.normal(1.6, 0.5, size=n)
+    confidence = rng.uniform(0.8, 0.9, size=n)
+    pred = label.copy()
+    noisy = rng.choice(n, size=300, replace=False)
+    deep, shallow = noisy[:180], noisy[180:]
+    aum[deep], aum[shallow] = rng.normal(-4.0, 0.2, size=deep.size), rng.normal(-1.6, 0.3, size=shallow.size)
+    pred[noisy] = (label[noisy] + rng.integers(1, 10, size=noisy.size)) % 10
+    confidence[noisy] = 0.03
+    # Hard samples bridge the shallow part of the low mode to the main one: no valley there.
+    hard = rng.choice(np.setdiff1d(np.arange(n), noisy), size=60, replace=False)
+    aum[hard], pred[hard], confidence[hard] = rng.uniform(-1.2, 0.3, size=hard.size), (label[hard] + 1) % 10, 0.4
+    # At the epoch the prediction gets 0.9 for a wrong label (a confident other class), 0.45 for a hard one.
+    other = np.where(np.isin(np.arange(n), noisy), 0.9, np.where(np.isin(np.arange(n), hard), 0.45, 0.05))
+    margin = np.log(confidence / other)
+    truth = np.zeros(n, dtype=bool)
+    truth[noisy] = True
+    assert mislabelled_cut(aum) < -2.5  # the density alone stops inside the low mode
+    flagged = flags(stats_table(aum, label, pred, confidence=confidence, margin=margin))
+    assert flagged[noisy].mean() > 0.97 and (flagged & ~truth).sum() <= 15
+    # Without the epoch's probabilities (NaN) there is no count: the valley cut alone.
+    no_count = flags(stats_table(aum, label, pred, confidence=np.full(n, np.nan), margin=margin))
+    assert no_count[deep].all() and not no_count[shallow].any()
 
 
 def test_too_few_epochs_regression_runs_and_small_tables() -> None:

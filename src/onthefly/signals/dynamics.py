@@ -32,6 +32,15 @@ Flags, kept apart because they call for different actions:
      moved down by the log of that excess (half an interquartile range per unit), and the final
      cut is the least dense point of the moved AUMs within half an interquartile range of the
      first one. Unstructured noise leaves the AUMs about as they were.
+  3. *At least as many as confident learning counts.* When the low mode is broad and flat
+     (uniform noise at a low rate) its ripples can look like the valley and the cut stops far
+     too low. The number of wrong labels confident learning estimates from the run's own
+     probabilities at E (the calibrated confident joint's off-diagonal; the predicted class's
+     probability is the label's times ``exp(-margin)``) is a floor that needs no density: when
+     the cut flags fewer, samples that confident learning counts as confidently another class
+     are added, lowest moved AUM first, up to that count. Only those: a clean hard sample that the
+     model gets wrong without conviction is never added. A run that has memorised its wrong
+     labels by E counts few and leaves the cut as it was.
 
   No flagged sample has an AUM at or above ``aum_threshold``. ``FlagRule(adaptive=False)`` keeps
   the fixed rule (AUM below ``aum_threshold``), as does a table of fewer than
@@ -93,8 +102,9 @@ class FlagRule:
         else:
             mislabelled = (f"area under the margin (mean margin over epochs) below the valley between the run's "
                            f"main AUM mode and a low one (and below {self.aum_threshold:g}), systematic "
-                           f"(label, prediction) confusions moved down first; {after}; nothing while no low "
-                           f"mode has formed")
+                           f"(label, prediction) confusions moved down first, and at least as many as "
+                           f"confident learning counts from the epoch's probabilities; {after}; nothing while "
+                           f"no low mode has formed")
         return {"hard": f"loss at or above the epoch's p{round(self.hard_quantile * 100)}",
                 "mislabelled": mislabelled}
 
@@ -110,7 +120,8 @@ def add_flags(table: pa.Table, rule: FlagRule) -> pa.Table:
     hard_cut = float(np.quantile(finite, rule.hard_quantile)) if finite.size else np.inf
     hard = np.isfinite(loss) & (loss >= hard_cut)
     mislabelled = _mislabelled(_floats(table, "aum"), _ints(table, "label"), _ints(table, "pred"),
-                               _floats(table, "epochs"), rule)
+                               _floats(table, "epochs"), _floats(table, "confidence"), _floats(table, "margin"),
+                               rule)
     columns = {name: table.column(name) for name in table.schema.names}
     columns["hard"], columns["mislabelled"] = pa.chunked_array([hard]), pa.chunked_array([mislabelled])
     return pa.table([columns[name].cast(STATS_SCHEMA.field(name).type) for name in STAT_COLUMNS],
@@ -187,7 +198,7 @@ def mislabelled_cut(aum: np.ndarray, ceiling: float = 0.0, near: float | None = 
 
 
 def _mislabelled(aum: np.ndarray, label: np.ndarray, pred: np.ndarray, epochs: np.ndarray,
-                 rule: FlagRule) -> np.ndarray:
+                 confidence: np.ndarray, margin: np.ndarray, rule: FlagRule) -> np.ndarray:
     flagged = np.zeros(aum.shape[0], dtype=bool)
     # Regression runs have no margin (AUM is NaN), nor rows whose label had no logit.
     eligible = np.isfinite(aum) & (epochs >= MIN_EPOCHS_FOR_MISLABELLED) & (label >= 0) & (pred >= 0)
@@ -205,8 +216,52 @@ def _mislabelled(aum: np.ndarray, label: np.ndarray, pred: np.ndarray, epochs: n
     q1, q3 = np.quantile(_spread_sample(a), [0.25, 0.75])
     score = a - (q3 - q1) * _confusion_shift(a < cut, y, p)
     score_cut = mislabelled_cut(score, rule.aum_threshold, near=cut)
-    flagged[rows] = (score < score_cut) & (a < rule.aum_threshold)
+    flagged_rows = (score < score_cut) & (a < rule.aum_threshold)
+    # Third: no fewer than confident learning counts (a cut at a ripple of a flat low mode flags a
+    # fraction of them), taking only samples it counts as another class, lowest moved AUM first.
+    count, elsewhere = _confident_joint(y, p, confidence[rows], margin[rows])
+    missing = round(count) - int(np.count_nonzero(flagged_rows))
+    if missing > 0:
+        more = np.flatnonzero(elsewhere & ~flagged_rows & (a < rule.aum_threshold))
+        if more.size > missing:
+            more = more[np.argpartition(score[more], missing)[:missing]]
+        flagged_rows[more] = True
+    flagged[rows] = flagged_rows
     return flagged
+
+
+def _confident_joint(label: np.ndarray, pred: np.ndarray, confidence: np.ndarray, margin: np.ndarray
+                     ) -> tuple[float, np.ndarray]:
+    """(how many labels confident learning estimates are wrong, which samples it counts as
+    confidently another class), from the run's probabilities at one epoch (Northcutt et al.,
+    2021: the off-diagonal of the calibrated confident joint). A class's threshold is the mean
+    probability its labelled samples give it. A sample is confidently its prediction, another
+    class, when that class gets at least the class's threshold (the prediction's probability is
+    the label's times ``exp(-margin)``: the margin is a gap of log-probabilities); else
+    confidently its label when the label gets at least its own; neither, it is not counted. The
+    estimate: per label, the share of its confident samples that are confidently another class,
+    times the label's count. ``confidence``: the labelled class's probability; rows with NaN
+    there or in ``margin`` are never counted."""
+    known = np.isfinite(confidence) & np.isfinite(margin)
+    elsewhere = np.zeros(label.shape[0], dtype=bool)
+    if not known.any():
+        return 0.0, elsewhere
+    classes = int(max(label.max(), pred.max())) + 1
+    if classes > 1 << 22:  # not a class column to count into: renumber (a sort)
+        values, inverse = np.unique(np.concatenate([label, pred]), return_inverse=True)
+        label, pred, classes = inverse[:label.size], inverse[label.size:], values.size
+    y, p, conf = label[known], pred[known], confidence[known]
+    labelled = np.bincount(y, minlength=classes)
+    threshold = np.bincount(y, weights=conf, minlength=classes) / np.maximum(labelled, 1)
+    threshold[labelled == 0] = np.inf  # a class no sample is labelled with has no threshold
+    # The largest other class's probability: the prediction's when the prediction is wrong.
+    other = conf * np.exp(-margin[known])
+    off = (p != y) & (other >= threshold[p])
+    own = ~off & (conf >= threshold[y])
+    off_count = np.bincount(y, weights=off, minlength=classes)
+    confident = off_count + np.bincount(y, weights=own, minlength=classes)
+    elsewhere[known] = off
+    return float((np.bincount(label, minlength=classes) * off_count / np.maximum(confident, 1)).sum()), elsewhere
 
 
 def _confusion_shift(suspect: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
