@@ -449,7 +449,7 @@ def test_a_refused_command_takes_no_queue_id() -> None:
 def test_every_command_kind_has_one_model() -> None:
     assert COMMAND_KINDS == tuple(COMMANDS) == ("run", "pause", "resume", "stop", "test", "train_more", "set_lr",
                                                 "set_weight_decay", "checkpoint", "cluster", "export", "execute_plan",
-                                                "preview_plan", "compare", "health_check")
+                                                "preview_plan", "compare", "health_check", "verify_suspects")
     for kind in COMMAND_KINDS:
         assert COMMANDS[kind].model_fields["kind"].annotation == Literal[kind]
 
@@ -583,5 +583,6 @@ def test_the_transition_table_covers_every_command() -> None:
     from onthefly.engine.control import COMMAND_KINDS
     from onthefly.engine.controller import TABLE
 
-    carried_out_by_actions = {"cluster", "export", "execute_plan", "preview_plan", "compare", "health_check"}
+    carried_out_by_actions = {"cluster", "export", "execute_plan", "preview_plan", "compare", "health_check",
+                              "verify_suspects"}
     assert set(COMMAND_KINDS) == set(TABLE) | carried_out_by_actions

@@ -67,6 +67,7 @@ def test_the_document_describes_every_endpoint() -> None:
         "POST /api/plans/{plan_id}/preview",
         "GET /api/lineage", "POST /api/runs/{run_id}/comparisons", "GET /api/comparisons",
         "GET /api/comparisons/{comparison_id}", "GET /api/runs/{run_id}/mixture", "POST /api/runs/{run_id}/health",
+        "POST /api/runs/{run_id}/verify",
     }
 
 
@@ -115,9 +116,10 @@ def test_the_command_bodies_are_the_engines_models() -> None:
     # POST /api/slices/{name}/exports: a page cannot name an export's file itself),
     # "execute_plan" (POST /api/plans/{id}/approve: a card is approved, not executed) and
     # "preview_plan" (POST /api/plans/{id}/preview), "compare" (POST /api/runs/{id}/comparisons) and
-    # "health_check" (POST /api/runs/{id}/health).
+    # "health_check" (POST /api/runs/{id}/health) and "verify_suspects" (POST /api/runs/{id}/verify).
     assert list(mapping) == [kind for kind in COMMAND_KINDS
-                             if kind not in ("export", "execute_plan", "preview_plan", "compare", "health_check")]
+                             if kind not in ("export", "execute_plan", "preview_plan", "compare", "health_check",
+                                             "verify_suspects")]
     assert [ref.rsplit("/", 1)[-1] for ref in mapping.values()] == [model.__name__ for model in outside]
     for model in (*outside, ClusterArgs, CompareArgs):
         engine = model.model_json_schema(ref_template="#/components/schemas/{model}")

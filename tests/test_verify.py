@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import onthefly
+from onthefly.actions import verify
 from onthefly.actions.verify import verify_suspects
 from onthefly.errors import ConfigError, DataError
 
@@ -95,3 +97,52 @@ def test_errors_say_what_to_do() -> None:
         verify_suspects(lambda: nn.Linear(2, 1), regression, [0, 1], loss_fn=nn.MSELoss())
     empty = verify_suspects(small_model, data, [])
     assert empty.index.size == 0 and empty.samples_trained == 0
+
+
+# ---- the verify_suspects command: what the dashboard's "Verify suspects" sends ------------------------
+def train_with_requests(requests: dict[int, dict[str, object]], epochs: int = 8) -> onthefly.Trainer:
+
+    data, _ = separable()
+
+    class Ask(onthefly.Callback):
+        def on_epoch_end(self, run: onthefly.Run) -> None:
+            if run.epoch in requests:
+                run.request("verify_suspects", **requests[run.epoch])
+
+    torch.manual_seed(0)
+    model = small_model()
+    trainer = onthefly.Trainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+                               loss_fn=nn.CrossEntropyLoss(), project="verify", progress=False, callbacks=[Ask()],
+                               train_loader=torch.utils.data.DataLoader(
+                                   data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    verify.attach(trainer)
+    trainer.fit(epochs)
+    trainer.run.session.flush()
+    return trainer
+
+
+def test_the_command_confirms_flagged_samples_saves_them_as_a_slice_and_leaves_the_run_as_it_was() -> None:
+    _, wrong = separable()
+    asked = train_with_requests({4: {"folds": 3, "epochs": 10}, 6: {"folds": 3, "epochs": 10}})
+    reader = onthefly.open_session(asked.run.session.dir)
+    first, second = (e["payload"] for e in reader.events(asked.run.run_id, kind="suspects_verified"))
+    assert first["suspects"] >= 10 and first["confirmed"] >= 10  # of the 12 flipped labels
+    confirmed = set(first["confirmed_indices"])
+    assert len(confirmed & set(wrong.tolist())) >= 10 and len(confirmed - set(wrong.tolist())) <= 1  # flipped ones
+    assert first["slice"] == "verified mislabelled" and second["slice"] == "verified mislabelled 2"
+    assert sorted(reader.slice_indices(reader.slice("verified mislabelled")).tolist()) == sorted(
+        first["confirmed_indices"])
+    assert first["samples_trained"] > 0 and first["folds"] == 3
+    statuses = [e["payload"]["status"] for e in reader.events(asked.run.run_id, kind="status")]
+    assert statuses.count("paused") == 2  # the run waited while the copies trained
+    unasked = train_with_requests({})
+    assert all(torch.equal(a, b) for a, b in zip(asked.model.state_dict().values(),
+                                                 unasked.model.state_dict().values(), strict=True))
+
+
+def test_the_command_says_why_when_there_is_nothing_to_verify() -> None:
+    trainer = train_with_requests({0: {}}, epochs=2)  # after one epoch nothing is flagged yet
+    reader = onthefly.open_session(trainer.run.session.dir)
+    (rejected,) = reader.events(trainer.run.run_id, kind="command_rejected")
+    assert rejected["payload"]["command"] == "verify_suspects"
+    assert "nothing to verify" in rejected["payload"]["reason"] or "no complete epoch" in rejected["payload"]["reason"]

@@ -20,6 +20,7 @@ from .actions import autofork as autoforking
 from .actions import cluster, health
 from .actions import export as exporting
 from .actions import fork as forking
+from .actions import verify as verifying
 from .engine.batch import BatchSpec
 from .engine.device import model_device
 from .engine.distributed import is_wrapped, unwrapped, world
@@ -146,6 +147,7 @@ def quickstart(
     autoforking.attach(trainer, mode=autofork)  # type: ignore[arg-type]  # checked there
     # Check-ups on request, every health_every steps, and with health_continuous every step's gradients.
     health.attach(trainer, every_steps=health_every, continuous=health_continuous)
+    verifying.attach(trainer)  # "Verify suspects": out-of-fold copies confirm the likely mislabelled
     summary = trainer.fit(max_epochs, do_test_after=do_test_after)  # closing the run stops the server
     if options.get("progress", True):
         print(summary, flush=True)

@@ -19,6 +19,7 @@ threads. A pure function of its arguments: nothing is stored, the caller decides
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +32,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..engine.batch import BatchSpec, ForwardFn, to_device
 from ..engine.device import model_device
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, StateError
 from ..signals.per_sample import is_classification
+from ..store.reader import SessionReader
 
-__all__ = ["Verification", "verify_suspects"]
+__all__ = ["Verification", "attach", "verify_suspects"]
 
 ModelSource = nn.Module | Callable[[], nn.Module]
 OptimizerSource = torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None
@@ -121,6 +123,80 @@ def verify_suspects(model: ModelSource, dataset: Dataset[Any], suspects: Sequenc
             result_fold[held] = f
     return Verification(suspect_index, result_label, result_prob, result_pred, result_pred != result_label,
                         result_fold, trained)
+
+
+def attach(trainer: Any) -> None:
+    """Let ``trainer``'s run carry out ``verify_suspects`` commands (the dashboard's "Verify
+    suspects", ``POST /api/runs/{id}/verify``): at a step boundary, the run waiting meanwhile
+    (status "paused"), the samples flagged likely mislabelled at the epoch asked for are verified
+    with copies of the trainer's model (re-initialised), its optimizer's class and settings, its loss
+    and its batch layout, on its training dataset; the confirmed ones are saved as a slice, and a
+    ``suspects_verified`` event says how many of how many, at what compute. Every global RNG is
+    restored afterwards: the run trains on as it would have."""
+    from .export import isolated_rng
+    from .slices import save_run_slice
+
+    run = trainer.run
+
+    def handle(args: dict[str, Any]) -> dict[str, Any]:
+        if run.world is not None:
+            raise ConfigError("verify_suspects trains out-of-fold models in one process; under torchrun it is not "
+                              "carried out yet: call onthefly.actions.verify.verify_suspects from a single process")
+        run.recorder.wait_idle()
+        run.session.flush()
+        reader = SessionReader(run.session.dir)
+        epoch = args.get("epoch")
+        epoch = reader.default_epoch(run.run_id) if epoch is None else int(epoch)
+        if epoch is None:
+            raise StateError("no complete epoch yet: samples are flagged once an epoch's rows are in")
+        stats = reader.sample_stats(run.run_id, epoch)
+        suspects = stats.filter(stats.column("mislabelled")).column("index").to_numpy().astype(np.int64)
+        if suspects.size == 0:
+            raise StateError(f"no sample is flagged likely mislabelled at epoch {epoch}: nothing to verify")
+        name = _free_name(reader, args.get("slice"))  # checked before the compute is spent
+        loader = trainer.train_loader.original
+        status = run.controller.status
+        began = time.perf_counter()
+        run.controller.set_status("paused")  # the run waits at this step while the copies train
+        try:
+            with isolated_rng():
+                found = verify_suspects(
+                    trainer.model, loader.dataset, suspects, optimizer=trainer.optimizer,
+                    loss_fn=trainer.loss.loss_fn, folds=int(args.get("folds", 5)), epochs=int(args.get("epochs", 5)),
+                    batch_size=loader.batch_size or 64, device=trainer.device, collate_fn=loader.collate_fn,
+                    inputs=trainer.spec.inputs, targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn)
+        finally:
+            run.controller.set_status(status)
+        confirmed = found.index[found.confirmed]
+        saved = save_run_slice(run, name, {"kind": "indices", "indices": confirmed.tolist()}, epoch) \
+            if confirmed.size else None
+        result = {"epoch": epoch, "suspects": int(suspects.size), "confirmed": int(confirmed.size),
+                  "slice": name if saved is not None else None, "folds": int(args.get("folds", 5)),
+                  "epochs": int(args.get("epochs", 5)), "samples_trained": found.samples_trained,
+                  "seconds": round(time.perf_counter() - began, 3),
+                  "confirmed_indices": confirmed[:200].tolist()}
+        run.bus.publish("suspects_verified", result, run_id=run.run_id, step=run.global_step, epoch=run.epoch)
+        return {k: v for k, v in result.items() if k != "confirmed_indices"}
+
+    run.register_action("verify_suspects", handle)
+
+
+DEFAULT_SLICE = "verified mislabelled"
+
+
+def _free_name(reader: SessionReader, asked: Any) -> str:
+    """The slice name to save the confirmed samples as: the one asked for (refused when taken), or
+    the default with the first free number after it."""
+    taken = {s["name"] for s in reader.slices()}
+    if asked is not None and asked != DEFAULT_SLICE:
+        if asked in taken:
+            raise StateError(f"a slice named {asked!r} already exists in this session; pick another name")
+        return str(asked)
+    name, n = DEFAULT_SLICE, 1
+    while name in taken:
+        n += 1
+        name = f"{DEFAULT_SLICE} {n}"
+    return name
 
 
 @torch.no_grad()

@@ -193,6 +193,21 @@ class HealthCheckCommand(StrictModel):
         default=None, min_length=1, max_length=7, description="the areas checked (determinism trains a copy twice)")
 
 
+class VerifySuspectsCommand(StrictModel):
+    """Confirm the "likely mislabelled" samples out of sample (``POST /api/runs/{id}/verify``,
+    ``onthefly.actions.verify``): short out-of-fold copies of the model train at the next step
+    boundary while the run waits; the confirmed samples are saved as a slice and reported in a
+    ``suspects_verified`` event."""
+
+    kind: Literal["verify_suspects"]
+    epoch: int | None = Field(default=None, ge=0, le=2**31,
+                              description="the epoch whose flags are verified (default: the latest complete one)")
+    folds: int = Field(default=5, ge=2, le=10, description="out-of-fold models (each holds out 1/folds of the suspects)")
+    epochs: int = Field(default=5, ge=1, le=50, description="epochs each out-of-fold model trains")
+    slice: str = Field(default="verified mislabelled", pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$",
+                       description="the name of the slice the confirmed samples are saved as")
+
+
 class CompareArgs(StrictModel):
     """Evaluate runs side by side on sets of samples, paired, against a reference run."""
 
@@ -233,6 +248,7 @@ COMMANDS["execute_plan"] = ExecutePlanCommand
 COMMANDS["preview_plan"] = PreviewPlanCommand
 COMMANDS["compare"] = CompareCommand
 COMMANDS["health_check"] = HealthCheckCommand
+COMMANDS["verify_suspects"] = VerifySuspectsCommand
 COMMAND_KINDS: tuple[str, ...] = tuple(COMMANDS)
 
 

@@ -34,7 +34,7 @@ from ..actions.plans import (
     plan_out,
     require_proposed,
 )
-from ..engine.control import CompareArgs, HealthCheckCommand
+from ..engine.control import CompareArgs, HealthCheckCommand, VerifySuspectsCommand
 from ..errors import ConfigError
 from .models import CommandAccepted, ComparisonOut, LineageOut, PlanApproved, PlanOut, Problem
 
@@ -45,6 +45,12 @@ class HealthCheckArgs(HealthCheckCommand):
     """A check-up's areas (all of them by default)."""
 
     kind: Literal["health_check"] = "health_check"
+
+class VerifySuspectsArgs(VerifySuspectsCommand):
+    """Which epoch's flags to verify, with how many out-of-fold models of how many epochs."""
+
+    kind: Literal["verify_suspects"] = "verify_suspects"
+
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "not in this session"}}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "not possible now"}}
@@ -158,6 +164,16 @@ def plan_routes(backend: Any) -> APIRouter:
                          "at run_id's next step boundary; its cards arrive as a 'health' event")
     async def health_check(run_id: int, body: HealthCheckArgs) -> CommandAccepted:
         accepted: CommandAccepted = await asyncio.to_thread(backend.command, run_id, "health_check",
+                                                            body.model_dump(mode="json", exclude={"kind"}))
+        return accepted
+
+    @router.post("/api/runs/{run_id}/verify", response_model=CommandAccepted, status_code=202,
+                 responses={**BAD, **NOT_FOUND, **CONFLICT},
+                 summary="Verify the samples flagged likely mislabelled with out-of-fold copies of the model, at "
+                         "run_id's next step boundary (the run waits); the result is a 'suspects_verified' event "
+                         "and a slice of the confirmed samples")
+    async def verify(run_id: int, body: VerifySuspectsArgs) -> CommandAccepted:
+        accepted: CommandAccepted = await asyncio.to_thread(backend.command, run_id, "verify_suspects",
                                                             body.model_dump(mode="json", exclude={"kind"}))
         return accepted
 
