@@ -15,5 +15,6 @@ echo "== ruff"
 .venv/bin/ruff check src tests benchmarks
 echo "== mypy"
 .venv/bin/mypy
+bash scripts/test_vscode.sh  # the VS Code extension: unit tests, .vsix, end to end in code-server
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

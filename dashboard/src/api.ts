@@ -1,6 +1,7 @@
 // The typed HTTP client for the On The Fly server. Every request carries the session token in an
-// `Authorization: Bearer` header; every URL is built from the page's own origin, so the page works
-// on whatever port it is served from (a forwarded one included).
+// `Authorization: Bearer` header; every URL is relative to the page's own location, so the page
+// works wherever it is served from: its own port, a forwarded one, or behind a path-prefixed
+// proxy such as code-server's `/proxy/PORT/` (where a leading-slash URL would miss the server).
 //
 // The types are not written here: they are generated from the server's OpenAPI document
 // (scripts/openapi.mjs -> src/generated/api-types.ts, at every build), and each method names the
@@ -126,7 +127,7 @@ export class ApiClient {
   private readonly base: URL;
   private readonly token: string;
 
-  /** `base` is the page's URL; API paths are resolved against its origin. */
+  /** `base` is the page's URL; API paths are resolved against its folder. */
   constructor(base: URL, token: string) {
     this.base = base;
     this.token = token;
@@ -220,7 +221,7 @@ export class ApiClient {
    *  HttpOnly cookie the page was served with (which the server accepts for this download only)
    *  and streams the file to disk, so an export of millions of rows never sits in page memory. */
   exportFileUrl(id: string): string {
-    return new URL(`/api/exports/${encodeURIComponent(id)}/file`, this.base).toString();
+    return this.resolve(`/api/exports/${encodeURIComponent(id)}/file`).toString();
   }
 
   /** Ask for an archive of the whole session; the answer is pending (poll `archiveStatus`). */
@@ -298,7 +299,7 @@ export class ApiClient {
 
   /** Where mixture run `runId`'s inference artifact (a tar) is. */
   mixtureUrl(runId: number): string {
-    return new URL(mixturePath(runId), this.base).toString();
+    return this.resolve(mixturePath(runId)).toString();
   }
 
   /** Mixture run `runId`'s artifact, fetched with the token's header: the server takes the
@@ -313,23 +314,29 @@ export class ApiClient {
 
   /** Where a ready archive downloads from: like `exportFileUrl`, no token, the page's cookie. */
   archiveFileUrl(id: string): string {
-    return new URL(`/api/session/archives/${encodeURIComponent(id)}/file`, this.base).toString();
+    return this.resolve(`/api/session/archives/${encodeURIComponent(id)}/file`).toString();
   }
 
   /** Where the session's report (one self-contained HTML file, written when asked for)
    *  downloads from: no token, the page's cookie. */
   reportUrl(): string {
-    return new URL("/api/session/report" satisfies keyof paths, this.base).toString();
+    return this.resolve("/api/session/report" satisfies keyof paths).toString();
   }
 
   /** The WebSocket URL of the event stream, resuming after `afterSeq`. A browser cannot set
    *  headers on a WebSocket, so the token goes in this URL's query (never in the address bar). */
   streamUrl(afterSeq: number): string {
-    const url = new URL("/api/stream", this.base);
+    const url = this.resolve("/api/stream");
     url.protocol = this.base.protocol === "https:" ? "wss:" : "ws:";
     url.search = new URLSearchParams({ token: this.token, after_seq: String(afterSeq) }).toString();
     url.hash = "";
     return url.toString();
+  }
+
+  /** A server path (as the OpenAPI document names it, `/api/...`) made relative to the page:
+   *  under `http://host/proxy/8123/` it is `http://host/proxy/8123/api/...`. */
+  private resolve(path: string): URL {
+    return new URL(`./${path.replace(/^\/+/, "")}`, this.base);
   }
 
   private get<T>(path: string, params?: Params): Promise<T> {
@@ -343,7 +350,7 @@ export class ApiClient {
 
   /** One authorised request; an error status becomes an ApiError carrying the server's `detail`. */
   private async send(method: Method, path: string, params?: Params, body?: unknown): Promise<Response> {
-    const url = new URL(path, this.base);
+    const url = this.resolve(path);
     for (const [name, value] of Object.entries(params ?? {})) {
       if (value !== undefined) url.searchParams.set(name, String(value));
     }

@@ -24,6 +24,8 @@ import type { LogEntry, Store, TestResult } from "./state";
 
 /** Points asked of the server for one curve: enough for any screen, small enough to stay smooth. */
 export const CHART_POINTS = 2000;
+/** Events per read of the event log while the stream polls (as many as one socket message). */
+const STREAM_POLL_LIMIT = 2000;
 /** Events per page, and pages at most, read at start to fill the log and the test results. The
  *  server's recent feed holds `progress` events too (up to 100k), which the log skips. */
 const EVENT_PAGE = 10_000;
@@ -104,6 +106,8 @@ export class Dashboard {
     this.stream = new EventStream(
       {
         url: (seq) => this.api.streamUrl(seq),
+        // Where a proxy carries no WebSockets, the same events are read over HTTP.
+        poll: (seq) => this.api.events(seq, STREAM_POLL_LIMIT),
         onDelivery: (delivery) => this.receive(delivery),
         onState: (state) => this.store.setConnection(state),
       },

@@ -8,6 +8,7 @@ import type { StreamState } from "./socket";
 const CONNECTION_TEXT: Record<StreamState, string> = {
   connecting: "connecting…",
   open: "live",
+  polling: "live (polling)",
   reconnecting: "reconnecting…",
   stopped: "disconnected",
 };
@@ -21,6 +22,7 @@ export class Header {
   private readonly epochTarget = byId("epoch-target");
   private readonly throughput = byTestId("throughput");
   private readonly connection = byTestId("connection");
+  private sentStatus: string | null = null;
 
   render(store: Store): void {
     const run = store.run;
@@ -35,6 +37,12 @@ export class Header {
     setText(this.epochTarget, run?.target_epochs ? ` / ${run.target_epochs}` : "");
     setValue(this.throughput, run?.samples_per_second ?? null, formatThroughput(run?.samples_per_second));
     document.title = run ? `${run.name} · ${status} · On The Fly` : "On The Fly";
+    // Framed by the editor's panel (VS Code): it shows the run's status in its tab. The status
+    // is no secret, and only a holder of the token could frame this page at all.
+    if (window.parent !== window && status !== this.sentStatus) {
+      this.sentStatus = status;
+      window.parent.postMessage({ type: "onthefly.status", status }, "*");
+    }
   }
 
   renderConnection(state: StreamState): void {

@@ -1,10 +1,14 @@
 // The live event stream: a WebSocket that reconnects with exponential backoff and jitter, resumes
 // with `after_seq` so nothing is lost, drops anything it has already seen so nothing is duplicated,
 // and hands events over at most once per animation frame through a bounded queue.
+//
+// Where the socket cannot connect at all (a proxy in front of the page that does not carry
+// WebSockets), the stream polls the same event log over HTTP (`poll`) while it keeps retrying the
+// socket, and goes back to the socket as soon as one opens.
 
 import { parseEvent, type ServerEvent } from "./event-types";
 
-export type StreamState = "connecting" | "open" | "reconnecting" | "stopped";
+export type StreamState = "connecting" | "open" | "polling" | "reconnecting" | "stopped";
 
 /** What one delivery holds. `gapAfter` is set when the queue overflowed and events were dropped:
  *  the receiver must re-read its state, and the event log from that sequence number on. */
@@ -23,9 +27,16 @@ export interface StreamOptions {
   maxDelayMs?: number;
   /** Events held while the page is not drawing (a background tab); beyond it, old ones are dropped. */
   maxQueue?: number;
+  /** The event log after a sequence number over HTTP (`GET api/events`), read while the socket
+   *  cannot connect; its answer has the socket message's shape (`{events: [...]}`). */
+  poll?: ((afterSeq: number) => Promise<unknown>) | null;
+  /** Socket attempts in a row that never opened before polling starts. */
+  pollAfterFailures?: number;
+  /** Time between the end of one poll and the next. */
+  pollIntervalMs?: number;
 }
 
-const DEFAULTS = { minDelayMs: 500, maxDelayMs: 15_000, maxQueue: 10_000 };
+const DEFAULTS = { minDelayMs: 500, maxDelayMs: 15_000, maxQueue: 10_000, poll: null, pollAfterFailures: 2, pollIntervalMs: 1_000 };
 /** A connection that stayed open this long was healthy: the next reconnect starts from the
  *  shortest delay again. (Resetting on open alone would retry fast forever against a server that
  *  accepts and then drops the connection.) */
@@ -40,6 +51,10 @@ export class EventStream {
   private stopped = true;
   private readonly queue: EventQueue;
   private frame = 0;
+  /** Socket attempts in a row that closed without ever opening. */
+  private failedOpens = 0;
+  private polling = false;
+  private pollTimer: number | undefined;
 
   constructor(options: StreamOptions, afterSeq = 0) {
     this.options = { onState: () => {}, ...DEFAULTS, ...options };
@@ -56,6 +71,7 @@ export class EventStream {
   stop(): void {
     this.stopped = true;
     window.clearTimeout(this.retryTimer);
+    this.stopPolling();
     if (this.frame) cancelAnimationFrame(this.frame);
     this.frame = 0;
     const socket = this.socket;
@@ -72,24 +88,34 @@ export class EventStream {
     socket.onopen = () => {
       if (socket !== this.socket) return;
       openedAt = performance.now();
+      this.failedOpens = 0;
+      this.stopPolling(); // the socket carries the stream again
       this.options.onState("open");
     };
     socket.onmessage = (message: MessageEvent) => {
       if (socket !== this.socket) return;
-      this.receive(message.data);
+      if (typeof message.data !== "string") return;
+      try {
+        this.receive(JSON.parse(message.data));
+      } catch {
+        // not ours; the stream only sends JSON
+      }
     };
     socket.onclose = () => {
       if (socket !== this.socket) return;
       this.socket = null;
       if (openedAt !== null && performance.now() - openedAt >= STABLE_MS) this.attempt = 0;
-      if (!this.stopped) this.scheduleReconnect();
+      if (openedAt === null) this.failedOpens += 1;
+      if (this.stopped) return;
+      if (this.options.poll !== null && this.failedOpens >= this.options.pollAfterFailures) this.startPolling();
+      this.scheduleReconnect();
     };
     // An error is always followed by a close, which does the reconnecting.
     socket.onerror = () => {};
   }
 
   private scheduleReconnect(): void {
-    this.options.onState("reconnecting");
+    if (!this.polling) this.options.onState("reconnecting");
     const { minDelayMs, maxDelayMs } = this.options;
     const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** this.attempt);
     // "Equal jitter": half the delay fixed, half random, so many tabs do not retry in lockstep.
@@ -100,14 +126,36 @@ export class EventStream {
     }, delay);
   }
 
-  private receive(data: unknown): void {
-    if (typeof data !== "string") return;
-    let message: unknown;
+  private startPolling(): void {
+    if (this.polling) return;
+    this.polling = true;
+    void this.pollOnce();
+  }
+
+  private stopPolling(): void {
+    this.polling = false;
+    window.clearTimeout(this.pollTimer);
+  }
+
+  /** One read of the event log; the next is scheduled when it has answered (never two at once). */
+  private async pollOnce(): Promise<void> {
+    const poll = this.options.poll;
+    if (!this.polling || this.stopped || poll === null) return;
     try {
-      message = JSON.parse(data);
+      const page = await poll(this.lastSeq);
+      if (!this.polling || this.stopped) return; // the socket opened meanwhile: it has the stream
+      this.options.onState("polling");
+      this.receive(page);
     } catch {
-      return; // not ours; the stream only sends JSON
+      if (this.polling && !this.stopped) this.options.onState("reconnecting");
     }
+    if (this.polling && !this.stopped) {
+      this.pollTimer = window.setTimeout(() => void this.pollOnce(), this.options.pollIntervalMs);
+    }
+  }
+
+  private receive(message: unknown): void {
+    if (typeof message !== "object" || message === null) return;
     const events = (message as { events?: unknown }).events;
     if (!Array.isArray(events)) return;
     for (const raw of events) {

@@ -18,18 +18,19 @@ function fakeFetch(...answers: Response[]) {
 const json = (body: unknown, status = 200) => new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
 
 describe("ApiClient", () => {
-  // A page behind a forwarded port, opened at a sub-page with a hash: only the origin counts.
-  const api = new ApiClient(new URL("http://localhost:18080/some/page?run=2#top"), "tok en");
+  // A page behind a proxy (code-server's /proxy/PORT/), with a query and a hash: every URL is
+  // relative to the page's folder, so it goes through the same proxy.
+  const api = new ApiClient(new URL("http://localhost:18080/proxy/8123/?run=2#top"), "tok en");
 
   beforeEach(() => vi.unstubAllGlobals());
   afterEach(() => vi.unstubAllGlobals());
 
-  it("sends the token in the Authorization header, never by cookie, to the page's own origin", async () => {
+  it("sends the token in the Authorization header, never by cookie, to the page's own server", async () => {
     const calls = fakeFetch(json({ id: "s", project: "p", dir: "/d", pid: 1, version: "0", runs: [] }));
     await api.session();
     expect(calls).toHaveLength(1);
     const { url, init } = calls[0]!;
-    expect(url).toBe("http://localhost:18080/api/session");
+    expect(url).toBe("http://localhost:18080/proxy/8123/api/session");
     expect(init.method).toBe("GET");
     expect(init.headers).toEqual({ Authorization: "Bearer tok en" });
     expect(init.credentials).toBe("omit");
@@ -39,7 +40,7 @@ describe("ApiClient", () => {
   it("puts the query's set parameters in the URL and leaves the rest to the server", async () => {
     const calls = fakeFetch(json({}), json({}));
     await api.samples(3, { epoch: null, sort: "aum", order: "asc", flag: "hard", label: null, limit: 50, offset: 100 });
-    expect(new URL(calls[0]!.url).pathname).toBe("/api/runs/3/samples");
+    expect(new URL(calls[0]!.url).pathname).toBe("/proxy/8123/api/runs/3/samples");
     expect(Object.fromEntries(new URL(calls[0]!.url).searchParams)).toEqual({ sort: "aum", order: "asc", flag: "hard", limit: "50", offset: "100" });
     await api.metrics(3, { names: ["val_loss", "val_accuracy"], startStep: 10, points: 2000 });
     expect(Object.fromEntries(new URL(calls[1]!.url).searchParams)).toEqual({ names: "val_loss,val_accuracy", start_step: "10", points: "2000" });
@@ -58,14 +59,14 @@ describe("ApiClient", () => {
     await api.createExport("low loss", { format: "csv", data: true });
     await api.exportStatus("e/1");
     expect(calls.map((c) => [c.init.method, c.url])).toEqual([
-      ["POST", "http://localhost:18080/api/slices/low%20loss/exports"],
-      ["GET", "http://localhost:18080/api/exports/e%2F1"],
+      ["POST", "http://localhost:18080/proxy/8123/api/slices/low%20loss/exports"],
+      ["GET", "http://localhost:18080/proxy/8123/api/exports/e%2F1"],
     ]);
     expect(JSON.parse(String(calls[0]!.init.body))).toEqual({ format: "csv", data: true });
   });
 
   it("downloads an export's file from a URL that carries no token", () => {
-    expect(api.exportFileUrl("abc")).toBe("http://localhost:18080/api/exports/abc/file");
+    expect(api.exportFileUrl("abc")).toBe("http://localhost:18080/proxy/8123/api/exports/abc/file");
   });
 
   it("asks for a session archive by POST and reads it back by id", async () => {
@@ -73,21 +74,21 @@ describe("ApiClient", () => {
     await api.createArchive();
     await api.archiveStatus("a/1");
     expect(calls.map((c) => [c.init.method, c.url])).toEqual([
-      ["POST", "http://localhost:18080/api/session/archives"],
-      ["GET", "http://localhost:18080/api/session/archives/a%2F1"],
+      ["POST", "http://localhost:18080/proxy/8123/api/session/archives"],
+      ["GET", "http://localhost:18080/proxy/8123/api/session/archives/a%2F1"],
     ]);
   });
 
   it("downloads the session's archive and report from URLs that carry no token", () => {
-    expect(api.archiveFileUrl("abc")).toBe("http://localhost:18080/api/session/archives/abc/file");
-    expect(api.reportUrl()).toBe("http://localhost:18080/api/session/report");
+    expect(api.archiveFileUrl("abc")).toBe("http://localhost:18080/proxy/8123/api/session/archives/abc/file");
+    expect(api.reportUrl()).toBe("http://localhost:18080/proxy/8123/api/session/report");
   });
 
   it("fetches a mixture's artifact with the token's header, under the server's file name", async () => {
-    expect(api.mixtureUrl(4)).toBe("http://localhost:18080/api/runs/4/mixture");
+    expect(api.mixtureUrl(4)).toBe("http://localhost:18080/proxy/8123/api/runs/4/mixture");
     const calls = fakeFetch(new Response("tar bytes", { headers: { "Content-Disposition": 'attachment; filename="demo-mixture-run-4.tar"' } }));
     const { blob, filename } = await api.mixtureFile(4);
-    expect(calls[0]!.url).toBe("http://localhost:18080/api/runs/4/mixture");
+    expect(calls[0]!.url).toBe("http://localhost:18080/proxy/8123/api/runs/4/mixture");
     expect(calls[0]!.init.headers).toEqual({ Authorization: "Bearer tok en" });
     expect([await blob.text(), filename]).toEqual(["tar bytes", "demo-mixture-run-4.tar"]);
     fakeFetch(json({ detail: "run 2 (b) is not a mixture of experts; a gate card makes one" }, 409));
@@ -105,7 +106,7 @@ describe("ApiClient", () => {
 
   it("opens the stream with the token in the WebSocket URL (ws, or wss on https)", () => {
     const url = new URL(api.streamUrl(41));
-    expect(`${url.protocol}//${url.host}${url.pathname}`).toBe("ws://localhost:18080/api/stream");
+    expect(`${url.protocol}//${url.host}${url.pathname}`).toBe("ws://localhost:18080/proxy/8123/api/stream");
     expect(Object.fromEntries(url.searchParams)).toEqual({ token: "tok en", after_seq: "41" });
     expect(url.hash).toBe("");
     expect(new ApiClient(new URL("https://localhost:1/"), "t").streamUrl(0)).toMatch(/^wss:\/\/localhost:1\/api\/stream\?/);
@@ -135,12 +136,12 @@ describe("ApiClient", () => {
     await api.plans();
     await api.lineage();
     expect(calls.map((c) => [c.init.method, new URL(c.url).pathname])).toEqual([
-      ["POST", "/api/plans"],
-      ["PATCH", "/api/plans/4"],
-      ["POST", "/api/plans/4/approve"],
-      ["POST", "/api/plans/4/discard"],
-      ["GET", "/api/plans"],
-      ["GET", "/api/lineage"],
+      ["POST", "/proxy/8123/api/plans"],
+      ["PATCH", "/proxy/8123/api/plans/4"],
+      ["POST", "/proxy/8123/api/plans/4/approve"],
+      ["POST", "/proxy/8123/api/plans/4/discard"],
+      ["GET", "/proxy/8123/api/plans"],
+      ["GET", "/proxy/8123/api/lineage"],
     ]);
     expect(JSON.parse(String(calls[1]!.init.body))).toEqual({ lr: 0.02, budget: 2 });
   });
@@ -151,9 +152,9 @@ describe("ApiClient", () => {
     await api.comparisons();
     await api.comparison(2);
     expect(calls.map((c) => [c.init.method, new URL(c.url).pathname])).toEqual([
-      ["POST", "/api/runs/1/comparisons"],
-      ["GET", "/api/comparisons"],
-      ["GET", "/api/comparisons/2"],
+      ["POST", "/proxy/8123/api/runs/1/comparisons"],
+      ["GET", "/proxy/8123/api/comparisons"],
+      ["GET", "/proxy/8123/api/comparisons/2"],
     ]);
   });
 

@@ -192,4 +192,82 @@ describe("EventStream", () => {
     expect(deliveries).toEqual([]);
     expect(states.at(-1)).toBe("stopped");
   });
+
+  describe("where the socket cannot connect", () => {
+    function startPolling(poll: (afterSeq: number) => Promise<unknown>): EventStream {
+      const stream = new EventStream({
+        url: (seq) => `ws://127.0.0.1:8000/api/stream?after_seq=${seq}`,
+        onDelivery: (delivery) => deliveries.push(delivery),
+        onState: (state) => states.push(state),
+        minDelayMs: 500,
+        maxDelayMs: 4000,
+        poll,
+        pollAfterFailures: 2,
+        pollIntervalMs: 1000,
+      });
+      stream.start();
+      return stream;
+    }
+
+    it("polls the event log after two refused attempts, then goes back to the socket when one opens", async () => {
+      const asked: number[] = [];
+      // The second page repeats seq 1, as a log read around a reconnect may.
+      const pages = [[rawEvent(1, "status")], [rawEvent(1, "status"), rawEvent(2, "status")]];
+      const poll = vi.fn(async (afterSeq: number) => {
+        asked.push(afterSeq);
+        return { events: pages.shift() ?? [] };
+      });
+      startPolling(poll);
+      FakeSocket.last().close(); // refused once: no polling yet
+      await vi.advanceTimersByTimeAsync(250);
+      expect(poll).not.toHaveBeenCalled();
+      FakeSocket.last().close(); // refused twice: poll at once
+      await vi.advanceTimersByTimeAsync(0);
+      expect(asked).toEqual([0]);
+      expect(states.at(-1)).toBe("polling");
+      await vi.advanceTimersByTimeAsync(16);
+      expect(deliveries.flatMap((d) => d.events.map((e) => e.seq))).toEqual([1]);
+      await vi.advanceTimersByTimeAsync(1000);
+      expect(asked).toEqual([0, 1]); // resumes after what it has; seq 1 is not delivered twice
+      await vi.advanceTimersByTimeAsync(16);
+      expect(deliveries.flatMap((d) => d.events.map((e) => e.seq))).toEqual([1, 2]);
+      // The socket is still retried (the 1 s ceiling, halved, from the second refusal on).
+      expect(FakeSocket.all).toHaveLength(3);
+      FakeSocket.last().open();
+      expect(states.at(-1)).toBe("open");
+      const polls = poll.mock.calls.length;
+      await vi.advanceTimersByTimeAsync(10_000);
+      expect(poll.mock.calls.length).toBe(polls);
+      FakeSocket.last().send([rawEvent(3, "status")]);
+      await vi.advanceTimersByTimeAsync(16);
+      expect(deliveries.flatMap((d) => d.events.map((e) => e.seq))).toEqual([1, 2, 3]);
+    });
+
+    it("keeps polling after a failed poll, saying it is reconnecting", async () => {
+      const poll = vi.fn().mockRejectedValueOnce(new Error("offline")).mockResolvedValue({ events: [rawEvent(1, "status")] });
+      startPolling(poll);
+      FakeSocket.last().close();
+      await vi.advanceTimersByTimeAsync(250);
+      FakeSocket.last().close();
+      await vi.advanceTimersByTimeAsync(0);
+      expect(states.at(-1)).toBe("reconnecting");
+      await vi.advanceTimersByTimeAsync(1000);
+      expect(poll).toHaveBeenCalledTimes(2);
+      expect(states).toContain("polling");
+    });
+
+    it("stops polling when stopped", async () => {
+      const poll = vi.fn(async () => ({ events: [] }));
+      const stream = startPolling(poll);
+      FakeSocket.last().close();
+      await vi.advanceTimersByTimeAsync(250);
+      FakeSocket.last().close();
+      await vi.advanceTimersByTimeAsync(0);
+      stream.stop();
+      const polls = poll.mock.calls.length;
+      await vi.advanceTimersByTimeAsync(60_000);
+      expect(poll).toHaveBeenCalledTimes(polls);
+      expect(FakeSocket.all).toHaveLength(2);
+    });
+  });
 });

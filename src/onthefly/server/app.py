@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -36,7 +37,7 @@ from ..store.queries import (
 from ..store.reader import SessionReader
 from ..store.samples import sample_epochs
 from .archives import archive_routes
-from .auth import COOKIE
+from .auth import COOKIE, asset_key
 from .link import ChannelLink, LinkError
 from .models import (
     CommandAccepted,
@@ -57,6 +58,8 @@ __all__ = ["DASHBOARD_DIR", "Backend", "create_app", "openapi_document"]
 
 # The built page (ONTHEFLY_DASHBOARD_DIR serves another build, e.g. while developing the page).
 DASHBOARD_DIR = Path(os.environ.get("ONTHEFLY_DASHBOARD_DIR") or Path(__file__).resolve().parent.parent / "dashboard")
+# The built page's asset references (src="./assets/index-….js", href="./assets/index-….css").
+ASSET_URL = re.compile(r'\b(src|href)="(\./assets/[^"?#]+)"')
 STREAM_INTERVAL = 0.1  # seconds between WebSocket messages: at most 10 updates per second
 STREAM_BATCH = 2000  # events per message at most
 SQL_INT_MAX = 2**63 - 1  # steps and sequence numbers are SQLite integers: larger ones are refused (422)
@@ -262,12 +265,17 @@ def create_app(backend: Backend, token: str, allowed_origins: Callable[[], set[s
             return HTMLResponse(
                 "<h1>On The Fly</h1><p>The dashboard is not built. Run <code>bash scripts/setup.sh</code> "
                 "(it builds <code>dashboard/</code> with npm).</p>", status_code=503)
-        response = FileResponse(page, headers={"Cache-Control": "no-store"})
-        # The page's own assets then load without the token in their URLs.
+        # The page's assets carry the asset key (which opens them and nothing else): in a
+        # cross-site frame (an editor's webview) the browser does not send the strict cookie.
+        html = ASSET_URL.sub(lambda m: f'{m[1]}="{m[2]}?key={assets_key}"',
+                             await asyncio.to_thread(page.read_text, encoding="utf-8"))
+        response = HTMLResponse(html, headers={"Cache-Control": "no-store"})
+        # A normal tab's assets and downloads then load without the token in their URLs.
         response.set_cookie(cookie_name, backend_token, httponly=True, samesite="strict")
         return response
 
     backend_token = token
+    assets_key = asset_key(token)
     app.mount("/assets", StaticFiles(directory=DASHBOARD_DIR / "assets", check_dir=False), name="assets")
 
     # ---- session and runs -------------------------------------------------------------------
