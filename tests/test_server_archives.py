@@ -105,9 +105,12 @@ def test_onthefly_open_serves_an_imported_archive_without_a_training_process(
             line = server.stdout.readline()
             if not line:
                 break
-            found = re.search(r"(http://127\.0\.0\.1:\d+/\?token=[0-9A-Za-z_-]+)", line)
-            url = found.group(1) if found else ""
-        assert url, server.stderr.read() if server.poll() is not None else "no URL printed"
+            if line.startswith('{"onthefly"'):  # the handshake line a tool reads (the VS Code extension)
+                handshake = json.loads(line)["onthefly"]
+                url = handshake["url"]
+                assert handshake["pid"] == server.pid and url.endswith(f"?token={handshake['token']}")
+        assert url, server.stderr.read() if server.poll() is not None else "no handshake printed"
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[0-9A-Za-z_-]+", url)
         base, token = url.split("/?token=")
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=DEADLINE) as http:
             info = http.get("/api/session").json()

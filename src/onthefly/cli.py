@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -258,6 +260,8 @@ def _open(console: Console, args: argparse.Namespace) -> int:
         raise
     console.print(f"On The Fly dashboard for session {folder.name}: {url}\n(no training process: {what}; "
                   "Ctrl-C to stop)")
+    if os.environ.get("ONTHEFLY_HANDSHAKE") == "json":  # for tools that start it (the VS Code extension)
+        print(json.dumps({"onthefly": {"url": url, "token": server.token, "pid": os.getpid()}}), flush=True)
     if not args.no_browser:
         import webbrowser
 
