@@ -43,7 +43,7 @@ def torchrun(tmp: Path, script: str = "train.py", *, nodes: int = 1, args: tuple
                     for n in range(2)]
     processes = [subprocess.Popen(c, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for c in commands]
-    outputs = [p.communicate(timeout=240)[0] for p in processes]
+    outputs = [p.communicate(timeout=420)[0] for p in processes]
     result = subprocess.CompletedProcess(commands[0], max(p.returncode for p in processes), "\n".join(outputs))
     if check:
         assert result.returncode == 0, result.stdout[-4000:]
@@ -59,13 +59,21 @@ def sessions(tmp: Path) -> tuple[Any, Any]:
     return onthefly.open_session(folder), onthefly.open_session(folder / "ranks" / "rank-1")
 
 
-def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(tmp_path: Path) -> None:
-    result = torchrun(tmp_path, epochs="2")
-    first, second = outputs(tmp_path)
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The uninterrupted 2-epoch job (rank 0 serving the dashboard) the other tests compare with."""
+    folder = tmp_path_factory.mktemp("whole")
+    return folder, torchrun(folder, epochs="2", dashboard="1")
+
+
+def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(
+        whole: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    folder, result = whole
+    first, second = outputs(folder)
     assert first["summary"]["steps"] == second["summary"]["steps"] == 2 * STEPS_PER_EPOCH
     assert first["summary"]["train_loss"] == second["summary"]["train_loss"]  # the epoch mean over both ranks
     assert first["weights"] == second["weights"]
-    main, rank1 = sessions(tmp_path)
+    main, rank1 = sessions(folder)
     rows = main.samples(1).to_pandas()
     for epoch in (0, 1):
         indices = rows[rows.epoch == epoch]["index"]
@@ -75,6 +83,9 @@ def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(tmp_path: P
     assert (json.loads(config) if isinstance(config, str) else config)["world_size"] == 2
     assert rank1.samples(1).num_rows > 0 and rank1.samples(1).num_rows < 1001 * 2  # its own share, in its folder
     assert "Traceback" not in result.stdout
+    # Only rank 0 serves the dashboard.
+    served = [line for line in result.stdout.splitlines() if "On The Fly dashboard: http://127.0.0.1:" in line]
+    assert len(served) == 1, result.stdout[-3000:]
     # Exported and imported elsewhere: every rank's rows and checkpoints go with it.
     from onthefly.store.archive import export_session, import_session
 
@@ -82,12 +93,6 @@ def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(tmp_path: P
     copy = onthefly.open_session(import_session(tmp_path / "job.otf", home=tmp_path / "elsewhere"))
     assert copy.samples(1).to_pandas().groupby("epoch")["index"].nunique().tolist() == [1001, 1001]
     assert any((copy.dir / "ranks" / "rank-1" / "checkpoints").rglob("state.pt"))
-
-
-def test_only_rank_zero_serves_the_dashboard(tmp_path: Path) -> None:
-    result = torchrun(tmp_path, epochs="1", dashboard="1")
-    lines = [line for line in result.stdout.splitlines() if "On The Fly dashboard: http://127.0.0.1:" in line]
-    assert len(lines) == 1, result.stdout[-3000:]
 
 
 COMMANDS = {"5": ["set_lr", {"lr": 0.01}], "8": ["pause", {}], "12": ["checkpoint", {}],
@@ -129,13 +134,23 @@ def test_a_health_check_up_finds_ranks_whose_weights_differ(tmp_path: Path) -> N
         assert found["severity"] == "error" and len(set(found["evidence"]["hashes"])) == 2
 
 
-def test_a_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path: Path) -> None:
-    torchrun(tmp_path / "whole", epochs="2")
+def test_kept_alive_by_rank_zero_every_rank_idles_and_trains_more(tmp_path: Path) -> None:
+    torchrun(tmp_path, epochs="2", idle="1")  # rank 1 is not kept alive by itself: rank 0 decides
+    first, second = outputs(tmp_path)
+    assert first["summary"]["status"] == second["summary"]["status"] == "stopped"
+    assert first["summary"]["steps"] == second["summary"]["steps"] == 3 * STEPS_PER_EPOCH
+    assert first["weights"] == second["weights"]
+    _, rank1 = sessions(tmp_path)
+    assert [e["payload"]["status"] for e in rank1.events(1, kind="status")].count("idle") == 2
+
+
+def test_a_resume_is_bit_identical_to_the_uninterrupted_run(
+        whole: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
     torchrun(tmp_path / "parts", epochs="2", commands={"24": ["stop", {}]})  # stops at step 26, mid-epoch
     torchrun(tmp_path / "parts", epochs="2", resume="last")
-    whole, parts = outputs(tmp_path / "whole"), outputs(tmp_path / "parts")
+    parts = outputs(tmp_path / "parts")
     assert parts[0]["summary"]["steps"] == 2 * STEPS_PER_EPOCH
-    assert parts[0]["weights"] == parts[1]["weights"] == whole[0]["weights"]
+    assert parts[0]["weights"] == parts[1]["weights"] == outputs(whole[0])[0]["weights"]
     main, rank1 = sessions(tmp_path / "parts")
     (synced,) = main.events(kind="ranks_in_sync")  # checked after the resume
     assert synced["payload"]["ranks"] == 2 and synced["step"] == 26
@@ -162,21 +177,21 @@ def test_a_crashing_rank_ends_the_job_within_seconds_naming_it(tmp_path: Path) -
     assert took < 60, f"the job took {took:.0f} s to end after a rank crashed"
 
 
-def test_a_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
-    torchrun(tmp_path / "whole", epochs="2")
+def test_a_torchrun_restart_resumes_from_the_last_checkpoint(
+        whole: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
     restarted = torchrun(tmp_path / "crash", epochs="2", checkpoint_at="18", crash_rank="1", crash_step="21",
                          args=("--max-restarts", "1"))
     assert "planted crash on rank 1 at step 21" in restarted.stdout
-    assert outputs(tmp_path / "crash")[0]["weights"] == outputs(tmp_path / "whole")[0]["weights"]
+    assert outputs(tmp_path / "crash")[0]["weights"] == outputs(whole[0])[0]["weights"]
     main, _ = sessions(tmp_path / "crash")
     resumed = main.events(kind="resumed_from_checkpoint")
     assert [e["step"] for e in resumed] == [18]
 
 
-def test_two_nodes_on_localhost_train_like_one(tmp_path: Path) -> None:
-    torchrun(tmp_path / "one", epochs="1")
-    torchrun(tmp_path / "two", nodes=2, epochs="1")
-    assert outputs(tmp_path / "two")[0]["weights"] == outputs(tmp_path / "one")[0]["weights"]
+def test_two_nodes_on_localhost_train_like_one(whole: tuple[Path, subprocess.CompletedProcess[str]],
+                                               tmp_path: Path) -> None:
+    torchrun(tmp_path / "two", nodes=2, epochs="2")
+    assert outputs(tmp_path / "two")[0]["weights"] == outputs(whole[0])[0]["weights"]
     main, _ = sessions(tmp_path / "two")
     assert main.samples(1).to_pandas()["index"].nunique() == 1001
 

@@ -4,6 +4,7 @@ unchanged from a single-process script, plus what a test asks for through the en
 * DDP_COMMANDS: JSON {"step": [command, {args}], ...} requested on rank 0 after that step ("pause"
   is answered by a "resume" from another thread once the run is paused);
 * DDP_EPOCHS, DDP_RESUME ("last" or a checkpoint folder), DDP_CHECKPOINT_AT (a step),
+  DDP_IDLE=1 (rank 0 kept alive when planned training ends: one epoch more is asked for, then stop),
   DDP_CRASH_RANK / DDP_CRASH_STEP (that rank raises after that step), DDP_NUDGE_STEP (rank 1 alone
   changes a weight after that step), DDP_COUNT (a file each rank
   writes its count of On The Fly's collectives per step into), DDP_SEED."""
@@ -40,6 +41,22 @@ def count_collectives() -> None:
         setattr(dist, name, counted)
 
 
+def when(run: onthefly.Run, status: str) -> None:
+    import time
+
+    while run.status != status:
+        time.sleep(0.01)
+
+
+def more_then_stop(run: onthefly.Run) -> None:
+    """Planned training done and idle (kept alive): one epoch more, then, idle again, stop."""
+    when(run, "idle")
+    run.request("train_more", epochs=1)
+    when(run, "running")
+    when(run, "idle")
+    run.request("stop")
+
+
 def resume_once_paused(run: onthefly.Run) -> None:
     import time
 
@@ -62,6 +79,10 @@ class Plan(onthefly.Callback):
             with open(f"{os.environ['DDP_COUNT']}.rank{RANK}.json", "w") as f:
                 json.dump(self.counts, f)
 
+    def on_fit_start(self, run: onthefly.Run) -> None:
+        if RANK == 0 and os.environ.get("DDP_IDLE") == "1":
+            threading.Thread(target=more_then_stop, args=(run,), daemon=True).start()
+
     def on_step_end(self, run: onthefly.Run) -> None:
         step = run.global_step
         if RANK == 0 and step in self.commands:
@@ -81,6 +102,9 @@ class Plan(onthefly.Callback):
 
 
 def main() -> int:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(300, exit=True)  # a hang shows where it is, then the rank exits
     if os.environ.get("DDP_COUNT"):
         count_collectives()
     torch.manual_seed(int(os.environ.get("DDP_SEED", "0")))
@@ -97,7 +121,8 @@ def main() -> int:
                                 generator=torch.Generator().manual_seed(0)),
         val_loader=DataLoader(val, batch_size=100), max_epochs=int(os.environ.get("DDP_EPOCHS", "2")),
         dashboard=RANK == 0 and os.environ.get("DDP_DASHBOARD") == "1", progress=False, callbacks=[Plan()],
-        resume_from=os.environ.get("DDP_RESUME") or None, autofork="off")
+        resume_from=os.environ.get("DDP_RESUME") or None, autofork="off",
+        keep_alive=True if os.environ.get("DDP_IDLE") == "1" and RANK == 0 else None)
     weights = {k: v.tolist() for k, v in model.state_dict().items()}
     out = os.environ.get("DDP_OUT")
     if out:

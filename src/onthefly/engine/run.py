@@ -388,6 +388,8 @@ class Run:
             if on_plan_end is not None:
                 on_plan_end()
             keep_alive = self.keep_alive() if callable(self.keep_alive) else self.keep_alive
+            if self.world is not None:  # rank 0's dashboard decides for every rank: they idle together
+                keep_alive = self.world.share(bool(keep_alive))
             if not keep_alive:
                 return
             self.recorder.flush()
