@@ -102,6 +102,7 @@ export type LineageEdge = Schemas["LineageEdge"];
 export type CompareArgs = Body<"/api/runs/{run_id}/comparisons", "post">;
 export type ComparisonOut = Answer<"/api/comparisons/{comparison_id}">;
 export type HealthCheckArgs = Body<"/api/runs/{run_id}/health", "post">;
+export type VerifyArgs = Body<"/api/runs/{run_id}/verify", "post">;
 /** An area a health check-up can look at. */
 export type HealthArea = NonNullable<HealthCheckArgs["areas"]>[number];
 
@@ -287,6 +288,15 @@ export class ApiClient {
   healthCheck(runId: number, areas: HealthArea[] | null): Promise<Answer<"/api/runs/{run_id}/health", "post">> {
     const body: HealthCheckArgs = areas === null ? { kind: "health_check" } : { kind: "health_check", areas };
     return this.request("POST", `/api/runs/${runId}/health`, undefined, body);
+  }
+
+  /** Ask run `runId` to verify its likely-mislabelled samples of `epoch` (null: the newest complete
+   *  one) out of fold (5 folds x 5 epochs): a
+   *  command carried out at its next step boundary; its result (how many confirmed, the slice
+   *  they were saved as) comes in its `command_applied` event. */
+  verifySuspects(runId: number, epoch: number | null): Promise<Answer<"/api/runs/{run_id}/verify", "post">> {
+    const body: VerifyArgs = { kind: "verify_suspects", epoch, folds: 5, epochs: 5, slice: "verified mislabelled" };
+    return this.request("POST", `/api/runs/${runId}/verify`, undefined, body);
   }
 
   comparisons(): Promise<Answer<"/api/comparisons">> {

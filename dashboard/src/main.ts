@@ -17,6 +17,7 @@ import { SampleHistoryView } from "./history";
 import { LineageView } from "./lineage";
 import { PlanPanel } from "./plans";
 import { SamplesTable } from "./samples";
+import { VerifySuspects } from "./verify";
 import { SessionFiles } from "./session";
 import { SliceForm, SliceList } from "./slices";
 import { Store } from "./state";
@@ -98,7 +99,10 @@ function main(): void {
       next: byId("button-samples-next"),
       range: byId("samples-range"),
     },
-    { onPick: (runId, row) => void history.show(runId, row) },
+    {
+      onPick: (runId, row) => void history.show(runId, row),
+      onLoaded: (table) => verify.setSuspects(table.flags.mislabelled ?? 0, table.epoch),
+    },
   );
   // The slice list, plan cards, lineage and comparison refer to each other through callbacks
   // (called only after all four exist).
@@ -202,6 +206,9 @@ function main(): void {
     table: byTestId<HTMLTableElement>("cluster-table"),
   });
 
+  const verify = new VerifySuspects(api, store, dashboard.outcomes,
+    { button: byId("button-verify-suspects"), status: byTestId("verify-status") },
+    () => void slices.refresh());
   const health = new HealthPanel(api, store, dashboard.outcomes, {
     check: byId("button-health-check"),
     determinism: byId("button-determinism"),
@@ -226,6 +233,7 @@ function main(): void {
       controls.update(store.run);
       clusters.update(store.run);
       health.update(store.run);
+      verify.update(store.run);
       lineage.setCurrent(store.run?.id ?? null);
     }
     if (changed.has("connection")) header.renderConnection(store.connection);

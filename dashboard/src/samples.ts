@@ -34,6 +34,8 @@ export interface SampleTableOptions {
   followIntervalMs?: number;
   /** Called when a row is chosen (click or Enter). */
   onPick?: (runId: number, row: SampleRow) => void;
+  /** Called with every table read (its flag counts, say). */
+  onLoaded?: (table: SampleTable) => void;
 }
 
 interface SampleColumn {
@@ -66,7 +68,8 @@ const DEFAULTS = { pageSize: 50, followIntervalMs: 5000 };
 export class SamplesTable {
   private readonly api: ApiClient;
   private readonly elements: SampleTableElements;
-  private readonly options: Required<Omit<SampleTableOptions, "onPick">> & Pick<SampleTableOptions, "onPick">;
+  private readonly options: Required<Omit<SampleTableOptions, "onPick" | "onLoaded">> &
+    Pick<SampleTableOptions, "onPick" | "onLoaded">;
   private readonly headers = new Map<SampleSort, HTMLTableCellElement>();
   private runId: number | null = null;
   /** The newest complete epoch when the table was last asked for: while following, a read is
@@ -195,6 +198,7 @@ export class SamplesTable {
     this.elements.table.dataset["total"] = String(result.total);
     this.elements.table.dataset["liveEpoch"] = String(liveEpochOf(result) ?? "");
     this.elements.caption.replaceChildren(...describe(result));
+    this.options.onLoaded?.(result);
     this.renderPager();
   }
 
