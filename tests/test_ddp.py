@@ -18,6 +18,7 @@ import torch
 import onthefly
 
 HERE = Path(__file__).parent / "ddp"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 STEPS_PER_EPOCH = 16  # 1001 samples over 2 ranks: 501 each (one repeated by the sampler's padding), batches of 32
 
@@ -45,8 +46,12 @@ def torchrun(tmp: Path, script: str = "train.py", *, nodes: int = 1, args: tuple
                  for c in commands]
     outputs = [p.communicate(timeout=420)[0] for p in processes]
     result = subprocess.CompletedProcess(commands[0], max(p.returncode for p in processes), "\n".join(outputs))
-    if check:
-        assert result.returncode == 0, result.stdout[-4000:]
+    if check and result.returncode != 0:
+        ARTIFACTS.mkdir(exist_ok=True)
+        log = ARTIFACTS / f"ddp-{tmp.parent.name}-{tmp.name}.log"
+        log.write_text(result.stdout)  # every rank's whole output, for the failure's cause
+        raise AssertionError(f"torchrun failed (rc {result.returncode}; whole output in {log}):\n"
+                             f"{result.stdout[-6000:]}")
     return result
 
 
@@ -179,13 +184,16 @@ def test_a_crashing_rank_ends_the_job_within_seconds_naming_it(tmp_path: Path) -
 
 def test_a_torchrun_restart_resumes_from_the_last_checkpoint(
         whole: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    # More restarts than the one crash needs: on a loaded machine torchrun's own re-rendezvous can
+    # fail to connect the new workers' gloo mesh (seen here: "connectFullMesh failed ... Connection
+    # refused" before any of our code ran); every attempt resumes from the same last checkpoint.
     restarted = torchrun(tmp_path / "crash", epochs="2", checkpoint_at="18", crash_rank="1", crash_step="21",
-                         args=("--max-restarts", "1"))
+                         args=("--max-restarts", "3"))
     assert "planted crash on rank 1 at step 21" in restarted.stdout
     assert outputs(tmp_path / "crash")[0]["weights"] == outputs(whole[0])[0]["weights"]
     main, _ = sessions(tmp_path / "crash")
     resumed = main.events(kind="resumed_from_checkpoint")
-    assert [e["step"] for e in resumed] == [18]
+    assert resumed and {e["step"] for e in resumed} == {18}
 
 
 def test_two_nodes_on_localhost_train_like_one(whole: tuple[Path, subprocess.CompletedProcess[str]],

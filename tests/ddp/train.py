@@ -104,7 +104,7 @@ class Plan(onthefly.Callback):
 def main() -> int:
     import faulthandler
 
-    faulthandler.dump_traceback_later(300, exit=True)  # a hang shows where it is, then the rank exits
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang shows where it is, then the rank exits
     if os.environ.get("DDP_COUNT"):
         count_collectives()
     torch.manual_seed(int(os.environ.get("DDP_SEED", "0")))
