@@ -134,7 +134,7 @@ class DashboardProcess:
             pass
         try:
             process.wait(10)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: stop now, quietly
             process.kill()
             process.wait(5)
         if process.stdout is not None:
