@@ -51,19 +51,22 @@ class Demo:
 
 @pytest.fixture
 def demo(subprocess_env: dict[str, str]) -> Iterator[Demo]:
+    # Enough epochs that training is still going while the test acts; the test stops it itself.
+    yield from training([sys.executable, "-m", "onthefly.cli", "demo", "--no-browser", "--epochs", "200",
+                         "--samples", "8000"], subprocess_env)
+
+
+def training(command: list[str], subprocess_env: dict[str, str]) -> Iterator[Demo]:
+    """The body of a fixture: a training process with its dashboard, from its handshake line."""
     if not (REPO / "src" / "onthefly" / "dashboard" / "index.html").is_file():
         pytest.fail("the dashboard is not built: run `bash scripts/setup.sh` (npm ci && npm run build)")
     env = {**subprocess_env, "ONTHEFLY_HANDSHAKE": "json", "ONTHEFLY_DASHBOARD": "1"}
-    # Enough epochs that training is still going while the test acts; the test stops it itself.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "onthefly.cli", "demo", "--no-browser", "--epochs", "200",
-         "--samples", "8000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-    )
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=REPO)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()  # the handshake is printed once the server listens
-        assert line, f"the demo exited without a handshake: {process.stderr.read() if process.stderr else ''}"
+        assert line, f"the training process exited without a handshake: {process.stderr.read() if process.stderr else ''}"
         handshake = json.loads(line)["onthefly"]
         yield Demo(process, handshake["url"], handshake["token"])
     finally:

@@ -6,9 +6,7 @@ Screenshot: test-artifacts/verify.png."""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, expect
 
-from test_e2e_dashboard import ARTIFACTS, Demo, page, wait_until  # noqa: F401 - page: the same fixture
+from test_e2e_dashboard import ARTIFACTS, Demo, page, training, wait_until  # noqa: F401 - page: the same fixture
 
 HERE = Path(__file__).parent
 DEADLINE_MS = 60_000
@@ -25,19 +23,7 @@ DEADLINE_MS = 60_000
 
 @pytest.fixture
 def noisy(subprocess_env: dict[str, str]) -> Iterator[Demo]:
-    env = {**subprocess_env, "ONTHEFLY_HANDSHAKE": "json", "ONTHEFLY_DASHBOARD": "1"}
-    process = subprocess.Popen([sys.executable, str(HERE / "e2e_noisy.py")], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line, f"the script exited without a handshake: {process.stderr.read() if process.stderr else ''}"
-        handshake = json.loads(line)["onthefly"]
-        yield Demo(process, handshake["url"], handshake["token"])
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
+    yield from training([sys.executable, str(HERE / "e2e_noisy.py")], subprocess_env)
 
 
 def test_verify_suspects_from_the_samples_table(noisy: Demo, page: Page) -> None:  # noqa: F811 - the fixture

@@ -547,11 +547,22 @@ def _extract(archive: Path, target: Path) -> dict[str, Any]:
 
 
 def _check_session(folder: Path, manifest: dict[str, Any], archive: Path) -> None:
-    """The contents are what they claim: a sound database of this session, tensors-only checkpoints."""
+    """The contents are what they claim: a sound database of this session (and of each of a
+    torchrun job's other ranks), tensors-only checkpoints."""
+    session_id, paths = _read_db(folder, "its database", archive)
+    if session_id != manifest["session"]["id"]:
+        raise _bad(archive, "its database belongs to another session than the manifest names")
+    _check_checkpoints(folder, paths, archive)
+    for rank in sorted((folder / RANKS_DIR).glob("rank-*")):
+        _, ranked = _read_db(rank, f"the database of {RANKS_DIR}/{rank.name}", archive)
+        _check_checkpoints(rank, ranked, archive)
 
-    db = folder / DB_FILE
+
+def _read_db(folder: Path, what: str, archive: Path) -> tuple[str | None, list[str]]:
+    """(session id, checkpoint paths) of the database in ``folder``, which must pass SQLite's
+    integrity check."""
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{folder / DB_FILE}?mode=ro", uri=True)
         try:
             check = conn.execute("PRAGMA integrity_check").fetchone()[0]
             row = conn.execute("SELECT id FROM session").fetchone()
@@ -559,25 +570,10 @@ def _check_session(folder: Path, manifest: dict[str, Any], archive: Path) -> Non
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise _bad(archive, f"its database cannot be read ({exc})") from exc
+        raise _bad(archive, f"{what} cannot be read ({exc})") from exc
     if check != "ok":
-        raise _bad(archive, f"its database fails SQLite's integrity check ({check})")
-    if row is None or row[0] != manifest["session"]["id"]:
-        raise _bad(archive, "its database belongs to another session than the manifest names")
-    _check_checkpoints(folder, paths, archive)
-    for rank in sorted((folder / RANKS_DIR).glob("rank-*")):  # a torchrun job's other ranks
-        try:
-            conn = sqlite3.connect(f"file:{rank / DB_FILE}?mode=ro", uri=True)
-            try:
-                check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-                ranked = [r[0] for r in conn.execute("SELECT path FROM checkpoints")]
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise _bad(archive, f"the database of {RANKS_DIR}/{rank.name} cannot be read ({exc})") from exc
-        if check != "ok":
-            raise _bad(archive, f"the database of {RANKS_DIR}/{rank.name} fails SQLite's integrity check ({check})")
-        _check_checkpoints(rank, ranked, archive)
+        raise _bad(archive, f"{what} fails SQLite's integrity check ({check})")
+    return (None if row is None else str(row[0])), paths
 
 
 def _check_checkpoints(folder: Path, paths: list[str], archive: Path) -> None:
