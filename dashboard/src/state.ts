@@ -34,6 +34,14 @@ export type Listener = (changed: ReadonlySet<Topic>) => void;
 /** How many log entries the page keeps (newest first); older ones are in the session's store. */
 export const LOG_LIMIT = 500;
 
+/** A run that has ended takes no command, whatever an earlier snapshot of it listed: its status
+ *  event can come before the server's state of the run says so. */
+const ENDED = new Set(["stopped", "finished", "failed"]);
+
+function settled(run: RunInfo): RunInfo {
+  return ENDED.has(run.status) && run.commands.length > 0 ? { ...run, commands: [] } : run;
+}
+
 export class Store {
   session: SessionInfo | null = null;
   run: RunInfo | null = null;
@@ -56,14 +64,14 @@ export class Store {
   }
 
   setRun(run: RunInfo): void {
-    this.run = run;
+    this.run = settled(run);
     this.changed("run");
   }
 
   /** Merge live values (from a progress or status event) into the current run. */
   patchRun(patch: Partial<RunInfo>): void {
     if (this.run === null) return;
-    this.run = { ...this.run, ...patch };
+    this.run = settled({ ...this.run, ...patch });
     this.changed("run");
   }
 

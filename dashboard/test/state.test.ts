@@ -36,6 +36,18 @@ describe("Store", () => {
     expect(notes).toEqual([]);
   });
 
+  it("takes no command for a run that has ended, whatever its last snapshot listed", () => {
+    const store = new Store();
+    store.setRun(run);
+    expect(store.run?.commands).toEqual(["pause"]);
+    store.patchRun({ status: "stopped" }); // the status event, before the server's state says so
+    expect(store.run?.commands).toEqual([]);
+    store.setRun({ ...run, status: "finished" }); // a stale snapshot of a finished run
+    expect(store.run?.commands).toEqual([]);
+    store.setRun({ ...run, status: "paused" });
+    expect(store.run?.commands).toEqual(["pause"]);
+  });
+
   it("keeps the log newest first, without duplicates, bounded", () => {
     const store = new Store();
     store.addLog([entry(2), entry(1)]);

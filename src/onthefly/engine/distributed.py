@@ -158,10 +158,29 @@ def world() -> World | None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        store = _attempt_store(size)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=size)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank, str(dist.get_backend()), control)
     return _WORLD
+
+
+def _attempt_store(size: int) -> Any:
+    """Under torchrun, the rendezvous store with this attempt's own prefix. The agent's store
+    outlives a restart (``--max-restarts``), and the process group's keys (each rank's address)
+    would otherwise be read back from the attempt before: a new rank then connects to a dead one
+    ("connectFullMesh failed ... Connection refused"). None outside torchrun (env:// as is)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                          is_master=not hosted_by_agent and int(os.environ["RANK"]) == 0,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"onthefly/attempt-{attempt}", store)
 
 
 def is_wrapped(model: nn.Module) -> bool:
