@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import onthefly
 
@@ -218,7 +217,6 @@ def test_a_loop_of_its_own_with_an_unwrapped_model_is_told_to_wrap_it(tmp_path: 
     assert "DistributedDataParallel(model)" in result.stdout
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="a torch build without torch.distributed")
 def test_the_shares_of_a_padded_epoch_are_recorded_once() -> None:
     from torch.utils.data import DistributedSampler
 

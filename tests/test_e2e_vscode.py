@@ -28,13 +28,13 @@ import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from playwright.sync_api import FrameLocator, Page, expect, sync_playwright
 
 from conftest import REPO
+from test_e2e_dashboard import wait_until
 
 pytestmark = [
     pytest.mark.vscode,
@@ -246,14 +246,6 @@ def chart_points(frame: FrameLocator) -> int:
     return int(frame.get_by_test_id("chart-train-loss").get_attribute("data-points") or 0)
 
 
-def wait_until(predicate: Any, message: str, timeout: float = DEADLINE_MS / 1000) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {message}")
-        time.sleep(0.2)  # polling a condition with a deadline, not papering over a race
-
-
 def test_the_extension_runs_pauses_and_stops_training_in_real_vscode(code_server: CodeServer, page: Page) -> None:
     with screenshot_on_failure(page):
         scenario(code_server, page)
@@ -296,9 +288,9 @@ def scenario(code_server: CodeServer, page: Page) -> None:
     expect(frame.get_by_test_id("connection")).to_have_attribute("data-state", "open")
 
     # The loss curve grows.
-    wait_until(lambda: chart_points(frame) > 5, "the loss chart has points")
+    wait_until(lambda: chart_points(frame) > 5, "the loss chart has points", DEADLINE_MS / 1000)
     first = chart_points(frame)
-    wait_until(lambda: chart_points(frame) > first + 5, "the loss chart grows")
+    wait_until(lambda: chart_points(frame) > first + 5, "the loss chart grows", DEADLINE_MS / 1000)
     shot(page, "running")
 
     # Pause: the dashboard says so, and the panel's tab too (the dashboard tells the panel).
@@ -351,7 +343,7 @@ def scenario(code_server: CodeServer, page: Page) -> None:
     frame = view.frame_locator("iframe#dashboard")
     expect(frame.get_by_test_id("project")).to_have_text("vscode-e2e")
     expect(frame.get_by_test_id("status")).to_have_text("stopped")
-    wait_until(lambda: chart_points(frame) > first, "the session's loss curve is drawn")
+    wait_until(lambda: chart_points(frame) > first, "the session's loss curve is drawn", DEADLINE_MS / 1000)
     shot(page, "session")
     view.get_by_role("button", name="Stop").click()
     expect(view.get_by_test_id("status")).to_have_text("baseline.otf stopped")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import onthefly
 from onthefly.actions import health
-from test_health import Augmented, checkups, clock_seed, mlp, splits
+from test_health import Augmented, Jitter, checkups, clock_seed, mlp, splits
 
 CHECK_AT = 50  # the check-up is asked for after step 50, in epoch 1 (steps 39-76)
 
@@ -101,14 +101,6 @@ def test_the_check_leaves_the_live_run_as_it_would_have_been() -> None:
     unchecked = weights(train(plan=Plan(check=False)))
     assert checked.keys() == unchecked.keys()
     assert all(torch.equal(checked[k], unchecked[k]) for k in checked)
-
-
-class Jitter(nn.Module):
-    """The planted nondeterminism: noise from a generator seeded from the clock."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(time.perf_counter_ns()))
-        return x + 1e-3 * noise
 
 
 def test_a_planted_nondeterministic_op_is_found_at_the_first_replayed_step_and_named() -> None:

@@ -41,10 +41,14 @@ def count_collectives() -> None:
         setattr(dist, name, counted)
 
 
-def when(run: onthefly.Run, status: str) -> None:
+def when(run: onthefly.Run, status: str, timeout: float = 120.0) -> None:
+    """Wait (polling, with a deadline) until the run's status is ``status``."""
     import time
 
+    deadline = time.monotonic() + timeout
     while run.status != status:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rank {RANK}: the run never became {status!r} (it is {run.status!r})")
         time.sleep(0.01)
 
 
@@ -58,10 +62,7 @@ def more_then_stop(run: onthefly.Run) -> None:
 
 
 def resume_once_paused(run: onthefly.Run) -> None:
-    import time
-
-    while run.status != "paused":  # the pause takes effect at the next step boundary
-        time.sleep(0.01)
+    when(run, "paused")  # the pause takes effect at the next step boundary
     run.request("resume")
 
 

@@ -80,7 +80,7 @@ if importlib.util.find_spec("onthefly") is not None:
     try:
         from importlib.metadata import version as v
         version = v("${DISTRIBUTION}")
-    except Exception:
+    except ImportError:  # PackageNotFoundError: installed without metadata (a source tree on the path)
         import onthefly
         version = getattr(onthefly, "__version__", "0")
 print(json.dumps({"python": sys.version.split()[0], "onthefly": version}))

@@ -22,6 +22,8 @@ Fly's own messages on the CPU, so that no message waits for the device:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -163,9 +165,16 @@ def world() -> World | None:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=size)
+        atexit.register(_destroy)  # started here, ended here: its threads joined before the interpreter goes
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank, str(dist.get_backend()), control)
     return _WORLD
+
+
+def _destroy() -> None:
+    with contextlib.suppress(Exception):  # at exit: a peer already gone must not turn an exit into an error
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _attempt_store(size: int) -> Any:
