@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import onthefly
 
@@ -127,6 +128,57 @@ def test_commands_apply_at_the_same_step_on_every_rank_with_one_collective_a_ste
     epoch_starts = {e * STEPS_PER_EPOCH + 1 for e in range(1, 4)}
     quiet = {s: n for s, n in per_step.items() if s not in around_commands | epoch_starts}
     assert len(quiet) > 20 and set(quiet.values()) == {1}, per_step
+
+
+FORK = {"step": 20, "slice": {"kind": "quantile_band", "low": 0.8},
+        "card": {"kind": "fork", "name": "hard specialist", "run_id": 1, "slice": "hard", "mix": "slice",
+                 "lr": 0.05, "budget": 1, "budget_unit": "epochs", "seed": 0}}
+
+
+def test_a_fork_trains_on_every_rank_and_the_parent_goes_on_exactly(
+        whole: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    from onthefly.store.checkpoints import read_checkpoint
+
+    compare = ["compare", {"runs": [1, 2, 3], "reference": 3, "sets": ["hard", "val"]}]
+    torchrun(tmp_path, epochs="2", plan=FORK, commands={"26": compare})
+    main, rank1 = sessions(tmp_path)
+    (plan,) = main.plans()
+    assert plan["status"] == "done", plan
+    assert plan["runs"] == [2, 3] and plan["result"]["verdict"]["met"] in (True, False)
+    assert {(e["child"], e["kind"], e["step"]) for e in main.lineage()["edges"]} == {(2, "fork", 22),
+                                                                                     (3, "control", 22)}
+    # The card was carried out at the same step on both ranks, with the same outcome.
+    for reader in (main, rank1):
+        (applied,) = [e for e in reader.events(1, kind="command_applied") if e["payload"]["command"] == "execute_plan"]
+        assert applied["step"] == 22 and applied["payload"]["result"]["runs"] == [2, 3]
+    # The specialist's one epoch drew every sample of the slice once, shared between the ranks.
+    hard = set(main.slice_indices(main.slice("hard")).tolist())
+    rows = main.samples(2).to_pandas()
+    assert len(rows) == len(hard) and set(rows["index"]) == hard
+    assert 0 < rank1.samples(2).num_rows < len(hard)  # rank 1 trained its share
+    # Each child ended with the same weights on both ranks, and the parent went on as if never left.
+    for child in (2, 3):
+        ends = [read_checkpoint(r.checkpoints(child)[-1]["path"])[0] for r in (main, rank1)]
+        assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    first, second = outputs(tmp_path)
+    assert first["weights"] == second["weights"] == outputs(whole[0])[0]["weights"]
+    # The comparison was made by rank 0 (its session holds the slice) and named on both ranks.
+    for reader in (main, rank1):
+        (compared,) = [e for e in reader.events(1, kind="command_applied") if e["payload"]["command"] == "compare"]
+        assert compared["step"] == 28
+    assert len(main.comparisons()) == 2  # the card's judging and the compare command
+
+
+def test_a_curation_card_weighs_the_slice_on_every_rank_from_the_same_step(
+        whole: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    drop = {**FORK, "card": {"kind": "curate", "run_id": 1, "slice": "hard", "action": "drop"}}
+    torchrun(tmp_path, epochs="2", plan=drop)
+    main, rank1 = sessions(tmp_path)
+    assert [p["status"] for p in main.plans()] == ["done"]
+    marks = [[(e["step"], e["payload"]["weight"]) for e in r.events(1, kind="curation_applied")] for r in (main, rank1)]
+    assert marks[0] == marks[1] == [(22, 0.0)]  # the card approved after step 20 takes effect at 22 everywhere
+    first, second = outputs(tmp_path)
+    assert first["weights"] == second["weights"] != outputs(whole[0])[0]["weights"]
 
 
 def test_a_health_check_up_finds_ranks_whose_weights_differ(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ unchanged from a single-process script, plus what a test asks for through the en
   DDP_IDLE=1 (rank 0 kept alive when planned training ends: one epoch more is asked for, then stop),
   DDP_CRASH_RANK / DDP_CRASH_STEP (that rank raises after that step), DDP_NUDGE_STEP (rank 1 alone
   changes a weight after that step), DDP_COUNT (a file each rank
-  writes its count of On The Fly's collectives per step into), DDP_SEED."""
+  writes its count of On The Fly's collectives per step into), DDP_SEED;
+* DDP_PLAN: JSON {"step": S, "slice": {definition}, "card": {plan card}}: after step S rank 0 saves
+  the slice "hard" and proposes and approves the card (carried out on every rank)."""
 
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class Plan(onthefly.Callback):
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             self.crash = (-1, 0)  # the planted crash happens once, before torchrun's restart
         self.counts: list[int] | None = [] if os.environ.get("DDP_COUNT") else None
+        self.plan = json.loads(os.environ.get("DDP_PLAN", "null"))
 
     def on_fit_end(self, run: onthefly.Run) -> None:
         if self.counts is not None:
@@ -91,6 +94,11 @@ class Plan(onthefly.Callback):
             run.request(kind, **args)
             if kind == "pause":
                 threading.Thread(target=resume_once_paused, args=(run,), daemon=True).start()
+        if RANK == 0 and self.plan is not None and step == self.plan["step"]:
+            from onthefly.actions import fork, slices
+
+            slices.save_run_slice(run, "hard", self.plan["slice"])
+            fork.approve(run, fork.propose(run, self.plan["card"])["id"])
         if self.counts is not None:
             self.counts.append(COLLECTIVES[0])
         if step == self.checkpoint_at:

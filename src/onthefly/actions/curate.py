@@ -22,14 +22,12 @@ __all__ = ["WEIGHTS", "curated_weights", "execute"]
 WEIGHTS = {"drop": 0.0, "restore": 1.0}  # "reweight": the card's weight
 
 
-def execute(trainer: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """Training thread, at a step boundary: schedule the card's weights from its step on."""
+def execute(trainer: Any, plan: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
+    """Training thread, at a step boundary: schedule the card's weights for its slice's
+    ``indices`` from its step on (on every rank under torchrun)."""
     run, card = trainer.run, plan["card"]
     if card["run_id"] != run.run_id:
         raise ConfigError(f"run_id: this card curates run {card['run_id']}, but it was sent to run {run.run_id}")
-    run.session.flush()
-    reader = SessionReader(run.session.dir)
-    indices = np.asarray(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)
     n = len(trainer.train_loader.original.dataset)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
         raise ConfigError(f"slice {card['slice']!r} holds indices outside the training dataset (0..{n - 1})")

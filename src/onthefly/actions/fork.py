@@ -26,14 +26,16 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..engine.callbacks import Callback
+from ..engine.distributed import RankShare
 from ..errors import ConfigError, StateError
 from ..store.checkpoints import read_checkpoint
 from ..store.reader import SessionReader
@@ -45,10 +47,12 @@ from .adapters import add_adapters, train_head_only
 from .children import Draws, evaluate, evaluation_sets, optimizer_like, seed_all
 from .export import isolated_rng
 from .plans import check_card, edit_card, plan_out, require_proposed
+from .ranks import on_rank_zero
 
 __all__ = ["approve", "attach", "discard", "edit", "propose"]
 
 REST_SAMPLE = 10_000  # the rest of the training data is judged on at most this many samples
+EVERY_RANK = ("fork", "curate")  # the cards carried out under torchrun (on every rank)
 
 
 # ---- the Python API (any thread of the training process) ----------------------------------------
@@ -100,59 +104,63 @@ def attach(trainer: Any, *, on_child: Callable[[Any], None] | None = None) -> No
 
     def single_process(what: str) -> None:
         if run.world is not None:
-            raise StateError(f"{what} trains child runs in one process; under torchrun (world size "
-                             f"{run.world.size}) it is not carried out yet: save a checkpoint, export the session "
-                             "(onthefly export) and carry the card out from a single-process run resumed from it")
+            raise StateError(f"{what} trains in one process; under torchrun (world size {run.world.size}) it is not "
+                             "carried out yet: save a checkpoint, export the session (onthefly export) and carry it "
+                             "out from a single-process run resumed from it")
 
     def execute(args: dict[str, Any]) -> dict[str, Any]:
-        single_process("a plan card")
+        # Under torchrun every rank carries the card out (a fork's children train on all of them);
+        # rank 0 reads it and its slice, and records what came of it.
         plan_id = int(args["plan_id"])
-        reader = SessionReader(run.session.dir)
-        plan = reader.plan(plan_id)
-        if plan["status"] != "approved":
-            raise StateError(f"plan card {plan_id} is {plan['status']}, not approved")
-        run.session.update_plan(plan_id, status="running")
-        run.bus.publish("plan_started", {"plan_id": plan_id}, **_where(run))
+        plan, indices = on_rank_zero(run, lambda: _approved(run, plan_id))
+        if plan["kind"] not in EVERY_RANK:
+            single_process(f"a {plan['kind']} card")
+        slice_indices = np.array(indices if indices is not None else [], dtype=np.int64)  # writable
+        lead = run.world is None or run.world.rank == 0
+        if lead:
+            run.session.update_plan(plan_id, status="running")
+            run.bus.publish("plan_started", {"plan_id": plan_id}, **_where(run))
         status = run.controller.status
         try:
             if plan["kind"] == "curate":
-                result = curating.execute(trainer, plan)
+                done = curating.execute(trainer, plan, slice_indices)
+                outcome: Callable[[], dict[str, Any]] = lambda: done  # noqa: E731
             else:
                 run.controller.set_status("paused")  # one run trains at a time: the parent waits here
                 try:
                     if plan["kind"] == "merge":
-                        result = merging.execute(trainer, plan, on_child)
+                        done = merging.execute(trainer, plan, on_child)
                     elif plan["kind"] == "gate":
                         from . import mixture as mixing  # torch.export, ONNX: imported when used
 
-                        result = mixing.execute(trainer, plan, on_child)
+                        done = mixing.execute(trainer, plan, on_child)
                     elif plan["kind"] == "benchmark":
                         from . import benchmark as benchmarking
 
-                        result = benchmarking.execute(trainer, plan, on_child)
+                        done = benchmarking.execute(trainer, plan, on_child)
                     else:
-                        result = _fork(trainer, plan, on_child)
+                        trained = _fork(trainer, plan, slice_indices, on_child)
+                        done = {}
                 finally:
                     run.controller.set_status(status)
-                result["comparison_id"] = run.session.save_comparison(
-                    {"plan_id": plan_id, "runs": result["runs"], "judging": True}, result["comparison"])
+                outcome = (lambda: _judged(trainer, plan, trained)) if plan["kind"] == "fork" else lambda: done
+            return on_rank_zero(run, lambda: _record(run, plan, outcome()))
         except Exception as exc:
-            run.session.update_plan(plan_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-            run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "failed", "error": str(exc)},
-                            **_where(run))
+            if lead:
+                run.session.update_plan(plan_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+                run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "failed", "error": str(exc)},
+                                **_where(run))
             raise
-        result = {**(plan["result"] or {}), **result}  # keeps what it was proposed on (autofork's evidence)
-        run.session.update_plan(plan_id, status="done", result=result, runs=result["runs"])
-        run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "done", "runs": result["runs"],
-                                          "verdict": result["verdict"]}, **_where(run))
-        return {"plan_id": plan_id, "runs": result["runs"], "verdict": result["verdict"]}
 
     def compare(args: dict[str, Any]) -> dict[str, Any]:
-        result = compare_runs(trainer, args)
-        comparison_id = run.session.save_comparison(args, result)
-        run.bus.publish("comparison", {"comparison_id": comparison_id, "runs": args["runs"], "sets": args["sets"]},
-                        **_where(run))
-        return {"comparison": comparison_id}
+        def work() -> dict[str, Any]:  # rank 0 evaluates (its session names the slices, its process the forks)
+            result = compare_runs(trainer, args)
+            comparison_id = run.session.save_comparison(args, result)
+            run.bus.publish("comparison", {"comparison_id": comparison_id, "runs": args["runs"],
+                                           "sets": args["sets"]}, **_where(run))
+            return {"comparison": comparison_id}
+
+        return on_rank_zero(run, work)
 
     def preview(args: dict[str, Any]) -> dict[str, Any]:
         single_process("a merge preview")
@@ -179,26 +187,77 @@ def _where(run: Any) -> dict[str, Any]:
     return {"run_id": run.run_id, "step": run.global_step, "epoch": run.epoch}
 
 
-def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | None) -> dict[str, Any]:
+def _approved(run: Any, plan_id: int) -> tuple[dict[str, Any], list[int] | None]:
+    """The approved card and its slice's indices (None: a card without a slice)."""
+    run.session.flush()  # the slice a card names may have been saved a moment ago
+    reader = SessionReader(run.session.dir)
+    plan = reader.plan(plan_id)
+    if plan["status"] != "approved":
+        raise StateError(f"plan card {plan_id} is {plan['status']}, not approved")
+    if plan["kind"] not in EVERY_RANK:
+        return plan, None
+    return plan, reader.slice_indices(reader.slice(plan["card"]["slice"])).tolist()
+
+
+def _record(run: Any, plan: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """What came of a card, written on it (rank 0); the command's result."""
+    plan_id = plan["id"]
+    if "comparison" in result:
+        result["comparison_id"] = run.session.save_comparison(
+            {"plan_id": plan_id, "runs": result["runs"], "judging": True}, result["comparison"])
+    result = {**(plan["result"] or {}), **result}  # keeps what it was proposed on (autofork's evidence)
+    run.session.update_plan(plan_id, status="done", result=result, runs=result["runs"])
+    run.bus.publish("plan_finished", {"plan_id": plan_id, "status": "done", "runs": result["runs"],
+                                      "verdict": result["verdict"]}, **_where(run))
+    return {"plan_id": plan_id, "runs": result["runs"], "verdict": result["verdict"]}
+
+
+@dataclass
+class _Trained:
+    """A fork's children, trained (on every rank under torchrun), before they are judged."""
+
+    runs: list[int]
+    models: dict[str, nn.Module]  # "fork", "control" -> the child's module
+    source: nn.Module  # the parent at the fork point
+    slice_indices: np.ndarray
+    fork_step: int
+    seconds: float
+    first_step_seconds: float | None
+
+
+def _fork(trainer: Any, plan: dict[str, Any], slice_indices: np.ndarray,
+          on_child: Callable[[Any], None] | None) -> _Trained:
+    """Train the card's specialist (and its control). Under torchrun every rank trains them, as
+    it trains the parent: the fork point's weights are rank 0's, each rank draws its share of
+    every child epoch, and rank 0 records the lineage."""
     from ..engine.trainer import Trainer
 
-    run, card = trainer.run, plan["card"]
+    run, card, where = trainer.run, plan["card"], trainer.run.world
     if card["run_id"] != run.run_id:
         raise ConfigError(f"run_id: this card forks run {card['run_id']}, but it was sent to run {run.run_id}")
     run.recorder.flush()  # the parent's rows so far are in the store before the children add theirs
     run.session.flush()
-    reader = SessionReader(run.session.dir)
-    slice_indices = np.array(reader.slice_indices(reader.slice(card["slice"])), dtype=np.int64)  # writable
+    tensors: dict[str, torch.Tensor] | None = None
+
+    def fork_point() -> int:  # rank 0: the step of the fork point (reading a checkpoint's weights)
+        nonlocal tensors
+        if card["checkpoint_id"] is None:
+            return int(run.global_step)
+        record = SessionReader(run.session.dir).checkpoint(card["checkpoint_id"])
+        tensors, _ = read_checkpoint(record["path"])
+        return int(record["step"])
+
+    fork_step = on_rank_zero(run, fork_point)
     fork_checkpoint = card["checkpoint_id"]
-    if card["checkpoint_id"] is not None:
-        tensors, _ = read_checkpoint(reader.checkpoint(card["checkpoint_id"])["path"])
-        fork_step = reader.checkpoint(card["checkpoint_id"])["step"]
-    else:
+    if fork_checkpoint is None:
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
-        fork_step = run.global_step
-        # The fork point is saved: lineage names the weights each child started from (a merge's
-        # task vectors are taken from there). A full disk does not stop the fork.
+        # The fork point is saved (by every rank: its RNG and sampler state): lineage names the
+        # weights each child started from (a merge's task vectors are taken from there). A full
+        # disk does not stop the fork.
         fork_checkpoint, _ = run.checkpoint_here("fork")
+    if where is not None:  # the same start on every rank
+        tensors = where.tensors(tensors if where.rank == 0 else None, trainer.model.state_dict())
+    assert tensors is not None
     loader = trainer.train_loader.original
     dataset = loader.dataset
     n = len(dataset)
@@ -209,6 +268,7 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
     if card["control"]:  # the same budget: as many draws per epoch as the specialist, from all the data
         pool, weights, _ = _draws(card, None, n)
         branches.append(("control", f"{card['name']} control", (pool, weights, specialist[2])))
+    ranks = where.size if where is not None else 1
     made: list[int] = []
     models: dict[str, nn.Module] = {}
     started = time.perf_counter()
@@ -225,10 +285,14 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = optimizer_like(trainer.optimizer, params, card)
             generator = torch.Generator().manual_seed(card["seed"])
+            batch_size = card["batch_size"] or loader.batch_size or 1
+            # A budget in steps is optimizer steps: under torchrun each step takes a batch from every rank.
             epochs, samples = (card["budget"], per_epoch) if card["budget_unit"] == "epochs" else \
-                (1, card["budget"] * (card["batch_size"] or loader.batch_size or 1))
-            child_loader = DataLoader(dataset, batch_size=card["batch_size"] or loader.batch_size,
-                                      sampler=Draws(pool, weights, samples, generator),
+                (1, card["budget"] * batch_size * ranks)
+            sampler: Sampler[int] = Draws(pool, weights, samples, generator)
+            if where is not None:
+                sampler = RankShare(sampler, where)
+            child_loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                       pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                                       worker_init_fn=loader.worker_init_fn,
@@ -241,21 +305,33 @@ def _fork(trainer: Any, plan: dict[str, Any], on_child: Callable[[Any], None] | 
                 targets=trainer.spec.targets, forward_fn=trainer.spec.forward_fn, progress=False,
                 session=run.session, parent=(run.run_id, fork_checkpoint),
                 callbacks=(_FirstStep(first_step, name, started),))
-            child.run.config.update({"plan_id": plan["id"], "fork": edge_kind, "trains": card["trains"]})
-            run.session.set_run_config(child.run.run_id, child.run.config)
-            run.session.add_edge(child_id=child.run.run_id, parent_id=run.run_id, kind=edge_kind, step=fork_step,
-                                 checkpoint_id=fork_checkpoint, plan_id=plan["id"])
-            if on_child is not None:
-                on_child(child.run)
+
+            def lineage(child: Any = child, edge_kind: str = edge_kind) -> None:
+                child.run.config.update({"plan_id": plan["id"], "fork": edge_kind, "trains": card["trains"]})
+                run.session.set_run_config(child.run.run_id, child.run.config)
+                run.session.add_edge(child_id=child.run.run_id, parent_id=run.run_id, kind=edge_kind,
+                                     step=fork_step, checkpoint_id=fork_checkpoint, plan_id=plan["id"])
+                if on_child is not None:
+                    on_child(child.run)
+
+            on_rank_zero(run, lineage)
             child.fit(epochs)
             made.append(child.run.run_id)
             models[edge_kind] = model
             trainer.forks[child.run.run_id] = model
         source = copy.deepcopy(trainer.model)
         source.load_state_dict(tensors)
-        verdict = _judge(trainer, card, source, models, slice_indices, n)
-    return {"runs": made, "fork_step": fork_step, "seconds": time.perf_counter() - started,
-            "first_step_seconds": first_step.get(card["name"]), **verdict}
+    return _Trained(made, models, source, slice_indices, fork_step, time.perf_counter() - started,
+                    first_step.get(card["name"]))
+
+
+def _judged(trainer: Any, plan: dict[str, Any], trained: _Trained) -> dict[str, Any]:
+    """The fork's result: its children and the card's criterion judged (rank 0)."""
+    n = len(trainer.train_loader.original.dataset)
+    with isolated_rng():
+        verdict = _judge(trainer, plan["card"], trained.source, trained.models, trained.slice_indices, n)
+    return {"runs": trained.runs, "fork_step": trained.fork_step, "seconds": trained.seconds,
+            "first_step_seconds": trained.first_step_seconds, **verdict}
 
 
 class _FirstStep(Callback):

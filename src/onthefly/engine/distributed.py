@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,12 +35,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from ..errors import ConfigError
 from .control import Command
 
-__all__ = ["World", "distributed_loader", "is_wrapped", "real_samples", "set_epoch", "unwrapped", "world"]
+__all__ = ["RankShare", "World", "distributed_loader", "is_wrapped", "real_samples", "set_epoch", "unwrapped",
+           "world"]
 
 # How long a rank waits in On The Fly's broadcast (a pause, a dashboard left open at the end).
 CONTROL_TIMEOUT = timedelta(days=7)
@@ -61,7 +62,7 @@ class World:
     # ---- messages ------------------------------------------------------------------------------
     def share(self, value: Any = None) -> Any:
         """Rank 0's ``value`` (JSON) on every rank."""
-        data = json.dumps(value).encode() if self.rank == 0 else b""
+        data = json.dumps(value, default=_plain).encode() if self.rank == 0 else b""
         return json.loads(self._bytes(data).decode())
 
     def _bytes(self, data: bytes) -> bytes:
@@ -114,6 +115,21 @@ class World:
     def _exchange(self, commands: list[Command]) -> list[Command]:
         return _decode(self._bytes(_encode(commands) if self.rank == 0 else b""))
 
+    def tensors(self, tensors: dict[str, torch.Tensor] | None, like: dict[str, torch.Tensor]) \
+            -> dict[str, torch.Tensor]:
+        """Rank 0's ``tensors`` (CPU copies) on every rank; the others pass None and ``like``, a
+        state dict with the same keys, shapes and dtypes (their own model's)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, reference in like.items():
+            if self.rank == 0:
+                assert tensors is not None
+                tensor = tensors[name].detach().to("cpu", copy=True).contiguous()
+            else:
+                tensor = torch.empty(reference.shape, dtype=reference.dtype)
+            dist.broadcast(tensor, 0, group=self.control)
+            out[name] = tensor
+        return out
+
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks (float64, the same bits on every rank)."""
         tensor = torch.tensor(values, dtype=torch.float64)
@@ -134,6 +150,13 @@ class World:
         dist.all_gather(gathered, mine, group=self.control)
         hashes = [bytes(g.tolist()).hex() for g in gathered]
         return len(set(hashes)) == 1, hashes
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy or torch scalar (or array) as JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _encode(commands: list[Command]) -> bytes:
@@ -211,12 +234,42 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+class RankShare(Sampler[int]):
+    """This rank's share of another sampler's epochs (a fork's draws): the whole order drawn on
+    every rank - from the same generator, so the same order everywhere - padded as a
+    DistributedSampler pads (its first indices repeated up to a multiple of the ranks), and every
+    ``size``-th index from this rank's on. The shares never overlap."""
+
+    def __init__(self, sampler: Sampler[int], where: World) -> None:
+        self.sampler, self.rank, self.size = sampler, where.rank, where.size
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The drawing sampler's generator (saved and restored with checkpoints)."""
+        found = getattr(self.sampler, "generator", None)
+        return found if isinstance(found, torch.Generator) else None
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.size)  # type: ignore[arg-type]
+
+    def own(self) -> int:
+        """How many of this rank's indices are its own (the rest is padding)."""
+        return len(range(self.rank, len(self.sampler), self.size))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        total = len(self) * self.size
+        if order and len(order) < total:
+            order = (order * -(-total // len(order)))[:total]
+        yield from order[self.rank::self.size]
+
+
 def distributed_loader(loader: DataLoader, where: World) -> DataLoader:
     """``loader`` with a DistributedSampler (each rank its share of every epoch), unless it has
-    one or batches by a sampler of its own; shuffled when the loader shuffled, with the seed of
-    its generator (the same on every rank: the shares never overlap)."""
-    if isinstance(loader.sampler, DistributedSampler) or isinstance(getattr(loader.batch_sampler, "sampler", None),
-                                                                  DistributedSampler):
+    one (or a RankShare) or batches by a sampler of its own; shuffled when the loader shuffled,
+    with the seed of its generator (the same on every rank: the shares never overlap)."""
+    if isinstance(loader.sampler, (DistributedSampler, RankShare)) or isinstance(
+            getattr(loader.batch_sampler, "sampler", None), (DistributedSampler, RankShare)):
         return loader
     if loader.batch_size is None or not _default_batching(loader):
         raise ConfigError(
@@ -255,6 +308,8 @@ def real_samples(loader: DataLoader) -> int | None:
     the epoch (repeating the first samples so every rank has as many): the rest are trained, not
     recorded, so that each sample of an epoch has one row. None: no padding."""
     for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if isinstance(sampler, RankShare):
+            return sampler.own() if sampler.own() < len(sampler) else None
         if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
             n = len(sampler.dataset)  # type: ignore[arg-type]
             own = len(range(sampler.rank, n, sampler.num_replicas))

@@ -136,7 +136,8 @@ class Run:
         self.world = world()
         self.grad_norms: GradNormTracker | None = None
         if self.world is not None and self.world.rank > 0:
-            source, checkpoint, continued = self._open_rank_session(project, run_name, resume_from, config, grad_norm)
+            source, checkpoint, continued = self._open_rank_session(project, run_name, resume_from, session, config,
+                                                                    grad_norm)
         else:
             source, checkpoint, continued = self._open_session(project, run_name, resume_from, session, config,
                                                                grad_norm, parent)
@@ -239,10 +240,11 @@ class Run:
         return source, checkpoint, continued
 
     def _open_rank_session(self, project: str, run_name: str, resume_from: str | Path | None,
-                           config: Mapping[str, Any] | None, grad_norm: bool,
+                           session: SessionStore | None, config: Mapping[str, Any] | None, grad_norm: bool,
                            ) -> tuple[ResumeSource | None, Checkpoint | None, int | None]:
-        """Rank R > 0: its session inside rank 0's (``ranks/rank-R``), the run rank 0 trains,
-        and its own checkpoint at the step rank 0 resumes from."""
+        """Rank R > 0: its session inside rank 0's (``ranks/rank-R``, or the given one: a fork's
+        child records where its parent does), the run rank 0 trains, and its own checkpoint at the
+        step rank 0 resumes from."""
         assert self.world is not None
         shared = self.world.share()
         rank = self.world.rank
@@ -259,9 +261,11 @@ class Run:
             source = ResumeSource(checkpoint=found[-1], session_dir=None, checkpoint_id=None,
                                   run_id=shared["run_id"], step=shared["step"], next_loss=None)
             checkpoint = read_checkpoint(found[-1])
-        self._owns_session = True
-        self.session = SessionStore.reopen(folder) if SessionStore.exists(folder) else \
-            SessionStore.for_rank(folder, project)
+        self._owns_session = session is None
+        if session is None:
+            session = SessionStore.reopen(folder) if SessionStore.exists(folder) else \
+                SessionStore.for_rank(folder, project)
+        self.session = session
         self._listen()
         self._track_grad_norms(grad_norm, config)
         self.run_id = int(shared["run_id"])
