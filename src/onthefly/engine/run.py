@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError, OnTheFlyError, StateError
 from ..signals.grad_norm import GradNormTracker
-from ..signals.per_sample import PerSampleLoss, classification_signals
+from ..signals.per_sample import PerSampleLoss, classification_signals, cross_entropy_signals
 from ..signals.quantiles import Reservoir
 from ..signals.recorder import LOSS, ClassSignals, Derive, Indices, SampleRecorder
 from ..store.checkpoints import read_checkpoint
@@ -879,6 +879,16 @@ def host_lr(lr: Any) -> float:
 
 
 def _derive(per_sample_loss: PerSampleLoss, classification: bool) -> Derive:
+    loss_fn = per_sample_loss.loss_fn
+    if classification and type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None \
+            and loss_fn.label_smoothing == 0.0:
+        ignore_index = loss_fn.ignore_index
+
+        def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ClassSignals | None]:
+            return cross_entropy_signals(outputs, targets, ignore_index)  # one log-softmax for both
+
+        return cross_entropy
+
     def derive(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ClassSignals | None]:
         per = per_sample_loss.per_sample(outputs, targets, outputs.shape[0])
         return per, classification_signals(outputs, targets) if classification else None

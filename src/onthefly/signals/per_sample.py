@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import LossError
 
-__all__ = ["PerSampleLoss", "classification_signals", "is_classification"]
+__all__ = ["PerSampleLoss", "classification_signals", "cross_entropy_signals", "is_classification"]
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -129,18 +129,39 @@ def classification_signals(logits: torch.Tensor, targets: torch.Tensor
 
     Stays on the device; a handful of small kernels, no host sync.
     """
+    return _signals(logits, targets)[1]
+
+
+@torch.no_grad()
+def cross_entropy_signals(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``nn.CrossEntropyLoss()``'s per-sample values (no class weights, no label smoothing) and
+    the classification signals, from one log-softmax: the loss is minus the true class's
+    log-probability (0 where the target is ``ignore_index``)."""
+    true, signals = _signals(logits, targets)
+    per = torch.where(targets == ignore_index, torch.zeros_like(true), -true)
+    return per, signals
+
+
+def _signals(logits: torch.Tensor, targets: torch.Tensor
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(the true class's log-probability, (margin, pred, confidence))."""
     logits = logits.detach().float()
     targets = targets.long()
     classes = logits.shape[1]
     valid = (targets >= 0) & (targets < classes)  # e.g. ignore_index=-100 has no true logit
     safe = targets.clamp(0, classes - 1).unsqueeze(1)
-    # One log-softmax serves both: a margin of log-probabilities equals the margin of logits, and
-    # the true class's probability is its exp. (topk(2) plus a logsumexp took 1.4x as long.)
-    log_probs = logits.log_softmax(dim=1)
-    true = log_probs.gather(1, safe).squeeze(1)
-    best_other = log_probs.scatter(1, safe, float("-inf")).amax(dim=1)
-    pred = logits.argmax(dim=1)
+    # The log-softmax by hand: torch's over a short last dimension took 2.7x as long on the CPU
+    # (1.7 against 0.65 ms for 20k rows of 10 classes). The margin of log-probabilities equals
+    # the margin of logits, and the true class's probability is its exp.
+    shifted = logits - logits.amax(dim=1, keepdim=True)
+    true_shifted = shifted.gather(1, safe).squeeze(1)
+    true = true_shifted - shifted.exp().sum(dim=1).log()
+    best_other, other = shifted.scatter(1, safe, float("-inf")).max(dim=1)
+    # The prediction is the true class or the best other one (argmax's first index on a tie).
+    safe = safe.squeeze(1)
+    pred = torch.where((true_shifted > best_other) | ((true_shifted == best_other) & (safe < other)), safe, other)
     nan = torch.full_like(true, float("nan"))
-    margin = torch.where(valid, true - best_other, nan)
+    margin = torch.where(valid, true_shifted - best_other, nan)
     confidence = torch.where(valid, true.exp(), nan)
-    return margin, pred, confidence
+    return true, (margin, pred, confidence)
