@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..store.columns import numpy_column
 from ..store.reader import SessionReader
 from ..store.samples import read_samples
 from . import fork as forking
@@ -100,9 +101,9 @@ class _Watcher:
                                      run_id=self.run.run_id, step=None, epoch=epoch)
 
     def _epoch_ended(self, epoch: int) -> None:
-        table = read_samples(self.run.session.dir, self.run.run_id, epoch=epoch)
-        indices = table.column("index").to_numpy()
-        losses = table.column("loss").to_numpy().astype(np.float64)
+        table = read_samples(self.run.session.dir, self.run.run_id, epoch=epoch, columns=["index", "loss"])
+        indices = numpy_column(table.column("index"))
+        losses = numpy_column(table.column("loss")).astype(np.float64)
         order = np.argsort(indices, kind="stable")
         self._losses[epoch] = (indices[order], losses[order])
         then = epoch - self.rule.patience

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats  # a dependency of scikit-learn, which the project requires
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -371,6 +370,10 @@ def _mcnemar(b: int, c: int) -> tuple[float, str]:
     total = b + c
     if total == 0:
         return 1.0, "exact"
+    from scipy import (
+        stats,  # here, not at the top: a training process that never compares need not load it (60 MiB)
+    )
+
     if total < EXACT_BELOW:
         return float(stats.binomtest(b, total, 0.5).pvalue), "exact"
     statistic = max(abs(b - c) - 1, 0) ** 2 / total

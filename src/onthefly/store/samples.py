@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .columns import numeric_array, read_parquet, string_array
+
 __all__ = ["SAMPLE_SCHEMA", "SampleChunk", "SampleSink", "epoch_files", "epoch_of", "part_files", "read_samples",
            "sample_epochs", "write_table"]
 
@@ -88,30 +90,21 @@ class SampleChunk:
                            cat_optional("grad_norm"))
 
     def to_arrow(self) -> pa.Table:
+        """The rows as a table of SAMPLE_SCHEMA, built from the columns' buffers (no pandas: see
+        :mod:`onthefly.store.columns`)."""
         n = len(self)
         has_class = self.pred >= 0
-        mask = ~has_class
-
-        def array(values: np.ndarray, **options: object) -> pa.Array:
-            return pa.array(values, memory_pool=POOL, **options)
-
-        return pa.table(
-            {
-                "run_id": array(np.full(n, self.run_id, dtype=np.int32)),
-                "split": pa.repeat(self.split, n, memory_pool=POOL),
-                "epoch": array(np.full(n, self.epoch, dtype=np.int32)),
-                "step": array(self.step.astype(np.int64, copy=False)),
-                "index": array(self.index.astype(np.int64, copy=False)),
-                "loss": array(self.loss.astype(np.float32, copy=False)),
-                "margin": array(self.margin.astype(np.float32, copy=False)),
-                "pred": array(self.pred.astype(np.int64, copy=False), mask=mask),
-                "label": array(self.label.astype(np.int64, copy=False), mask=mask),
-                "correct": array(self.pred == self.label, mask=mask),
-                "confidence": array(_or_nan(self.confidence, n)),
-                "grad_norm": array(_or_nan(self.grad_norm, n)),
-            },
-            schema=SAMPLE_SCHEMA,
-        )
+        values = {
+            "run_id": np.full(n, self.run_id), "epoch": np.full(n, self.epoch), "step": self.step,
+            "index": self.index, "loss": self.loss, "margin": self.margin, "confidence": _or_nan(self.confidence, n),
+            "grad_norm": _or_nan(self.grad_norm, n),
+        }
+        masked = {"pred": self.pred, "label": self.label, "correct": self.pred == self.label}
+        arrays = [string_array(self.split, n) if field.name == "split"
+                  else numeric_array(masked[field.name], field.type, valid=has_class) if field.name in masked
+                  else numeric_array(values[field.name], field.type)
+                  for field in SAMPLE_SCHEMA]
+        return pa.Table.from_arrays(arrays, schema=SAMPLE_SCHEMA)
 
 
 def _or_nan(values: np.ndarray | None, n: int) -> np.ndarray:
@@ -242,14 +235,18 @@ def epoch_files(session_dir: Path, run_id: int, epoch: int, split: str = "train"
 
 
 def read_samples(
-    session_dir: Path, run_id: int | None = None, *, epoch: int | None = None, split: str = "train"
+    session_dir: Path, run_id: int | None = None, *, epoch: int | None = None, split: str = "train",
+    columns: list[str] | None = None,
 ) -> pa.Table:
-    """All per-sample rows of a run (optionally one epoch), as one Arrow table."""
+    """All per-sample rows of a run (optionally one epoch, optionally some columns), as one Arrow
+    table. Read on the calling thread into the system allocator: in the training process, Arrow's
+    thread pools and their per-thread memory would stay in the user's resident memory."""
     tables = []
     for path in part_files(session_dir, run_id, split):
         if epoch is not None and epoch_of(path) != epoch:
             continue
-        tables.append(pq.read_table(path))
+        tables.append(read_parquet(path, columns))
     if not tables:
-        return SAMPLE_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+        schema = SAMPLE_SCHEMA if columns is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables, memory_pool=POOL)

@@ -32,6 +32,7 @@ from .._version import __version__
 from ..errors import StateError, StoreError
 from ..units import human_bytes
 from .checkpoints import write_checkpoint
+from .columns import numeric_array
 from .db import SCHEMA_VERSION, connect, create_schema
 from .samples import SampleChunk, write_table
 from .writer import StoreWriter, _Sql
@@ -569,7 +570,8 @@ class SessionStore:
                   "created": time.time()}
 
         def write() -> list[_Sql]:
-            write_table(self.dir / rel, pa.table({"index": pa.array(np.asarray(indices, dtype=np.int64))}))
+            write_table(self.dir / rel, pa.Table.from_arrays(
+                [numeric_array(np.asarray(indices, dtype=np.int64), pa.int64())], names=["index"]))
             return [_Sql("INSERT INTO slices (id, name, run_id, epoch, split, definition, count, path, created)"
                          " VALUES (?,?,?,?,?,?,?,?,?)",
                          [(slice_id, name, run_id, epoch, split, json.dumps(record["definition"]),
