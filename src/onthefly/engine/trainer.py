@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +33,10 @@ from .embed import embeddings
 from .evaluate import Evaluator, Metric
 from .loader import TrackedLoader
 from .progress import ProgressDisplay
+from .replay_log import REPLAY_WINDOW, ReplayedBatch, ReplayLog
 from .run import Run, host_lr
 
 __all__ = ["REPLAY_WINDOW", "FitSummary", "ReplayedBatch", "StepObjects", "Trainer"]
-
-# How many of the latest batches the determinism check can train again (host references to their
-# dataset indices are kept; nothing else).
-REPLAY_WINDOW = 512
 
 Forward = Callable[[nn.Module, Any], tuple[Any, Any, torch.Tensor, "torch.Tensor | None"]]
 
@@ -55,20 +51,6 @@ class StepObjects:
     scheduler: Any
     scaler: torch.amp.GradScaler | None
     zero_grad_next: bool = True
-
-
-@dataclass(frozen=True)
-class ReplayedBatch:
-    """One trained batch as the determinism check's replay needs it: where it lay in its epoch
-    (``batch_in_epoch`` counts it), its dataset indices, and how its loss was computed
-    (``deferred``: the loss function's own reduction; ``per_sample``: the mean of per-sample
-    losses; ``curated``: weighed by curation), and the loss it gave."""
-
-    epoch: int
-    batch_in_epoch: int
-    indices: Any
-    kind: str
-    loss: torch.Tensor | None  # the loss the run computed (detached, on the device: never read per step)
 
 
 @dataclass
@@ -222,7 +204,7 @@ class Trainer:
         self._deferred = False  # decided at the first step (see _small_rows)
         self.live = StepObjects(wrapper if wrapper is not None else self.model, optimizer, scheduler, self.scaler)
         # The batches trained since (at most) REPLAY_WINDOW batches ago, for the determinism check.
-        self.replayable: deque[ReplayedBatch] = deque(maxlen=REPLAY_WINDOW)
+        self.replayable = ReplayLog(REPLAY_WINDOW)
         # Live data curation (onthefly.actions.curate): a weight per training sample, on the
         # device, applied to each sample's loss; None until a curation card first applies.
         self.sample_weights: torch.Tensor | None = None
@@ -321,9 +303,8 @@ class Trainer:
         if self.sample_weights is not None and self._checked_first_step and self.run._indices is not None:
             forward, kind = self._curated_forward, "curated"  # curated: every sample's loss, weighed
         outputs, targets, loss, per_sample, factor = self.compute_step(self.live, batch, boundary, forward, live=True)
-        # What the determinism check's replay needs to train this batch again (host references only).
-        self.replayable.append(ReplayedBatch(self.run.epoch, self.run.batch_in_epoch, self.run._indices, kind,
-                                             loss.detach()))
+        # What the determinism check's replay needs to train this batch again (written in place).
+        self.replayable.append(self.run.epoch, self.run.batch_in_epoch, self.run._indices, kind, loss)
         if per_sample is None:  # the fast path: per-sample values derived at the next flush
             self.run.step_outputs(outputs, targets, self.loss, loss=loss, boundary=boundary, lr=lr,
                                   grad_norm_factor=factor)
