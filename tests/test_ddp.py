@@ -100,6 +100,16 @@ def test_every_sample_is_recorded_once_per_epoch_and_the_ranks_agree(
     assert any((copy.dir / "ranks" / "rank-1" / "checkpoints").rglob("state.pt"))
 
 
+def test_an_epoch_is_announced_once_every_rank_wrote_its_rows_and_no_rank_waits_for_a_disk(tmp_path: Path) -> None:
+    # Rank 1's disk takes 0.5 s a part: rank 0 announces each epoch (its writer thread waits for
+    # rank 1's rows) only when the session holds every sample of it; training never waited for it.
+    torchrun(tmp_path, epochs="2", slow_writes="0.5", announced=str(tmp_path / "announced.json"))
+    announced = json.loads((tmp_path / "announced.json").read_text())
+    assert announced == {"0": 1001, "1": 1001}
+    first, second = outputs(tmp_path)
+    assert first["weights"] == second["weights"]
+
+
 COMMANDS = {"5": ["set_lr", {"lr": 0.01}], "8": ["pause", {}], "12": ["checkpoint", {}],
             "20": ["train_more", {"epochs": 1}], "40": ["stop", {}]}
 

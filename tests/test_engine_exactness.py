@@ -67,6 +67,25 @@ def test_a_loop_of_its_own_can_pass_the_indices() -> None:
     assert np.array_equal(rows["label"], data.tensors[1].numpy()[rows["index"]])
 
 
+def test_a_buffer_the_loop_reuses_is_copied_and_a_read_only_one_kept() -> None:
+    data = toy_data(32)
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    buffer = np.empty(16, dtype=np.int64)
+    with onthefly.start_run(project="x", run_name="r", model=model, optimizer=opt, dashboard=False) as run:
+        for _epoch in run.epochs(1):
+            for first in (0, 16):
+                buffer[:] = np.arange(first, first + 16)  # the same buffer for every batch
+                x, y = data[torch.from_numpy(buffer)]
+                losses = F.cross_entropy(model(x), y, reduction="none")
+                run.step(losses, indices=buffer)
+            read_only = np.arange(16, dtype=np.int64)
+            read_only.flags.writeable = False
+            assert run._take_indices(read_only) is read_only  # nobody can change it: kept as it is
+            assert run._take_indices(buffer) is not buffer
+    assert sorted(losses_of(run)["index"]) == list(range(32))
+
+
 # ---- 5. a loss with a cross-sample term ---------------------------------------------------------
 class InBatchContrastive(nn.Module):
     """Supervised in-batch contrastive loss: each sample against every other in its batch. Has a

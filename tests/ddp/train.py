@@ -9,7 +9,10 @@ unchanged from a single-process script, plus what a test asks for through the en
   changes a weight after that step), DDP_COUNT (a file each rank
   writes its count of On The Fly's collectives per step into), DDP_SEED;
 * DDP_PLAN: JSON {"step": S, "slice": {definition}, "card": {plan card}}: after step S rank 0 saves
-  the slice "hard" and proposes and approves the card (carried out on every rank)."""
+  the slice "hard" and proposes and approves the card (carried out on every rank);
+* DDP_SLOW_WRITES (seconds: rank 1's disk is that slow for every per-sample part it writes) and
+  DDP_ANNOUNCED (a file rank 0 writes, for each training epoch it announced, how many distinct
+  samples of that epoch the session held across the ranks at that moment)."""
 
 from __future__ import annotations
 
@@ -86,6 +89,35 @@ class Plan(onthefly.Callback):
     def on_fit_start(self, run: onthefly.Run) -> None:
         if RANK == 0 and os.environ.get("DDP_IDLE") == "1":
             threading.Thread(target=more_then_stop, args=(run,), daemon=True).start()
+        if RANK == 0 and os.environ.get("DDP_ANNOUNCED"):
+            run.bus.subscribe(lambda event: count_announced(run, event))
+
+
+ANNOUNCED: dict[int, int] = {}
+
+
+def count_announced(run: onthefly.Run, event: object) -> None:
+    """At each training epoch_summary (rank 0's writer thread): the epoch's samples across the ranks."""
+    if getattr(event, "kind", None) == "epoch_summary" and event.payload.get("split") == "train":  # type: ignore[attr-defined]
+        epoch = event.epoch  # type: ignore[attr-defined]
+        table = onthefly.open_session(run.session.dir).samples(run.run_id, epoch=epoch)
+        ANNOUNCED[epoch] = len(set(table.column("index").to_pylist()))
+        with open(os.environ["DDP_ANNOUNCED"], "w") as f:
+            json.dump(ANNOUNCED, f)
+
+
+def slow_disk(seconds: float) -> None:
+    import time
+
+    from onthefly.store import samples
+
+    original = samples.SampleSink._write
+
+    def slowly(self: object, key: object) -> object:
+        time.sleep(seconds)  # the disk this rank writes to is slow
+        return original(self, key)  # type: ignore[arg-type]
+
+    samples.SampleSink._write = slowly  # type: ignore[method-assign]
 
     def on_step_end(self, run: onthefly.Run) -> None:
         step = run.global_step
@@ -116,6 +148,8 @@ def main() -> int:
     faulthandler.dump_traceback_later(120, exit=True)  # a hang shows where it is, then the rank exits
     if os.environ.get("DDP_COUNT"):
         count_collectives()
+    if RANK == 1 and os.environ.get("DDP_SLOW_WRITES"):
+        slow_disk(float(os.environ["DDP_SLOW_WRITES"]))
     torch.manual_seed(int(os.environ.get("DDP_SEED", "0")))
     data = load_digits()
     x = torch.tensor(data.data[:1001] / 16.0, dtype=torch.float32)  # 1001: the shares are uneven

@@ -156,7 +156,7 @@ class Run:
                                                                                            **self._where()))
         if self.world is not None:
             self.controller.sync = self.world.commands  # one small broadcast per step boundary
-        self.sink = TransferSink(self.session, self.bus, lambda: self.batch_in_epoch)
+        self.sink = TransferSink(self.session, self.bus, lambda: self.batch_in_epoch, **self._rank_closing())
         self.recorder = SampleRecorder(self.device, self.sink)
         self.resume = ResumePoint()
         self._objects = TrainingObjects(model, optimizer, scheduler, scaler, self.callbacks)
@@ -449,17 +449,18 @@ class Run:
             self.end_epoch()
 
     def _end_recorded_epoch(self) -> None:
-        """The epoch's rows are complete: under torchrun, once every rank has written its own."""
-        if self.world is None:
-            self.recorder.end_epoch()
-            return
+        """The epoch's rows are complete. Under torchrun, rank 0 announces the epoch once every
+        rank has written its own, on its writer thread: no rank waits here (see _rank_closing)."""
+        self.recorder.end_epoch()
+
+    def _rank_closing(self) -> dict[str, Any]:
+        """How the sink closes a training epoch under torchrun: rank 0 waits (on its writer thread)
+        for the other ranks' folders in its session to have the epoch's rows; they say so."""
+        if self.world is None or self.world.size == 1:
+            return {}
         if self.world.rank > 0:
-            self.recorder.end_epoch()
-            self.recorder.wait_idle()
-            self.session.flush()
-        self.world.sum([0.0])  # rank 0 closes the epoch after every other rank wrote its rows
-        if self.world.rank == 0:
-            self.recorder.end_epoch()
+            return {"marks_closed": True}
+        return {"rank_folders": [self.session.dir / "ranks" / f"rank-{r}" for r in range(1, self.world.size)]}
 
     def end_epoch(self) -> None:
         """Say that the epoch's end (validation, scheduler step) is done, for a loop that iterated
@@ -560,6 +561,9 @@ class Run:
                 self._end_loose_epoch()
                 self.recorder.begin_epoch(self.run_id, "train", self.epoch)
                 self._loose_epoch = self.epoch
+            if type(given) is np.ndarray and not given.flags.writeable and given.flags.owndata \
+                    and given.dtype == np.int64 and given.ndim == 1:
+                return given  # read-only and its own (loader.frozen): nobody can change it
             array = given.numpy() if isinstance(given, torch.Tensor) else given
             return np.array(array, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its buffer
         if indices is None and not self._in_batches:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -60,9 +62,14 @@ class ExactSum:
 class TransferSink:
     """Runs on the transfer thread (see the module docstring)."""
 
-    def __init__(self, session: SessionStore, bus: EventBus, batch_in_epoch: Callable[[], int]) -> None:
+    def __init__(self, session: SessionStore, bus: EventBus, batch_in_epoch: Callable[[], int], *,
+                 rank_folders: list[Path] | None = None, marks_closed: bool = False) -> None:
         self._session = session
         self._bus = bus
+        # Under torchrun: rank 0 announces a training epoch once every other rank's session folder
+        # (``rank_folders``) has its rows; the other ranks say when theirs are written (``marks_closed``).
+        self._rank_folders = rank_folders or []
+        self._marks_closed = marks_closed
         self._batch_in_epoch = batch_in_epoch  # for progress events: a plain int read, no lock needed
         self.latest: dict[str, float] = {}  # the last flushed step's loss, lr and throughput
         # The exact sum of each open epoch's per-sample training losses, and the mean of each
@@ -141,6 +148,8 @@ class TransferSink:
         if packet.split == "train" and self._live is not None and self._live[0] == packet.epoch:
             self._live = None  # the store now has the whole epoch: exact views from here on
         self._session.close_epoch(packet.run_id, packet.split, packet.epoch)
+        if self._marks_closed and packet.split == "train":
+            self._session.mark_closed(packet.run_id, packet.split, packet.epoch)
         total = self._epoch_sums.pop(packet.epoch, None)
         count = total.count if total is not None else 0
         if total is not None and count:
@@ -151,9 +160,21 @@ class TransferSink:
             self._session.metrics([(packet.run_id, "train_loss_epoch", step, packet.epoch, packet.flushed_at, mean)])
             # Announced once the epoch's table is committed: a page that reads it on this event
             # finds it (published from the writer thread).
-            self._session.after_written(functools.partial(
+            announce: Callable[[], object] = functools.partial(
                 self._bus.publish, "epoch_summary", {"split": packet.split, "loss": mean, "samples": count},
-                run_id=packet.run_id, step=step, epoch=packet.epoch))
+                run_id=packet.run_id, step=step, epoch=packet.epoch)
+            if self._rank_folders and packet.split == "train":
+                announce = functools.partial(self._when_ranks_closed, packet, announce)
+            self._session.after_written(announce)
+
+    def _when_ranks_closed(self, packet: HostPacket, announce: Callable[[], object]) -> None:
+        """Writer thread (rank 0): announce the epoch once every rank has written its rows."""
+        missing = self._session.wait_closed(self._rank_folders, packet.run_id, packet.split, packet.epoch)
+        if missing:
+            ranks = ", ".join(folder.name for folder in missing)
+            print(f"onthefly: epoch {packet.epoch}'s rows of {ranks} were not written in time; the epoch is "
+                  "announced without them", file=sys.stderr)
+        announce()
 
     def live(self) -> tuple[int, Reservoir] | None:
         """(epoch, reservoir) of the training epoch in progress, None between epochs (any thread:

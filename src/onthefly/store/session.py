@@ -281,6 +281,15 @@ def _save_source(folder: Path) -> None:
             (folder / SOURCE_DIR / path.name).write_bytes(path.read_bytes())
 
 
+# torchrun: how long rank 0 waits for the other ranks to have written an epoch's rows before it
+# announces the epoch anyway (and says which ranks were missing), and how often it looks.
+RANKS_CLOSE_TIMEOUT = 120.0
+RANKS_CLOSE_POLL = 0.005
+
+
+def _closed_name(run_id: int, split: str, epoch: int) -> str:
+    return f"run-{run_id}-{split}-epoch-{epoch:05d}"
+
 class SessionStore:
     """The live session of this process: its folder, database and writer thread.
 
@@ -501,6 +510,31 @@ class SessionStore:
     def after_written(self, callback: Callable[[], object]) -> None:
         """``callback()`` on the writer thread once everything handed over so far is committed."""
         self._writer.after_written(callback)
+
+    # ---- torchrun: an epoch is closed once every rank has written its rows ---------------------
+    def mark_closed(self, run_id: int, split: str, epoch: int) -> None:
+        """Rank R > 0: once the epoch's rows are committed, say so in a file rank 0 waits for (no
+        rank waits for a disk on its training thread, nor in a collective for another's)."""
+        marker = self.dir / "closed" / _closed_name(run_id, split, epoch)
+
+        def touch() -> None:
+            marker.parent.mkdir(exist_ok=True)
+            marker.touch()
+
+        self._writer.after_written(touch)
+
+    def wait_closed(self, folders: list[Path], run_id: int, split: str, epoch: int,
+                    timeout: float = RANKS_CLOSE_TIMEOUT) -> list[Path]:
+        """Rank 0's writer thread: wait until each rank's session folder in ``folders`` has
+        closed the epoch (``mark_closed``). Returns the folders that had not when ``timeout``
+        passed or this store began to close (a rank that failed: the job is ending)."""
+        name = _closed_name(run_id, split, epoch)
+        deadline = time.monotonic() + timeout
+        missing = [f for f in folders if not (f / "closed" / name).exists()]
+        while missing and time.monotonic() < deadline and not self._writer.closing:
+            time.sleep(RANKS_CLOSE_POLL)  # another process's file: nothing to wait on but the disk
+            missing = [f for f in missing if not (f / "closed" / name).exists()]
+        return missing
 
     # ---- checkpoints (block until written: a checkpoint asked for is never dropped) --------
     def checkpoint(

@@ -138,6 +138,11 @@ class StoreWriter:
             return
         self._enqueue(_Barrier(threading.Event(), callback))
 
+    @property
+    def closing(self) -> bool:
+        """close() has been called (a wait on the writer thread gives up)."""
+        return self._closed
+
     def close(self, timeout: float = 60) -> None:
         """Write what is pending and stop the thread. Idempotent."""
         with self._lock:
