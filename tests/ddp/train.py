@@ -71,28 +71,6 @@ def resume_once_paused(run: onthefly.Run) -> None:
     run.request("resume")
 
 
-class Plan(onthefly.Callback):
-    def __init__(self) -> None:
-        self.commands = {int(k): v for k, v in json.loads(os.environ.get("DDP_COMMANDS", "{}")).items()}
-        self.checkpoint_at = int(os.environ.get("DDP_CHECKPOINT_AT", "0"))
-        self.crash = (int(os.environ.get("DDP_CRASH_RANK", "-1")), int(os.environ.get("DDP_CRASH_STEP", "0")))
-        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-            self.crash = (-1, 0)  # the planted crash happens once, before torchrun's restart
-        self.counts: list[int] | None = [] if os.environ.get("DDP_COUNT") else None
-        self.plan = json.loads(os.environ.get("DDP_PLAN", "null"))
-
-    def on_fit_end(self, run: onthefly.Run) -> None:
-        if self.counts is not None:
-            with open(f"{os.environ['DDP_COUNT']}.rank{RANK}.json", "w") as f:
-                json.dump(self.counts, f)
-
-    def on_fit_start(self, run: onthefly.Run) -> None:
-        if RANK == 0 and os.environ.get("DDP_IDLE") == "1":
-            threading.Thread(target=more_then_stop, args=(run,), daemon=True).start()
-        if RANK == 0 and os.environ.get("DDP_ANNOUNCED"):
-            run.bus.subscribe(lambda event: count_announced(run, event))
-
-
 ANNOUNCED: dict[int, int] = {}
 
 
@@ -118,6 +96,28 @@ def slow_disk(seconds: float) -> None:
         return original(self, key)  # type: ignore[arg-type]
 
     samples.SampleSink._write = slowly  # type: ignore[method-assign]
+
+
+class Plan(onthefly.Callback):
+    def __init__(self) -> None:
+        self.commands = {int(k): v for k, v in json.loads(os.environ.get("DDP_COMMANDS", "{}")).items()}
+        self.checkpoint_at = int(os.environ.get("DDP_CHECKPOINT_AT", "0"))
+        self.crash = (int(os.environ.get("DDP_CRASH_RANK", "-1")), int(os.environ.get("DDP_CRASH_STEP", "0")))
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            self.crash = (-1, 0)  # the planted crash happens once, before torchrun's restart
+        self.counts: list[int] | None = [] if os.environ.get("DDP_COUNT") else None
+        self.plan = json.loads(os.environ.get("DDP_PLAN", "null"))
+
+    def on_fit_end(self, run: onthefly.Run) -> None:
+        if self.counts is not None:
+            with open(f"{os.environ['DDP_COUNT']}.rank{RANK}.json", "w") as f:
+                json.dump(self.counts, f)
+
+    def on_fit_start(self, run: onthefly.Run) -> None:
+        if RANK == 0 and os.environ.get("DDP_IDLE") == "1":
+            threading.Thread(target=more_then_stop, args=(run,), daemon=True).start()
+        if RANK == 0 and os.environ.get("DDP_ANNOUNCED"):
+            run.bus.subscribe(lambda event: count_announced(run, event))
 
     def on_step_end(self, run: onthefly.Run) -> None:
         step = run.global_step
