@@ -24,7 +24,7 @@ import numpy as np
 
 from ..store.columns import numpy_column
 from ..store.reader import SessionReader
-from ..store.samples import read_samples
+from ..store.samples import read_samples, release_arrow_memory
 from . import fork as forking
 
 __all__ = ["AutoForkRule", "attach"]
@@ -102,8 +102,10 @@ class _Watcher:
 
     def _epoch_ended(self, epoch: int) -> None:
         table = read_samples(self.run.session.dir, self.run.run_id, epoch=epoch, columns=["index", "loss"])
-        indices = numpy_column(table.column("index"))
+        indices = numpy_column(table.column("index")).copy()
         losses = numpy_column(table.column("loss")).astype(np.float64)
+        del table
+        release_arrow_memory()  # in the user's training process
         order = np.argsort(indices, kind="stable")
         self._losses[epoch] = (indices[order], losses[order])
         then = epoch - self.rule.patience

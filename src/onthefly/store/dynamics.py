@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -111,6 +110,8 @@ def sample_stats(session_dir: Path, run_id: int, epoch: int | None = None, *, sp
         table = add_flags(_stats_at(state, epoch), rule)
         _remember(key, table)
     if indices is not None:
+        import pyarrow.compute as pc  # here, not at import: the training process does not need it (8 MiB)
+
         wanted = pa.array(np.asarray(indices, dtype=np.int64))
         table = table.filter(pc.is_in(table.column("index"), value_set=wanted))
     return epoch, table
@@ -285,6 +286,8 @@ def _numpy(column: pa.ChunkedArray, fill: Any) -> tuple[np.ndarray, np.ndarray]:
     """(values with NULL as ``fill``, where valid) of an Arrow column."""
     if column.null_count == 0:
         return column.to_numpy(), np.ones(len(column), dtype=bool)
+    import pyarrow.compute as pc
+
     return (pc.fill_null(column, fill).to_numpy(zero_copy_only=False),
             pc.is_valid(column).to_numpy(zero_copy_only=False))
 
@@ -363,6 +366,8 @@ def _carried_epochs(folder: Path) -> list[int]:
 
 def _stats_at(state: pa.Table, epoch: int) -> pa.Table:
     """The table at ``epoch`` (the samples seen in it), every column of ``STAT_COLUMNS`` but the flags."""
+    import pyarrow.compute as pc
+
     last_epoch = state.column("last_epoch")
     # A sampler that draws every sample every epoch leaves nothing to filter (a copy of each column).
     seen = state if pc.min(last_epoch).as_py() == epoch else state.filter(pc.equal(last_epoch, epoch))

@@ -28,6 +28,14 @@ ROWS_PER_PART = 65_536
 # (benchmarks/whole_run.py: peak resident memory about 20 MiB lower).
 POOL = pa.system_memory_pool()
 
+
+def release_arrow_memory() -> None:
+    """Hand back what Arrow's default pool keeps for reuse on this thread. The Parquet writer and
+    reader take part of their buffers from it whatever pool they are given (under 2 MB at a time
+    here), and mimalloc kept 12-18 MiB of it resident, in transparent huge pages, in the training
+    process; after each part, its region held 5.5 MiB. About 20 us a call."""
+    pa.default_memory_pool().release_unused()
+
 SAMPLE_SCHEMA = pa.schema(
     [
         ("run_id", pa.int32()),
@@ -202,6 +210,7 @@ def write_table(path: Path, table: pa.Table, *, index_filter: bool = False) -> N
     pq.write_table(table, tmp, row_group_size=max(len(table), 1), compression="zstd",
                    use_dictionary=dictionary, memory_pool=POOL, bloom_filter_options=bloom)
     os.replace(tmp, path)
+    release_arrow_memory()
 
 
 def part_files(session_dir: Path, run_id: int | None, split: str) -> Iterator[Path]:
