@@ -30,10 +30,12 @@ def free_port() -> int:
 
 
 def torchrun(tmp: Path, script: str = "train.py", *, nodes: int = 1, args: tuple[str, ...] = (),
-             check: bool = True, **env: Any) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` on 2 ranks; env values are given as DDP_<NAME> (JSON for non-strings)."""
+             check: bool = True, exchange_seconds: str = "0", **env: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` on 2 ranks; env values are given as DDP_<NAME> (JSON for non-strings).
+    Commands are exchanged at every step boundary unless ``exchange_seconds`` says otherwise, so
+    that a command requested after step S applies at S + 2, the steps the tests expect."""
     environ = {**os.environ, "ONTHEFLY_HOME": str(tmp / "home"), "DDP_OUT": str(tmp / "out"),
-               "OMP_NUM_THREADS": "1", "ONTHEFLY_DASHBOARD": "0"}
+               "OMP_NUM_THREADS": "1", "ONTHEFLY_DASHBOARD": "0", "ONTHEFLY_DDP_EXCHANGE_SECONDS": exchange_seconds}
     environ.update({f"DDP_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in env.items()})
     if nodes == 1:
         commands = [[*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args, str(HERE / script)]]
@@ -138,6 +140,31 @@ def test_commands_apply_at_the_same_step_on_every_rank_with_one_collective_a_ste
     epoch_starts = {e * STEPS_PER_EPOCH + 1 for e in range(1, 4)}
     quiet = {s: n for s, n in per_step.items() if s not in around_commands | epoch_starts}
     assert len(quiet) > 20 and set(quiet.values()) == {1}, per_step
+
+
+def test_commands_are_exchanged_every_few_steps_when_steps_are_fast_and_still_apply_at_the_same_step(
+        tmp_path: Path) -> None:
+    # The default schedule: exchanges about 50 ms apart, not at every boundary (a gloo broadcast
+    # at every 11 ms step cost 4 % of it; tests/test_exchange_schedule.py checks the schedule
+    # exactly). A command still applies at one step, the same on both ranks.
+    torchrun(tmp_path, commands={"2": ["set_lr", {"lr": 0.01}]}, count=str(tmp_path / "count"), epochs="4",
+             exchange_seconds="0.05")
+    main, rank1 = sessions(tmp_path)
+
+    def applied(reader: Any) -> list[tuple[str, int]]:
+        return [(e["payload"]["command"], e["step"]) for e in reader.events(1, kind="command_applied")]
+
+    assert applied(main) == applied(rank1)
+    ((command, step),) = applied(main)
+    assert command == "set_lr" and 4 <= step <= 4 * STEPS_PER_EPOCH
+    first, second = outputs(tmp_path)
+    assert first["weights"] == second["weights"]
+    counts = [json.loads((tmp_path / f"count.rank{r}.json").read_text()) for r in range(2)]
+    assert counts[0] == counts[1]
+    per_step = [now - before for before, now in zip(counts[0][:-1], counts[0][1:], strict=True)]
+    # Boundaries that send nothing (steps here take well under 25 ms); none sends more than the
+    # word and the command's JSON, with the epoch end's reduction.
+    assert per_step.count(0) > 0 and max(per_step) <= 3, per_step
 
 
 FORK = {"step": 20, "slice": {"kind": "quantile_band", "low": 0.8},
