@@ -5,8 +5,8 @@
 Starts itself under ``torchrun --standalone`` (gloo on the CPU; nccl when CUDA is there). Each
 round trains the same model on the same data twice, once with a plain DDP loop (DistributedSampler,
 DistributedDataParallel, SGD, zero_grad/backward/step) and once with ``onthefly.Trainer`` (which
-wraps it the same way, records every sample's loss and margin, and broadcasts the command word at
-every step), in alternating order. The figure is the time of an epoch after the first (warm-up)
+wraps it the same way, records every sample's loss and margin, and broadcasts the command word about
+every 50 ms), in alternating order. The figure is the time of an epoch after the first (warm-up)
 epoch, median over epochs and rounds; printed: both, and their ratio (target <= 1.05).
 """
 
