@@ -48,3 +48,22 @@ def test_what_it_returns_is_a_copy() -> None:
     log.append(0, 2, [7, 8], "deferred", torch.tensor(2.0))
     assert kept.indices.tolist() == [5, 6]
     assert float(kept.loss) == 1.0
+
+
+def test_batches_held_then_written_together_across_the_ring_s_end() -> None:
+    # More batches than a settle holds, wrapping the ring several times, with the epoch's last
+    # batch smaller, a batch without indices and one whose loss requires grad among them.
+    log = ReplayLog(window=100)
+    weight = torch.tensor(2.0, requires_grad=True)
+    expected = []
+    for step in range(1, 331):
+        size = 3 if step % 50 else 1
+        ids = None if step == 317 else [step * 10 + i for i in range(size)]
+        loss = weight * step if step == 320 else torch.tensor(float(step))
+        log.append(step // 50, step, ids, "deferred", loss)
+        expected.append((step // 50, step, ids, float(loss.detach())))
+        assert len(log) == min(step, 100)
+    kept = list(log)
+    assert [(b.epoch, b.batch_in_epoch, None if b.indices is None else b.indices.tolist(), float(b.loss))
+            for b in kept] == expected[-100:]
+    assert not any(b.loss.requires_grad for b in kept)
