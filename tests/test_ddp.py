@@ -147,16 +147,19 @@ def test_commands_are_exchanged_every_few_steps_when_steps_are_fast_and_still_ap
     # The default schedule: exchanges about 50 ms apart, not at every boundary (a gloo broadcast
     # at every 11 ms step cost 4 % of it; tests/test_exchange_schedule.py checks the schedule
     # exactly). A command still applies at one step, the same on both ranks.
-    torchrun(tmp_path, commands={"2": ["set_lr", {"lr": 0.01}]}, count=str(tmp_path / "count"), epochs="4",
-             exchange_seconds="0.05")
+    torchrun(tmp_path, commands={"2": ["set_lr", {"lr": 0.01}], "24": ["pause", {}]}, count=str(tmp_path / "count"),
+             epochs="4", exchange_seconds="0.05")
     main, rank1 = sessions(tmp_path)
 
     def applied(reader: Any) -> list[tuple[str, int]]:
         return [(e["payload"]["command"], e["step"]) for e in reader.events(1, kind="command_applied")]
 
     assert applied(main) == applied(rank1)
-    ((command, step),) = applied(main)
-    assert command == "set_lr" and 4 <= step <= 4 * STEPS_PER_EPOCH
+    (set_lr, lr_step), (pause, paused_at), (resume, resumed_at) = applied(main)
+    assert (set_lr, pause, resume) == ("set_lr", "pause", "resume")
+    assert 4 <= lr_step < 24 < paused_at == resumed_at <= 4 * STEPS_PER_EPOCH  # both ranks waited there
+    statuses = [e["payload"]["status"] for e in rank1.events(1, kind="status")]
+    assert statuses[:3] == ["running", "paused", "running"]
     first, second = outputs(tmp_path)
     assert first["weights"] == second["weights"]
     counts = [json.loads((tmp_path / f"count.rank{r}.json").read_text()) for r in range(2)]

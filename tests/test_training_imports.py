@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
                loss_fn=nn.CrossEntropyLoss(), train_loader=DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True),
                val_loader=DataLoader(TensorDataset(x, y), batch_size=256), max_epochs=5, dashboard=False,
                progress=False)
-    print(" ".join(sorted(name for name in ("pandas", "scipy", "sklearn", "duckdb", "pyarrow.compute")
+    print(" ".join(sorted(name for name in ("pandas", "scipy", "sklearn", "duckdb", "pyarrow.compute", "rich")
                          if name in sys.modules)))
 """)
 

@@ -32,7 +32,6 @@ from .distributed import distributed_loader, is_wrapped, unwrapped, world
 from .embed import embeddings
 from .evaluate import Evaluator, Metric
 from .loader import TrackedLoader
-from .progress import ProgressDisplay
 from .replay_log import REPLAY_WINDOW, ReplayedBatch, ReplayLog
 from .run import Run, host_lr
 
@@ -375,7 +374,12 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_epochs: int, *, do_test_after: bool = False) -> FitSummary:
         run = self.run
-        display = ProgressDisplay() if self.show_progress else None
+        display = None
+        if self.show_progress:
+            # Here, not at import: rich (130 ms, 1.5 MiB) only for a terminal display.
+            from .progress import ProgressDisplay
+
+            display = ProgressDisplay()
         unsubscribe = run.bus.subscribe(display) if display is not None else None
         error: BaseException | None = None
         n_batches = len(self.train_loader) if self.train_loader.length is not None else None
