@@ -138,8 +138,8 @@ class World:
         work, word, data = self._in_flight
         self._in_flight = None
         work.wait()
-        size, self._gap = (int(v) for v in word.tolist())
-        self._gap = max(1, self._gap)
+        size, gap = word.tolist()
+        self._gap = max(1, gap)
         return _decode(self._payload(data, size))
 
     def _exchange(self, commands: list[Command]) -> list[Command]:

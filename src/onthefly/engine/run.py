@@ -155,7 +155,7 @@ class Run:
                                             publish=lambda kind, payload: self.bus.publish(kind, payload,
                                                                                            **self._where()))
         if self.world is not None:
-            self.controller.sync = self.world.commands  # one small broadcast per step boundary
+            self.controller.sync = self.world.commands  # one small broadcast every few step boundaries
         self.sink = TransferSink(self.session, self.bus, lambda: self.batch_in_epoch, **self._rank_closing())
         self.recorder = SampleRecorder(self.device, self.sink)
         self.resume = ResumePoint()

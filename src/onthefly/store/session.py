@@ -290,6 +290,7 @@ RANKS_CLOSE_POLL = 0.005
 def _closed_name(run_id: int, split: str, epoch: int) -> str:
     return f"run-{run_id}-{split}-epoch-{epoch:05d}"
 
+
 class SessionStore:
     """The live session of this process: its folder, database and writer thread.
 
